@@ -1,0 +1,106 @@
+"""Everything one stage process holds: its runtime, its data plane, and its role —
+the replica head (engine: scheduling, embedding, streaming tokens back) or a downstream
+stage (relay). Servicers call into this; it never touches protobuf."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from stagekit.engine.engine import Engine
+from stagekit.engine.relay import StageRelay
+from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.errors import InvalidRequest, StageUnavailable
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagekit.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
+from stagekit.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    address: str
+    start_layer: int
+    end_layer: int
+    num_layers: int
+    model_name: str
+    kv_capacity_tokens: int
+
+
+class StageNode:
+    """Invariant: exactly one of ``engine`` (head) and ``relay`` (downstream) is set."""
+
+    def __init__(self, runtime: StageRuntime, transport: Transport, pool: ThreadPoolExecutor) -> None:
+        self.runtime, self.transport, self.pool = runtime, transport, pool
+        self.layout, self.cfg = runtime.layout, runtime.cfg
+        self.engine: Engine | None = None
+        self.relay: StageRelay | None = None
+        self.pipeline: list[str] = []
+        if self.layout.is_first:
+            self.engine = Engine(runtime, transport, pool)
+        else:
+            self.relay = StageRelay(runtime, transport, pool)
+
+    def start(self) -> None:
+        (self.engine or self.relay).start()
+
+    async def stop(self) -> None:
+        await (self.engine or self.relay).stop()
+        await self.transport.close()
+        self.pool.submit(self.runtime.shutdown).result()
+        self.pool.shutdown(wait=True)
+
+    @property
+    def wired(self) -> bool:
+        return bool(self.pipeline) or (self.layout.is_first and self.layout.is_last)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        root = Path(self.cfg.path)
+        names = (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE)
+        return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
+
+    async def wire(self, pipeline: list[str], index: int) -> None:
+        """Point the data plane at the next stage (the last stage points back at the head)."""
+        if not pipeline or not 0 <= index < len(pipeline):
+            raise InvalidRequest(f"wiring index {index} is outside the pipeline of {len(pipeline)} stage(s)")
+        if (index == 0) != self.layout.is_first or (index == len(pipeline) - 1) != self.layout.is_last:
+            raise InvalidRequest(
+                f"this stage holds layers {self.layout.start_layer}:{self.layout.end_layer} of "
+                f"{self.layout.num_layers}; it cannot sit at position {index} of a {len(pipeline)}-stage pipeline"
+            )
+        if len(pipeline) > 1:
+            await self.transport.connect(pipeline[(index + 1) % len(pipeline)])
+        if self.engine is not None:
+            peers = [await _peer_info(addr) for addr in pipeline]
+            self._check_pipeline(peers)
+            self.engine.scheduler.kv_capacity_tokens = min(p.kv_capacity_tokens for p in peers)
+            self.engine.pipeline_wired = True
+        self.pipeline = list(pipeline)
+        log.info("wired at position %d of %s", index, pipeline)
+
+    def _check_pipeline(self, peers: list[PeerInfo]) -> None:
+        expect = 0
+        for p in peers:
+            if p.model_name != self.cfg.name or p.num_layers != self.cfg.num_layers:
+                raise InvalidRequest(f"stage {p.address} serves {p.model_name!r}, not {self.cfg.name!r}")
+            if p.start_layer != expect:
+                raise InvalidRequest(f"stage {p.address} starts at layer {p.start_layer}, expected {expect}: "
+                                     "the pipeline's layer ranges must be contiguous and in order")
+            expect = p.end_layer
+        if expect != self.cfg.num_layers:
+            raise InvalidRequest(f"the pipeline ends at layer {expect} of {self.cfg.num_layers}")
+
+
+async def _peer_info(address: str) -> PeerInfo:
+    try:
+        async with grpc.aio.insecure_channel(address) as ch:
+            info = await stage_pb2_grpc.StageStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
+    except grpc.aio.AioRpcError as e:
+        raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None
+    return PeerInfo(address, info.start_layer, info.end_layer, info.num_layers, info.model_name,
+                    info.kv_capacity_tokens)

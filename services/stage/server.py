@@ -1,0 +1,74 @@
+"""Start a stage: load the shard on every TP rank, then serve gRPC until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.stage.node import StageNode
+from services.stage.servicer import StageServicer
+from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.engine.stage_spec import StageSpec
+from stagekit.parallel.tp_executor import TPExecutor
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagekit.transport.grpc_transport import GrpcTransport
+
+log = logging.getLogger("stagemesh.stage")
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+
+
+async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None) -> None:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
+    loop = asyncio.get_running_loop()
+    executor = await loop.run_in_executor(pool, TPExecutor, spec)
+    runtime = StageRuntime(executor)
+    transport = GrpcTransport()
+    log.info("data plane: %s", transport.name)
+    node = StageNode(runtime, transport, pool)
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node, transport.name), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [STAGE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"could not bind {host}:{port}")
+    await server.start()
+    node.start()
+    for svc in ("", STAGE_SERVICE):
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    layout = runtime.layout
+    log.info("stage layers %d:%d of %s (tp=%d) serving on %s:%d",
+             layout.start_layer, layout.end_layer, runtime.cfg.name, layout.tp_size, host, bound)
+    print(f"STAGE READY {host}:{bound}", flush=True)
+    if ready_file:
+        with open(ready_file, "w") as f:
+            f.write(f"{host}:{bound}\n")
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await health_servicer.enter_graceful_shutdown()
+    await node.stop()
+    await server.stop(grace=2)
+
+
+def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(spec, host, port, ready_file))

@@ -1,0 +1,94 @@
+"""Thin gRPC servicer of the stage: decode the request, call the node, encode the reply."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.stage.node import StageNode
+from stagekit.errors import InvalidRequest
+from stagekit.rpc import codec
+from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
+from stagekit.rpc.status import stream_errors, unary_errors
+
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+
+
+class StageServicer(stage_pb2_grpc.StageServicer):
+    def __init__(self, node: StageNode, transport_name: str) -> None:
+        self.node = node
+        self.transport_name = transport_name
+
+    def info(self) -> stage_pb2.StageInfo:
+        n, cfg, lay = self.node, self.node.cfg, self.node.layout
+        info = stage_pb2.StageInfo(
+            model_name=cfg.name, architecture=cfg.architecture, start_layer=lay.start_layer,
+            end_layer=lay.end_layer, num_layers=lay.num_layers, tp_size=lay.tp_size,
+            dtype=str(n.runtime.dtype).removeprefix("torch."),
+            kv_capacity_tokens=n.runtime.kv_cache.capacity_tokens, vocab_size=cfg.vocab_size,
+            max_model_len=cfg.max_model_len, is_first=lay.is_first, is_last=lay.is_last,
+            eos_token_ids=cfg.eos_token_ids, transport=self.transport_name, wired=n.wired,
+            kv_used_tokens=n.runtime.kv_cache.used_tokens,
+        )
+        if n.engine is not None:
+            info.num_running = len(n.engine.scheduler.running)
+            info.num_waiting = len(n.engine.scheduler.waiting)
+        return info
+
+    @unary_errors
+    async def GetInfo(self, request: stage_pb2.GetInfoRequest,
+                      context: grpc.aio.ServicerContext) -> stage_pb2.StageInfo:
+        return self.info()
+
+    @unary_errors
+    async def GetTokenizer(self, request: stage_pb2.GetTokenizerRequest,
+                           context: grpc.aio.ServicerContext) -> stage_pb2.TokenizerFiles:
+        files = self.node.tokenizer_files()
+        return stage_pb2.TokenizerFiles(
+            files=[stage_pb2.TokenizerFile(name=k, content=v) for k, v in files.items()]
+        )
+
+    @unary_errors
+    async def Wire(self, request: stage_pb2.WireRequest, context: grpc.aio.ServicerContext) -> stage_pb2.WireResponse:
+        if request.transport and request.transport != self.transport_name:
+            raise InvalidRequest(f"this stage runs the {self.transport_name!r} data plane, "
+                                 f"the pipeline asked for {request.transport!r}")
+        await self.node.wire(list(request.pipeline), request.index)
+        return stage_pb2.WireResponse(info=self.info())
+
+    def _engine(self):  # noqa: ANN202
+        if self.node.engine is None:
+            raise InvalidRequest(
+                f"this stage holds layers {self.node.layout.start_layer}:{self.node.layout.end_layer}; "
+                "send generation requests to the replica head (the stage holding layer 0)"
+            )
+        return self.node.engine
+
+    @stream_errors
+    async def Generate(self, request: stage_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[stage_pb2.GenerateResponse]:
+        engine = self._engine()
+        params = codec.sampling_from_proto(request.sampling)
+        async for out in engine.generate(request.request_id, list(request.prompt_token_ids), params):
+            yield stage_pb2.GenerateResponse(
+                request_id=request.request_id, token_ids=out.token_ids, logprobs=out.logprobs,
+                top_logprobs=codec.tops_to_proto(out.top_logprobs),
+                finish_reason=_FINISH.get(out.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+                prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+            )
+
+    @unary_errors
+    async def Abort(self, request: stage_pb2.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> stage_pb2.AbortResponse:
+        return stage_pb2.AbortResponse(found=self._engine().abort(request.request_id))
+
+    async def PushFrames(self, request_iterator: AsyncIterator[stage_pb2.Frame],
+                         context: grpc.aio.ServicerContext) -> stage_pb2.PushFramesResponse:
+        async for frame in request_iterator:
+            await self.node.transport.deliver(frame)  # type: ignore[attr-defined]
+        return stage_pb2.PushFramesResponse()

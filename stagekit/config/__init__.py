@@ -1,0 +1,1 @@
+"""Configuration read from model directories and command lines."""

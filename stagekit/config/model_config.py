@@ -1,0 +1,115 @@
+"""The decoder model's hyper-parameters, read from an HF ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagekit.errors import InvalidRequest
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Everything a stage needs to build its layers (architecture-independent names)."""
+
+    path: str
+    name: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    checkpoint_dtype: str
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    sliding_window: int | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence served exactly: full attention is only equal to sliding-window
+        attention while the sequence fits in the window."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, int(self.sliding_window))
+        return self.max_position_embeddings
+
+    def torch_dtype(self, requested: str = "auto") -> torch.dtype:
+        """``auto`` takes the checkpoint's dtype (fp32 when it names none)."""
+        name = self.checkpoint_dtype if requested == "auto" else requested
+        if name not in DTYPES:
+            raise InvalidRequest(f"unsupported dtype {name!r} (use auto, float32, bfloat16 or float16)")
+        return DTYPES[name]
+
+
+def _as_list(x: object) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in x] if isinstance(x, list) else [int(x)]
+
+
+def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
+    """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from an HF model
+    directory; InvalidRequest names what is missing or unsupported."""
+    from stagekit.models.registry import SUPPORTED_ARCHITECTURES, qkv_bias_for
+
+    root = Path(path)
+    if not root.is_dir():
+        raise InvalidRequest(f"model directory {str(root)!r} does not exist")
+    cfg_file = root / "config.json"
+    if not cfg_file.is_file():
+        raise InvalidRequest(f"model directory {str(root)!r} has no config.json")
+    cfg = json.loads(cfg_file.read_text())
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise InvalidRequest(
+            f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    num_heads = int(cfg["num_attention_heads"])
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    eos = _as_list(cfg.get("eos_token_id"))
+    gen_file = root / "generation_config.json"
+    if gen_file.is_file():
+        eos += [i for i in _as_list(json.loads(gen_file.read_text()).get("eos_token_id")) if i not in eos]
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+    return ModelConfig(
+        path=str(root.resolve()),
+        name=name or root.resolve().name,
+        architecture=arch,
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // num_heads),
+        vocab_size=int(cfg["vocab_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias_for(arch, cfg),
+        checkpoint_dtype=dtype if dtype in DTYPES else "float32",
+        eos_token_ids=eos,
+        bos_token_id=cfg.get("bos_token_id"),
+        sliding_window=window,
+    )

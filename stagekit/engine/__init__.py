@@ -1,0 +1,1 @@
+"""The serving engine: sequences, scheduling, KV cache, sampling and the step loop."""

@@ -1,0 +1,179 @@
+"""The replica head's engine: admits requests, runs the step loop, streams tokens back.
+
+One step: schedule -> run this stage's layers (compute thread) -> send the step down the
+pipeline and wait for the last stage's sampled tokens (or sample here when the head is
+also the last stage) -> postprocess (append tokens, finish, free). One step is in flight
+at a time; the step ids and the pending-result table are the seam for keeping one
+micro-batch per stage in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from stagekit.engine.sampling_params import SamplingParams
+from stagekit.engine.scheduler import Scheduler, StepOutcome
+from stagekit.engine.sequence import Sequence, SequenceStatus, TokenOutput
+from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.engine.step import Frame, StepHeader, StepResult
+from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
+from stagekit.models.stage_model import IntermediateTensors
+from stagekit.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Invariant: every admitted request ends with exactly one output carrying a
+    finish_reason or an error, whatever happens to the pipeline."""
+
+    def __init__(self, runtime: StageRuntime, transport: Transport, pool: ThreadPoolExecutor,
+                 step_timeout_s: float = 120.0, max_num_seqs: int = 64) -> None:
+        self.runtime, self.transport, self.pool = runtime, transport, pool
+        self.step_timeout_s = step_timeout_s
+        cfg = runtime.cfg
+        self.vocab_size = cfg.vocab_size
+        self.max_model_len = cfg.max_model_len
+        self.scheduler = Scheduler(runtime.kv_cache.capacity_tokens, self.max_model_len, cfg.eos_token_ids,
+                                   max_num_seqs=max_num_seqs)
+        self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
+        self._seq_ids = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._pending: dict[int, asyncio.Future[StepResult]] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._loop(), name="engine-loop"))
+        if not self.runtime.layout.is_last:
+            self._tasks.append(asyncio.create_task(self._read_results(), name="engine-results"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for seq in self.scheduler.fail_all():
+            seq.outputs.put_nowait(TokenOutput([], [], error=StageUnavailable("stage is shutting down")))
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        params.validate()
+        if params.top_logprobs > self.vocab_size:
+            raise InvalidRequest(f"top_logprobs {params.top_logprobs} exceeds the vocabulary size {self.vocab_size}")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the model's context length {self.max_model_len}"
+            )
+        if total > self.scheduler.kv_capacity_tokens:
+            raise InvalidRequest(f"request needs {total} tokens of KV cache; this replica holds "
+                                 f"{self.scheduler.kv_capacity_tokens}")
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        """Stream a request's tokens; the last output has ``finish_reason`` set. Leaving the
+        iteration early (the caller went away) aborts the request."""
+        self.validate(prompt_ids, params)
+        if not self.pipeline_wired:
+            raise StageUnavailable("the pipeline of this replica is not wired yet")
+        seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params)
+        self.scheduler.add(seq)
+        self._wake.set()
+        log.info("request %s admitted: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids),
+                 params.max_tokens)
+        try:
+            while True:
+                out = await seq.outputs.get()
+                if out.error is not None:
+                    raise out.error
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if seq.status != SequenceStatus.FINISHED:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        seq.finish_reason = "abort"
+        seq.outputs.put_nowait(TokenOutput([], [], finish_reason="abort", num_prompt_tokens=len(seq.prompt_ids),
+                                           num_output_tokens=len(seq.output_ids)))
+        self._wake.set()
+        log.info("request %s aborted", request_id)
+        return True
+
+    async def _loop(self) -> None:
+        while True:
+            header = self.scheduler.schedule()
+            if header is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                result = await self._run_step(header)
+            except StagemeshError as e:
+                self._fail(header, e)
+                continue
+            except Exception as e:  # a bug must not kill the loop and strand every request
+                log.exception("step %d failed", header.step_id)
+                self._fail(header, StageUnavailable(f"step failed: {e}"))
+                continue
+            self._publish(self.scheduler.postprocess(header, result))
+
+    async def _run_step(self, header: StepHeader) -> StepResult:
+        seqs = {s.seq_id: s for s in self.scheduler.running.values()}
+        input_ids = [t for s in header.seqs for t in seqs[s.seq_id].pending_token_ids()[: s.num_new]]
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.pool, self.runtime.process, header, input_ids, None)
+        if isinstance(out, StepResult):
+            return out
+        fut: asyncio.Future[StepResult] = loop.create_future()
+        self._pending[header.step_id] = fut
+        tensors = [] if out is None else [out.hidden_states, out.residual]
+        assert out is None or isinstance(out, IntermediateTensors)
+        try:
+            await self.transport.send(Frame(step=header, tensors=tensors))
+            return await asyncio.wait_for(fut, self.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise StageUnavailable(f"no result for step {header.step_id} within {self.step_timeout_s:.0f}s: "
+                                   "a downstream stage is stalled or gone") from None
+        finally:
+            self._pending.pop(header.step_id, None)
+
+    async def _read_results(self) -> None:
+        while True:
+            frame = await self.transport.recv()
+            r = frame.result
+            fut = self._pending.get(r.step_id) if r is not None else None
+            if fut is None or fut.done():
+                continue
+            if r.error:
+                fut.set_exception(StageUnavailable(f"step {r.step_id} failed downstream: {r.error}"))
+            else:
+                fut.set_result(r)
+
+    def _publish(self, outcome: StepOutcome) -> None:
+        finished = {f.seq.seq_id: f.reason for f in outcome.finished}
+        for seq, tok, lp, top in outcome.emitted:
+            seq.outputs.put_nowait(TokenOutput(
+                [tok], [lp], [top] if top else [], finish_reason=finished.get(seq.seq_id),
+                num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+            ))
+
+    def _fail(self, header: StepHeader, err: StagemeshError) -> None:
+        log.error("step %d failed, failing its requests: %s", header.step_id, err)
+        for s in header.seqs:
+            seq = self.scheduler.running.get(s.seq_id)
+            if seq is not None:
+                self.scheduler.finish(seq)
+                seq.outputs.put_nowait(TokenOutput([], [], error=err))

@@ -1,0 +1,95 @@
+"""Token sampling on the last stage: greedy, temperature, top-k, top-p, per-request seeds,
+min_tokens (EOS and stop ids suppressed until reached), sampled-token logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stagekit.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class _SeqState:
+    params: SamplingParams
+    suppress: list[int]
+    generator: torch.Generator | None
+    num_generated: int = 0
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class Sampler:
+    """Keeps each live sequence's sampling state; ``sample`` is called once per step with
+    one logits row per sampled sequence."""
+
+    def __init__(self, eos_token_ids: list[int]) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        self._seqs: dict[int, _SeqState] = {}
+
+    def add(self, seq_id: int, params: SamplingParams) -> None:
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator()
+            if params.seed is not None:
+                gen.manual_seed(params.seed)
+            else:
+                gen.seed()
+        suppress = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
+        self._seqs[seq_id] = _SeqState(params, suppress, gen)
+
+    def remove(self, seq_ids: list[int]) -> None:
+        for s in seq_ids:
+            self._seqs.pop(s, None)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
+    def sample(self, seq_ids: list[int], logits: torch.Tensor) -> SampleOutput:
+        # logits: [B, V] fp32, row i belongs to seq_ids[i]
+        logprobs_all = torch.log_softmax(logits, dim=-1)
+        tokens: list[int] = []
+        for i, sid in enumerate(seq_ids):
+            st = self._seqs[sid]
+            row = logits[i]
+            if st.num_generated < st.params.min_tokens and st.suppress:
+                row = row.clone()
+                row[[t for t in st.suppress if t < row.numel()]] = float("-inf")
+            tokens.append(self._pick(row, st))
+            st.num_generated += 1
+        idx = torch.tensor(tokens, dtype=torch.int64)
+        chosen = logprobs_all.gather(1, idx[:, None])[:, 0]
+        out = SampleOutput(tokens, chosen.tolist())
+        k = max((self._seqs[s].params.top_logprobs for s in seq_ids), default=0)
+        if k:
+            vals, ids = logprobs_all.topk(k, dim=-1)
+            out.top_logprobs = [
+                list(zip(ids[i, : self._seqs[s].params.top_logprobs].tolist(),
+                         vals[i, : self._seqs[s].params.top_logprobs].tolist(), strict=True))
+                for i, s in enumerate(seq_ids)
+            ]
+        return out
+
+    @staticmethod
+    def _pick(row: torch.Tensor, st: _SeqState) -> int:
+        p = st.params
+        if p.greedy:
+            return int(row.argmax())
+        row = row / p.temperature
+        if p.top_k > 0 and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cum = sorted_p.cumsum(0)
+            drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=st.generator))

@@ -1,0 +1,133 @@
+"""The head's scheduler: which sequences run in the next step.
+
+FCFS admission by KV reservation (prompt + max_tokens must fit the free capacity, so a
+running sequence never runs out of KV), every running sequence decodes one token per
+step, newly admitted ones prefill their whole prompt in the same step. Requests join and
+leave at every step. (Chunked prefill, paged blocks and preemption come behind the same
+``schedule``/``postprocess`` seam.)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.sequence import Sequence, SequenceStatus
+from stagekit.engine.step import NewSeq, StepHeader, StepResult
+
+
+@dataclass(slots=True)
+class Finished:
+    seq: Sequence
+    reason: str
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    """Per-sequence new tokens of one step and the sequences it finished."""
+
+    emitted: list[tuple[Sequence, int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, kv_capacity_tokens: int, max_model_len: int, eos_token_ids: list[int],
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192) -> None:
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        self.reserved_tokens = 0
+        self._to_free: list[int] = []
+        self._step_id = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._to_free)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                return seq
+        for seq in list(self.running.values()):
+            if seq.request_id == request_id:
+                self.finish(seq)
+                return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a running sequence out; its KV is freed on every stage with the next step."""
+        if self.running.pop(seq.seq_id, None) is not None:
+            self.reserved_tokens -= seq.kv_reservation
+            self._to_free.append(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> StepHeader | None:
+        seqs: list[SeqSlice] = []
+        new: list[NewSeq] = []
+        budget = self.max_num_batched_tokens
+        for seq in self.running.values():
+            seqs.append(SeqSlice(seq.seq_id, seq.num_computed, seq.num_tokens - seq.num_computed))
+            budget -= seqs[-1].num_new
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = seq.kv_reservation
+            if self.reserved_tokens + need > self.kv_capacity_tokens or (seqs and len(seq.prompt_ids) > budget):
+                break
+            self.waiting.popleft()
+            self.reserved_tokens += need
+            seq.status = SequenceStatus.RUNNING
+            self.running[seq.seq_id] = seq
+            seqs.append(SeqSlice(seq.seq_id, 0, len(seq.prompt_ids)))
+            new.append(NewSeq(seq.seq_id, seq.params))
+            budget -= len(seq.prompt_ids)
+        if not seqs and not self._to_free:
+            return None
+        self._step_id += 1
+        freed, self._to_free = self._to_free, []
+        return StepHeader(self._step_id, seqs, freed, new)
+
+    def postprocess(self, header: StepHeader, result: StepResult) -> StepOutcome:
+        out = StepOutcome()
+        for s in header.seqs:
+            seq = self.running.get(s.seq_id)
+            if seq is not None:
+                seq.num_computed = s.num_computed + s.num_new
+        tops = result.top_logprobs or [[] for _ in result.seq_ids]
+        for sid, tok, lp, top in zip(result.seq_ids, result.token_ids, result.logprobs, tops, strict=True):
+            seq = self.running.get(sid)
+            if seq is None:  # aborted while the step was in flight
+                continue
+            seq.output_ids.append(tok)
+            out.emitted.append((seq, tok, lp, top))
+            reason = self._finish_reason(seq, tok)
+            if reason:
+                seq.finish_reason = reason
+                self.finish(seq)
+                out.finished.append(Finished(seq, reason))
+        return out
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        p, n = seq.params, len(seq.output_ids)
+        if n >= p.min_tokens:
+            if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+                return "stop"
+        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def fail_all(self) -> list[Sequence]:
+        """Take every sequence out (a stage failed); returns them so callers can be told."""
+        seqs = list(self.running.values()) + list(self.waiting)
+        for seq in list(self.running.values()):
+            self.finish(seq)
+        self.waiting.clear()
+        return seqs

@@ -1,0 +1,57 @@
+"""A generation request as the head's scheduler tracks it."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from stagekit.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """Tokens produced for a request since its previous output; ``finish_reason`` is set
+    on the last one ("stop", "length", "abort") and ``error`` when it failed."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: Exception | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """Invariant: ``num_computed`` tokens of ``prompt_ids + output_ids`` are in every
+    stage's KV cache; the next step feeds the rest."""
+
+    seq_id: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def kv_reservation(self) -> int:
+        """Tokens of KV this sequence may need by its end (reserved on admission)."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    def pending_token_ids(self) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[self.num_computed:]

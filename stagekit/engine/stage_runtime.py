@@ -1,0 +1,46 @@
+"""What every stage does with one step, head or not: free finished sequences, register
+the sampling parameters of new ones, run the layers on all TP ranks, and on the last
+stage sample. Runs on the stage's compute thread (it blocks on collectives)."""
+
+from __future__ import annotations
+
+import torch
+
+from stagekit.engine.sampler import Sampler
+from stagekit.engine.step import StepHeader, StepResult
+from stagekit.models.stage_model import IntermediateTensors
+from stagekit.parallel.tp_executor import TPExecutor
+
+
+class StageRuntime:
+    """Wraps the TP executor with the step protocol; owns the sampler on the last stage."""
+
+    def __init__(self, executor: TPExecutor) -> None:
+        self.executor = executor
+        runner = executor.runner
+        self.cfg, self.layout, self.dtype = runner.cfg, runner.layout, runner.dtype
+        self.kv_cache = runner.kv_cache
+        self.sampler = Sampler(self.cfg.eos_token_ids) if self.layout.is_last else None
+
+    def process(
+        self, header: StepHeader, input_ids: list[int] | None = None,
+        intermediate: IntermediateTensors | None = None,
+    ) -> IntermediateTensors | StepResult | None:
+        """Run one step. Returns the tensors for the next stage, or on the last stage the
+        sampled tokens; None for a step with no sequences on a middle stage."""
+        if self.sampler is not None:
+            self.sampler.remove(header.freed_seq_ids)
+            for ns in header.new_seqs:
+                self.sampler.add(ns.seq_id, ns.params)
+        out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate)
+        if self.sampler is None:
+            return out
+        sampled = [s.seq_id for s in header.seqs if s.sample]
+        if not sampled:
+            return StepResult(header.step_id, [], [], [])
+        assert isinstance(out, torch.Tensor)
+        so = self.sampler.sample(sampled, out)
+        return StepResult(header.step_id, sampled, so.token_ids, so.logprobs, so.top_logprobs)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,20 @@
+"""What one stage process serves: picklable, so TP worker processes get the same spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """Model directory, layer range ``[start_layer, end_layer)`` and TP size of a stage."""
+
+    model_path: str
+    start_layer: int
+    end_layer: int
+    tp_size: int = 1
+    dtype: str = "auto"
+    model_name: str | None = None
+    kv_cache_memory_bytes: int = 1 << 30
+    num_threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
+    show_progress: bool = True

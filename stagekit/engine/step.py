@@ -1,0 +1,53 @@
+"""The step message: what flows down the pipeline each step, and what comes back.
+
+A step header names the sequences of the batch (with how many tokens each adds), the
+sequences to free first, and the sampling parameters of sequences that join. The tensors
+(hidden_states, residual) travel beside it on the data plane. The last stage answers
+with a StepResult carrying one sampled token per sampled sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class NewSeq:
+    seq_id: int
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class StepHeader:
+    step_id: int
+    seqs: list[SeqSlice]
+    freed_seq_ids: list[int] = field(default_factory=list)
+    new_seqs: list[NewSeq] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.seqs)
+
+
+@dataclass(slots=True)
+class StepResult:
+    step_id: int
+    seq_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Frame:
+    """One data-plane message: a step going down (with its tensors) or a result going back."""
+
+    step: StepHeader | None = None
+    result: StepResult | None = None
+    tensors: list[torch.Tensor] = field(default_factory=list)

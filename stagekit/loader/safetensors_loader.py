@@ -1,0 +1,105 @@
+"""Load a StageModel's shard from an HF directory of ``*.safetensors`` files.
+
+Each rank opens only the files that hold tensors of its layer range (through
+``model.safetensors.index.json`` when present) and reads only its slice of each tensor
+(``get_slice``), so a TP×PP layout never materialises the whole model in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from safetensors import safe_open
+from tqdm import tqdm
+
+from stagekit.errors import InvalidRequest
+from stagekit.layers.weight_source import SafetensorsSource, default_weight_loader
+from stagekit.models.stage_model import StageModel
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_files(root: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index or by listing every safetensors file."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise InvalidRequest(f"model directory {str(root)!r} has no *.safetensors files")
+    names: dict[str, str] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            names.update({k: f.name for k in st.keys()})
+    return names
+
+
+def _targets(model: StageModel, name: str) -> list[tuple[str, object]]:
+    """Our parameter name(s) (and shard id) that checkpoint tensor ``name`` feeds."""
+    layout, cfg = model.layout, model.cfg
+    m = _LAYER.match(name)
+    if m:
+        if not layout.start_layer <= int(m.group(1)) < layout.end_layer:
+            return []
+        for frag, (fused, shard_id) in model.packed_modules_mapping.items():
+            if f".{frag}." in name:
+                return [(name.replace(f".{frag}.", f".{fused}."), shard_id)]
+        return [(name, None)]
+    out: list[tuple[str, object]] = []
+    if name == "model.embed_tokens.weight":
+        if layout.is_first:
+            out.append((name, None))
+        if layout.is_last and cfg.tie_word_embeddings:
+            out.append(("lm_head.weight", None))
+    elif name in ("model.norm.weight", "lm_head.weight") and layout.is_last:
+        out.append((name, None))
+    return out
+
+
+def load_weights(model: StageModel, show_progress: bool = True) -> None:
+    """Fill every parameter of ``model`` from its checkpoint; InvalidRequest names any
+    tensor the checkpoint lacks."""
+    root = Path(model.cfg.path)
+    params = dict(model.named_parameters())
+    plan: dict[str, list[tuple[str, str, object]]] = defaultdict(list)  # file -> (ckpt, param, shard)
+    for ckpt_name, file in checkpoint_files(root).items():
+        for param_name, shard_id in _targets(model, ckpt_name):
+            if param_name in params:
+                plan[file].append((ckpt_name, param_name, shard_id))
+    loaded: set[str] = set()
+    total = sum(len(v) for v in plan.values())
+    with tqdm(total=total, desc=f"loading layers {model.layout.start_layer}:{model.layout.end_layer}",
+              unit="tensor", file=sys.stderr, disable=not show_progress) as bar:
+        for file, items in sorted(plan.items()):
+            with safe_open(root / file, framework="pt", device="cpu") as st:
+                for ckpt_name, param_name, shard_id in items:
+                    param = params[param_name]
+                    loader = getattr(param, "weight_loader", default_weight_loader)
+                    loader(param, SafetensorsSource(st.get_slice(ckpt_name)), shard_id)
+                    loaded.add(f"{param_name}/{shard_id}")
+                    bar.update(1)
+    _check_complete(model, params, loaded)
+
+
+def _check_complete(model: StageModel, params: dict, loaded: set[str]) -> None:
+    expected = {"q", "k", "v"}
+    missing = []
+    for name in params:
+        got = {k.split("/", 1)[1] for k in loaded if k.split("/", 1)[0] == name}
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            need = expected
+        elif "gate_up_proj" in name:
+            need = {"0", "1"}
+        else:
+            need = {"None"}
+        if not need <= got:
+            missing.append(name)
+    if missing:
+        raise InvalidRequest(
+            f"checkpoint {model.cfg.path!r} is missing tensors for: {', '.join(sorted(missing)[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )

@@ -1,0 +1,103 @@
+"""Rank 0 of a stage drives its TP ranks.
+
+Rank 0 lives in the stage's gRPC process; ranks 1..t-1 are worker processes it spawns.
+Each step, rank 0 sends the step's metadata to every worker over a pipe (a pipe, not a
+collective, so idle workers can wait forever and notice when rank 0 dies: EOF) and
+broadcasts the input tensors over the device group; then every rank runs the same
+forward and the layers' collectives keep them in lockstep. Only rank 0 keeps outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+from multiprocessing.connection import Connection
+
+import torch
+
+from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.model_runner import ModelRunner
+from stagekit.engine.stage_spec import StageSpec
+from stagekit.errors import StageUnavailable
+from stagekit.models.stage_model import IntermediateTensors
+from stagekit.parallel.group import init_tp_group
+from stagekit.parallel.worker import worker_main
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TPExecutor:
+    """Runs steps on all TP ranks of a stage; ``execute`` returns rank 0's output."""
+
+    def __init__(self, spec: StageSpec, startup_timeout_s: float = 600.0) -> None:
+        self.spec = spec
+        self._conns: list[Connection] = []
+        self._procs: list[mp.Process] = []
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        ctx = mp.get_context("spawn")
+        for rank in range(1, spec.tp_size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(spec, rank, init_method, child), daemon=True,
+                            name=f"stagemesh-tp{rank}")
+            p.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(p)
+        try:
+            group = init_tp_group(0, spec.tp_size, init_method)
+            self.runner = ModelRunner(spec, group)
+            for rank, conn in enumerate(self._conns, start=1):
+                if not conn.poll(startup_timeout_s):
+                    raise StageUnavailable(f"TP rank {rank} did not start within {startup_timeout_s:.0f}s")
+                kind, detail = conn.recv()
+                if kind != "ready":
+                    raise StageUnavailable(f"TP rank {rank} failed to start: {detail}")
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("stage layers %d:%d ready on %d TP rank(s)", spec.start_layer, spec.end_layer, spec.tp_size)
+
+    def execute(
+        self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
+        intermediate: IntermediateTensors | None,
+    ) -> IntermediateTensors | torch.Tensor | None:
+        meta = None
+        if intermediate is not None and seqs:
+            h, r = intermediate.hidden_states, intermediate.residual
+            meta = (tuple(h.shape), h.dtype, r is not None)
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                conn.send(("run", seqs, freed, input_ids, meta))
+            except (BrokenPipeError, OSError) as e:
+                raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
+        if meta is not None and self._conns:
+            group = self.runner.group
+            group.broadcast(intermediate.hidden_states.contiguous())
+            if intermediate.residual is not None:
+                group.broadcast(intermediate.residual.contiguous())
+        try:
+            return self.runner.run(seqs, freed, input_ids, intermediate)
+        except RuntimeError as e:
+            if self._conns and not all(p.is_alive() for p in self._procs):
+                raise StageUnavailable(f"a TP rank of this stage died: {e}") from e
+            raise
+
+    def shutdown(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self._conns, self._procs = [], []

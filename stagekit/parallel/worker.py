@@ -1,0 +1,44 @@
+"""Main loop of TP ranks 1..t-1: wait for rank 0's step metadata on the pipe, receive
+the step's tensors from the broadcast, run the same forward. Exits when rank 0 says stop
+or its end of the pipe closes (rank 0 died), so no worker outlives its stage."""
+
+from __future__ import annotations
+
+import traceback
+from multiprocessing.connection import Connection
+
+import torch
+
+from stagekit.engine.model_runner import ModelRunner
+from stagekit.engine.stage_spec import StageSpec
+from stagekit.models.stage_model import IntermediateTensors
+from stagekit.parallel.group import init_tp_group
+
+
+def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
+    try:
+        group = init_tp_group(rank, spec.tp_size, init_method)
+        runner = ModelRunner(spec, group)
+    except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg[0] == "stop":
+            return
+        _, seqs, freed, input_ids, meta = msg
+        intermediate = None
+        if meta is not None:
+            shape, dtype, has_residual = meta
+            hidden = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device))
+            residual = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device)) if has_residual else None
+            intermediate = IntermediateTensors(hidden, residual)
+        try:
+            runner.run(seqs, freed, input_ids, intermediate)
+        except Exception:
+            traceback.print_exc()
+            return

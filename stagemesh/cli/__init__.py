@@ -1,0 +1,1 @@
+"""The ``stagemesh`` command line."""

@@ -1,0 +1,48 @@
+"""``stagemesh stage``: one stage service (a layer range over TP ranks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stagemesh.cli.sizes import parse_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stage", help="serve a layer range of a model as one stage (gRPC)")
+    p.add_argument("--model", required=True, help="HF model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--layers", default=":", help="half-open layer range A:B (default: all layers)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks inside this stage")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = pick a free one and print it)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--model-name", default=None, help="name served to clients (default: the directory's name)")
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache memory per rank, e.g. 512MiB, 4GiB")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
+    p.add_argument("--ready-file", default=None, help="write host:port here once serving")
+    p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.stage.server import run as serve
+    from stagekit.config.model_config import load_model_config
+    from stagekit.engine.stage_spec import StageSpec
+    from stagekit.errors import InvalidRequest
+    from stagekit.parallel.layout import StageLayout, parse_layers
+
+    try:
+        cfg = load_model_config(args.model, args.model_name)
+        start, end = parse_layers(args.layers, cfg.num_layers)
+        StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
+        cfg.torch_dtype(args.dtype)
+        spec = StageSpec(
+            model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
+            model_name=args.model_name, kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory),
+            num_threads=args.threads, show_progress=not args.no_progress,
+        )
+    except InvalidRequest as e:
+        print(f"stagemesh stage: error: {e}", file=sys.stderr)
+        return 2
+    serve(spec, args.host, args.port, args.ready_file)
+    return 0

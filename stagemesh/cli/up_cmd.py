@@ -1,0 +1,79 @@
+"""``stagemesh up``: the whole mesh on this machine; Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def default_demo_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stagemesh" / "demo-llama"
+    return cache
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start gateway + replicas x stages on this machine")
+    p.add_argument("--model", default=None, help="HF model directory (default: the built-in demo model)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
+    p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stagekit.config.model_config import load_model_config
+    from stagekit.errors import InvalidRequest
+    from stagemesh.launcher import Mesh, MeshSpec, split_layers
+
+    model = args.model
+    if model is None:
+        model = str(default_demo_dir())
+        if not (Path(model) / "config.json").is_file():
+            from stagekit.demo import write_demo_model
+
+            print(f"creating the demo model in {model}", file=sys.stderr)
+            write_demo_model(model)
+    try:
+        cfg = load_model_config(model)
+        splits = split_layers(cfg.num_layers, args.pp)
+    except InvalidRequest as e:
+        print(f"stagemesh up: error: {e}", file=sys.stderr)
+        return 2
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="stagemesh-up-")
+    mesh = Mesh(MeshSpec(model=model, layer_splits=splits, tp=args.tp, dp=args.dp, host=args.host,
+                         port=args.port, dtype=args.dtype, threads=args.threads,
+                         kv_cache_memory=args.kv_cache_memory), log_dir)
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        print(f"starting {args.dp} replica(s) x {args.pp} stage(s) x tp {args.tp} of {cfg.name}; logs in {log_dir}",
+              file=sys.stderr, flush=True)
+        mesh.start()
+        print(f"stagemesh is up: {mesh.url}  (model {cfg.name!r}; Ctrl-C stops it)", flush=True)
+        while not stopping:
+            mesh._check_alive()
+            time.sleep(0.5)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"stagemesh up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.stop()
+        print("stagemesh stopped", file=sys.stderr, flush=True)
+    return 0

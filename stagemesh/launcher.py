@@ -1,0 +1,153 @@
+"""Start a whole mesh on this machine as processes: DP replicas x PP stages (each stage
+with its TP ranks) and a gateway. Used by ``stagemesh up`` and by the tests.
+
+Every process starts in its own session, so stopping one kills its TP workers with it
+(by process group); ``stop`` ends everything this launcher started and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stagekit.errors import InvalidRequest
+from stagekit.parallel.tp_executor import free_port
+
+
+def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """Even contiguous split; earlier stages take the remainder one layer each."""
+    if not 1 <= pp <= num_layers:
+        raise InvalidRequest(f"--pp {pp} must be between 1 and the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    out, start = [], 0
+    for i in range(pp):
+        end = start + base + (1 if i < extra else 0)
+        out.append((start, end))
+        start = end
+    return out
+
+
+@dataclass
+class MeshSpec:
+    model: str
+    layer_splits: list[tuple[int, int]]
+    tp: int = 1
+    dp: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    threads: int = 0
+    kv_cache_memory: str = "1GiB"
+    gateway: bool = True
+    extra_gateway_args: list[str] = field(default_factory=list)
+
+
+class Mesh:
+    """Invariant: ``procs`` holds every process started and not yet reaped."""
+
+    def __init__(self, spec: MeshSpec, log_dir: str | Path) -> None:
+        self.spec = spec
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.replicas: list[list[str]] = []
+        self.url = f"http://{spec.host}:{spec.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        p = subprocess.Popen([sys.executable, "-m", "stagemesh.cli.main", *args], stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.procs.append((name, p))
+        return p
+
+    def start_stage(self, replica: int, index: int, port: int) -> None:
+        s = self.spec
+        a, b = s.layer_splits[index]
+        self._spawn(f"stage-r{replica}-s{index}", [
+            "stage", "--model", s.model, "--layers", f"{a}:{b}", "--tp", str(s.tp), "--host", s.host,
+            "--port", str(port), "--dtype", s.dtype, "--threads", str(s.threads),
+            "--kv-cache-memory", s.kv_cache_memory, "--no-progress",
+        ])
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        s = self.spec
+        deadline = time.monotonic() + timeout_s
+        for r in range(s.dp):
+            addrs = []
+            for i in range(len(s.layer_splits)):
+                port = free_port()
+                self.start_stage(r, i, port)
+                addrs.append(f"{s.host}:{port}")
+            self.replicas.append(addrs)
+        for addr in [a for rep in self.replicas for a in rep]:
+            self.wait_stage(addr, deadline)
+        if s.gateway:
+            args = ["gateway", "--host", s.host, "--port", str(s.port), *s.extra_gateway_args]
+            for rep in self.replicas:
+                args += ["--replica", ",".join(rep)]
+            self._spawn("gateway", args)
+            self.wait_http(f"{self.url}/health", deadline)
+
+    def _check_alive(self) -> None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with code {p.returncode}:\n{tail}")
+
+    def wait_stage(self, addr: str, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            try:
+                with grpc.insecure_channel(addr) as ch:
+                    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stage {addr} not healthy in time")
+            time.sleep(0.2)
+
+    def wait_http(self, url: str, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy in time")
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(p, signal.SIGKILL)
+                p.wait(timeout=5)
+            _signal_group(p, signal.SIGKILL)  # stragglers of the group (TP workers)
+        self.procs.clear()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

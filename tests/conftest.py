@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# subprocesses (stages, gateway) import the project from the checkout too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from tests.helpers.checkpoints import build_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: build_checkpoint(arch, root) for arch in ("llama", "qwen2")}
