@@ -30,6 +30,7 @@ class PeerInfo:
     num_layers: int
     model_name: str
     kv_capacity_tokens: int
+    transport_address: bytes
 
 
 class StageNode:
@@ -74,7 +75,8 @@ class StageNode:
                 f"{self.layout.num_layers}; it cannot sit at position {index} of a {len(pipeline)}-stage pipeline"
             )
         if len(pipeline) > 1:
-            await self.transport.connect(pipeline[(index + 1) % len(pipeline)])
+            peer = await _peer_info(pipeline[(index + 1) % len(pipeline)])
+            await self.transport.connect(peer.address, peer.transport_address)
         if self.engine is not None:
             peers = [await _peer_info(addr) for addr in pipeline]
             self._check_pipeline(peers)
@@ -103,4 +105,4 @@ async def _peer_info(address: str) -> PeerInfo:
     except grpc.aio.AioRpcError as e:
         raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None
     return PeerInfo(address, info.start_layer, info.end_layer, info.num_layers, info.model_name,
-                    info.kv_capacity_tokens)
+                    info.kv_capacity_tokens, info.transport_address)

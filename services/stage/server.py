@@ -18,7 +18,7 @@ from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.tp_executor import TPExecutor
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
-from stagekit.transport.grpc_transport import GrpcTransport
+from stagekit.transport.factory import make_transport
 
 log = logging.getLogger("stagemesh.stage")
 
@@ -26,12 +26,13 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_me
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
-async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None) -> None:
+async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
+                transport_name: str | None = None) -> None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     loop = asyncio.get_running_loop()
     executor = await loop.run_in_executor(pool, TPExecutor, spec)
     runtime = StageRuntime(executor)
-    transport = GrpcTransport()
+    transport = make_transport(transport_name)
     log.info("data plane: %s", transport.name)
     node = StageNode(runtime, transport, pool)
 
@@ -68,7 +69,7 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await server.stop(grace=2)
 
 
-def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None) -> None:
+def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None, transport_name: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(spec, host, port, ready_file))
+    asyncio.run(serve(spec, host, port, ready_file, transport_name))

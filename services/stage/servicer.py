@@ -33,7 +33,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             kv_capacity_tokens=n.runtime.kv_cache.capacity_tokens, vocab_size=cfg.vocab_size,
             max_model_len=cfg.max_model_len, is_first=lay.is_first, is_last=lay.is_last,
             eos_token_ids=cfg.eos_token_ids, transport=self.transport_name, wired=n.wired,
-            kv_used_tokens=n.runtime.kv_cache.used_tokens,
+            kv_used_tokens=n.runtime.kv_cache.used_tokens, transport_address=n.transport.local_address(),
         )
         if n.engine is not None:
             info.num_running = len(n.engine.scheduler.running)

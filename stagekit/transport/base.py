@@ -18,9 +18,15 @@ class Transport(abc.ABC):
 
     name: str = "abstract"
 
+    def local_address(self) -> bytes:
+        """What a peer needs to reach this stage's inbound side on this data plane,
+        published in StageInfo.transport_address (empty: the gRPC address suffices)."""
+        return b""
+
     @abc.abstractmethod
-    async def connect(self, peer_address: str) -> None:
-        """(Re)point the outbound link at ``peer_address`` (a stage's gRPC address)."""
+    async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
+        """(Re)point the outbound link at the stage at ``peer_address`` (its gRPC address),
+        whose data plane published ``peer_transport_address``."""
 
     @abc.abstractmethod
     async def send(self, frame: Frame) -> None:

@@ -37,7 +37,7 @@ class GrpcTransport(Transport):
         """Called by the stage's PushFrames handler for every frame it receives."""
         await self._inbound.put(codec.frame_from_proto(frame))
 
-    async def connect(self, peer_address: str) -> None:
+    async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
         await self._close_outbound()
         self._peer, self._error = peer_address, ""
         self._channel = grpc.aio.insecure_channel(peer_address, options=_OPTIONS)

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name served to clients (default: the directory's name)")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache memory per rank, e.g. 512MiB, 4GiB")
     p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
+    p.add_argument("--transport", default=None,
+                   help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
@@ -44,5 +46,9 @@ def run(args: argparse.Namespace) -> int:
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2
-    serve(spec, args.host, args.port, args.ready_file)
+    try:
+        serve(spec, args.host, args.port, args.ready_file, args.transport)
+    except InvalidRequest as e:
+        print(f"stagemesh stage: error: {e}", file=sys.stderr)
+        return 2
     return 0
