@@ -69,7 +69,8 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await server.stop(grace=2)
 
 
-def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None, transport_name: str | None = None) -> None:
+def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
+        transport_name: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(spec, host, port, ready_file, transport_name))
