@@ -1,0 +1,69 @@
+"""`stagemesh stage` refuses what it cannot serve with exit code 2 and a message that
+names the problem (not a traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from stagekit.demo import write_demo_model
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("cli") / "demo")
+
+
+def _stage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagemesh.cli.main", "stage", *args, "--port", "0",
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+
+
+def _variant(demo: Path, tmp_path: Path, edit_config=None, drop_tensor: str | None = None) -> Path:
+    out = tmp_path / "variant"
+    out.mkdir()
+    for f in demo.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    if edit_config:
+        cfg = json.loads((out / "config.json").read_text())
+        edit_config(cfg)
+        (out / "config.json").write_text(json.dumps(cfg))
+    if drop_tensor:
+        tensors = load_file(out / "model.safetensors")
+        del tensors[drop_tensor]
+        save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    r = _stage("--model", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_unsupported_architecture(demo: Path, tmp_path: Path) -> None:
+    model = _variant(demo, tmp_path, edit_config=lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    r = _stage("--model", str(model))
+    assert r.returncode == 2 and "unsupported architecture" in r.stderr and "GPT2LMHeadModel" in r.stderr
+
+
+def test_layer_range_outside_model(demo: Path) -> None:
+    r = _stage("--model", str(demo), "--layers", "2:9")
+    assert r.returncode == 2 and "outside the model's 4 layers" in r.stderr
+
+
+def test_tp_not_dividing_heads(demo: Path) -> None:
+    r = _stage("--model", str(demo), "--tp", "3")
+    assert r.returncode == 2 and "does not divide the model's 4 attention heads" in r.stderr
+
+
+def test_missing_tensor(demo: Path, tmp_path: Path) -> None:
+    model = _variant(demo, tmp_path, drop_tensor="model.layers.1.mlp.down_proj.weight")
+    r = _stage("--model", str(model), "--layers", "0:2")
+    assert r.returncode == 2
+    assert "missing tensors" in r.stderr and "model.layers.1.mlp.down_proj.weight" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,131 @@
+"""A live TP1·PP2 replica of the demo model, driven over the Stage gRPC API: sampling
+controls, finish reasons, bad input answered with INVALID_ARGUMENT, and the replica keeps
+serving after each."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from stagekit.demo import write_demo_model
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagemesh.launcher import Mesh, MeshSpec
+from tests.helpers.stage_client import generate, generate_many, tokens_of, wire
+
+PROMPT = [3, 200, 201, 202, 50, 60]
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("replica")
+    model = write_demo_model(root / "demo")
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False), root / "logs")
+    try:
+        mesh.start(timeout_s=120)
+        wire(mesh.replicas[0])
+        yield mesh.replicas[0]
+    finally:
+        mesh.stop()
+
+
+def _greedy(head: str, n: int = 8) -> list[int]:
+    return tokens_of(generate(head, PROMPT, temperature=0.0, max_tokens=n, ignore_eos=True))
+
+
+def test_greedy_is_deterministic_and_batch_independent(replica) -> None:
+    alone = _greedy(replica[0])
+    batched = generate_many(replica[0], [PROMPT, [9, 9, 9], PROMPT[:3]], temperature=0.0, max_tokens=8,
+                            ignore_eos=True)
+    assert tokens_of(batched[0]) == alone
+    assert len(alone) == 8
+
+
+def test_seed_reproduces_and_differs(replica) -> None:
+    def run(seed: int) -> list[int]:
+        return tokens_of(generate(replica[0], PROMPT, temperature=1.5, seed=seed, max_tokens=12, ignore_eos=True))
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_is_greedy(replica) -> None:
+    sampled = tokens_of(generate(replica[0], PROMPT, temperature=1.0, top_k=1, seed=3, max_tokens=8,
+                                 ignore_eos=True))
+    assert sampled == _greedy(replica[0])
+
+
+def test_top_p_tiny_is_greedy(replica) -> None:
+    sampled = tokens_of(generate(replica[0], PROMPT, temperature=1.0, top_p=1e-6, seed=3, max_tokens=8,
+                                 ignore_eos=True))
+    assert sampled == _greedy(replica[0])
+
+
+def test_finish_reasons_and_stop_ids(replica) -> None:
+    greedy = _greedy(replica[0], 8)
+    out = generate(replica[0], PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert out[-1].finish_reason == 2  # LENGTH
+    assert out[-1].prompt_tokens == len(PROMPT) and out[-1].completion_tokens == 8
+    stop_at = greedy[3]
+    first = greedy.index(stop_at)
+    out = generate(replica[0], PROMPT, temperature=0.0, max_tokens=8, stop_token_ids=[stop_at])
+    assert tokens_of(out) == greedy[: first + 1]
+    assert out[-1].finish_reason == 1  # STOP
+
+
+def test_min_tokens_suppresses_stop_ids(replica) -> None:
+    greedy = _greedy(replica[0], 8)
+    out = tokens_of(generate(replica[0], PROMPT, temperature=0.0, max_tokens=8, min_tokens=6,
+                             stop_token_ids=[greedy[0]]))
+    assert greedy[0] not in out[:6]
+    assert len(out) >= 6
+
+
+@pytest.mark.parametrize(
+    "prompt, sampling, message",
+    [
+        ([5, 1024], dict(max_tokens=4), "outside the vocabulary"),
+        ([], dict(max_tokens=4), "prompt is empty"),
+        ([5] * 10, dict(max_tokens=2045), "exceeds the model's context length"),
+        ([5, 6], dict(max_tokens=0), "max_tokens must be at least 1"),
+        ([5, 6], dict(max_tokens=-3), "max_tokens must be at least 1"),
+        ([5, 6], dict(max_tokens=4, temperature=-1), "temperature"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(replica, prompt, sampling, message) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        generate(replica[0], prompt, **sampling)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    assert len(_greedy(replica[0], 2)) == 2  # still serving
+
+
+def test_generate_on_a_downstream_stage_is_refused(replica) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        generate(replica[1], PROMPT, max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "replica head" in err.value.details()
+
+
+def test_wiring_out_of_order_is_refused(replica) -> None:
+    with grpc.insecure_channel(replica[0]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            stage_pb2_grpc.StageStub(ch).Wire(stage_pb2.WireRequest(pipeline=list(reversed(replica)), index=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(_greedy(replica[0], 2)) == 2
+
+
+def test_abort_ends_a_running_request(replica) -> None:
+    with grpc.insecure_channel(replica[0]) as ch:
+        stub = stage_pb2_grpc.StageStub(ch)
+        req = stage_pb2.GenerateRequest(request_id="to-abort", prompt_token_ids=PROMPT)
+        req.sampling.max_tokens = 1500
+        req.sampling.ignore_eos = True
+        stream = stub.Generate(req)
+        first = next(stream)
+        assert first.token_ids
+        assert stub.Abort(stage_pb2.AbortRequest(request_id="to-abort")).found
+        rest = list(stream)
+        assert rest[-1].finish_reason == 3  # ABORT
+        assert sum(len(r.token_ids) for r in rest) < 1499
+        assert not stub.Abort(stage_pb2.AbortRequest(request_id="to-abort")).found
