@@ -50,7 +50,13 @@ class ModelRunner:
         ids = None
         if input_ids is not None:
             ids = torch.tensor(input_ids, dtype=torch.int64, device=self.group.device)
+        if intermediate is not None and intermediate.hidden_states.device != self.group.device:
+            intermediate = IntermediateTensors(
+                intermediate.hidden_states.to(self.group.device),
+                None if intermediate.residual is None else intermediate.residual.to(self.group.device),
+            )
         states = self.model(batch, input_ids=ids, intermediate=intermediate)
         if self.layout.is_last:
-            return self.model.compute_logits(states, batch.sample_indices())
+            # sampling runs on the host with per-request generators
+            return self.model.compute_logits(states, batch.sample_indices()).cpu()
         return states
