@@ -80,6 +80,9 @@ def init_tp_group(
     """Join the stage's TP group (world = the stage's TP ranks) and build its coordinator."""
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", tp_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    # NCCL needs one GPU per rank; ranks sharing a GPU (a one-GPU test box) use gloo, which
+    # also reduces CUDA tensors, just slower.
+    use_nccl = use_cuda and torch.cuda.device_count() >= tp_size
     if tp_size == 1:
         return GroupCoordinator(ranks=[0], rank_in_group=0, device=device)
     if use_cuda:
@@ -90,7 +93,7 @@ def init_tp_group(
     )
     ranks = list(range(tp_size))
     cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
-    device_group = dist.new_group(ranks, backend="nccl" if use_cuda else "gloo", timeout=timeout)
+    device_group = dist.new_group(ranks, backend="nccl" if use_nccl else "gloo", timeout=timeout)
     return GroupCoordinator(
         ranks=ranks, rank_in_group=tp_rank, device=device, cpu_group=cpu_group, device_group=device_group
     )
