@@ -25,24 +25,28 @@ def _checks(rank: int, init_method: str) -> None:
     torch.set_num_threads(1)
     group = init_tp_group(rank, TP, init_method)
     g = torch.Generator().manual_seed(0)  # same tensors on every rank
-    x = torch.randn(5, 16, generator=g)
 
-    w = torch.randn(12, 16, generator=g)
-    b = torch.randn(12, generator=g)
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(group.device)
+
+    x = rand(5, 16)
+
+    w = rand(12, 16)
+    b = rand(12)
     col = ColumnParallelLinear(16, 12, group, bias=True)
     col.weight_loader(col.weight, TensorSource(w))
     col.weight_loader(col.bias, TensorSource(b))
     torch.testing.assert_close(group.all_gather(col(x)), F.linear(x, w, b))
 
-    w2 = torch.randn(7, 12, generator=g)
-    b2 = torch.randn(7, generator=g)
+    w2 = rand(7, 12)
+    b2 = rand(7)
     row = RowParallelLinear(12, 7, group, bias=True)
     row.weight_loader(row.weight, TensorSource(w2))
     row.bias_loader(row.bias, TensorSource(b2))
-    x12 = torch.randn(5, 12, generator=g)
+    x12 = rand(5, 12)
     torch.testing.assert_close(row(x12.chunk(TP, -1)[rank]), F.linear(x12, w2, b2))
 
-    wg, wu = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    wg, wu = rand(8, 16), rand(8, 16)
     merged = MergedColumnParallelLinear(16, [8, 8], group)
     merged.weight_loader(merged.weight, TensorSource(wg), 0)
     merged.weight_loader(merged.weight, TensorSource(wu), 1)
@@ -52,7 +56,7 @@ def _checks(rank: int, init_method: str) -> None:
 
     for num_kv in (2, 1):  # KV heads split over ranks; a single KV head replicated on both
         d = 4
-        wq, wk, wv = (torch.randn(n * d, 16, generator=g) for n in (4, num_kv, num_kv))
+        wq, wk, wv = (rand(n * d, 16) for n in (4, num_kv, num_kv))
         qkv = QKVParallelLinear(16, d, 4, num_kv, group)
         for sid, t in zip("qkv", (wq, wk, wv), strict=True):
             qkv.weight_loader(qkv.weight, TensorSource(t), sid)
@@ -63,8 +67,8 @@ def _checks(rank: int, init_method: str) -> None:
         torch.testing.assert_close(v, F.linear(x, wv)[:, kv_head * d:(kv_head + 1) * d])
 
     vocab = 11  # not divisible by TP: the last shard is padded
-    emb_w = torch.randn(vocab, 16, generator=g)
-    ids = torch.tensor([0, 5, 6, 10, 3])
+    emb_w = rand(vocab, 16)
+    ids = torch.tensor([0, 5, 6, 10, 3], device=group.device)
     emb = VocabParallelEmbedding(vocab, 16, group)
     emb.weight_loader(emb.weight, TensorSource(emb_w))
     torch.testing.assert_close(emb(ids), F.embedding(ids, emb_w))
