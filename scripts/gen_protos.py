@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def generate(root: Path) -> list[Path]:
-    from grpc_tools import protoc  # build-time dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency
 
     proto_root = root / "protos"
     include = Path(grpc_tools.__file__).parent / "_proto"

@@ -1,0 +1,75 @@
+"""Domain types the gateway passes around.
+
+Protobuf never leaves `codec.py` / `replica.py`; everything past them speaks these
+frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    """Why a choice ended, in OpenAI's vocabulary (plus vLLM's ``abort``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the replica picks tokens; ``temperature == 0`` is greedy, ``top_k == 0`` is off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """Tokens one Generate response adds; the last one of a request has ``finish_reason``."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[TopLogprob, ...], ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    """What a stage reports about itself (GetInfo / Wire)."""
+
+    model_name: str
+    architecture: str = ""
+    start_layer: int = 0
+    end_layer: int = 0
+    num_layers: int = 0
+    tp_size: int = 1
+    dtype: str = ""
+    kv_capacity_tokens: int = 0
+    vocab_size: int = 0
+    max_model_len: int = 0
+    is_first: bool = False
+    is_last: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    transport: str = ""
+    wired: bool = False
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_used_tokens: int = 0

@@ -1,0 +1,169 @@
+"""`ReplicaClient`: the gateway's view of one pipeline of stages, reached over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from gateway import codec
+from gateway.domain import GenerateChunk, SamplingParams, StageInfo
+from gateway.errors import GatewayError, InvalidRequest, from_rpc_error
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+
+logger = logging.getLogger("stagemesh.gateway")
+
+# Tokenizer files of real models are several MiB, above gRPC's 4 MiB default.
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+class ReplicaClient:
+    """One replica: stage addresses in layer order, index 0 being the head that serves Generate.
+
+    Invariant: ``healthy`` is True only after every stage accepted Wire and answered the last
+    probe; the router only hands out healthy replicas. Channels are opened lazily, inside the
+    event loop that uses them.
+    """
+
+    def __init__(
+        self, index: int, addresses: Sequence[str], *, transport: str = "", rpc_timeout_s: float = 5.0
+    ) -> None:
+        if not addresses:
+            raise ValueError(f"replica {index} has no stage addresses")
+        self.index = index
+        self.addresses = tuple(addresses)
+        self.transport = transport
+        self.rpc_timeout_s = rpc_timeout_s
+        self.healthy = False
+        self.wired = False
+        self.last_error: str | None = None
+        self.num_in_flight = 0
+        self.head_info: StageInfo | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[stage_pb2_grpc.StageStub] = []
+
+    def __repr__(self) -> str:
+        return f"ReplicaClient({self.index}, {list(self.addresses)})"
+
+    def _stub(self, stage: int) -> stage_pb2_grpc.StageStub:
+        if not self._stubs:
+            for address in self.addresses:
+                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                self._channels.append(channel)
+                self._stubs.append(stage_pb2_grpc.StageStub(channel))
+        return self._stubs[stage]
+
+    def _where(self, stage: int) -> str:
+        return f"replica {self.index} stage {stage} ({self.addresses[stage]})"
+
+    async def wire(self) -> StageInfo:
+        """Tell every stage its pipeline, last stage first; returns the head's info."""
+        head: StageInfo | None = None
+        for stage in reversed(range(len(self.addresses))):
+            request = codec.wire_request(self.addresses, stage, self.transport)
+            try:
+                reply = await self._stub(stage).Wire(request, timeout=self.rpc_timeout_s)
+            except grpc.aio.AioRpcError as err:
+                raise from_rpc_error(err, where=self._where(stage)) from err
+            if stage == 0:
+                head = codec.info_from_proto(reply.info)
+        assert head is not None
+        self.head_info = head
+        self.wired = True
+        return head
+
+    async def wait_wired(self, timeout_s: float) -> StageInfo:
+        """Wire the replica, retrying with back-off until every stage answers or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        delay, last_logged = 0.1, ""
+        while True:
+            try:
+                info = await self.wire()
+            except GatewayError as err:
+                # A stage that answers "invalid" (e.g. another data plane) will not change its mind.
+                if isinstance(err, InvalidRequest) or time.monotonic() + delay > deadline:
+                    self.last_error = err.message
+                    raise
+                if err.message != last_logged:
+                    logger.info("waiting for replica %d: %s", self.index, err.message)
+                    last_logged = err.message
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            logger.info("replica %d wired: %s (model %s)", self.index, list(self.addresses), info.model_name)
+            self.mark_healthy()
+            return info
+
+    async def stage_info(self, stage: int = 0) -> StageInfo:
+        try:
+            reply = await self._stub(stage).GetInfo(stage_pb2.GetInfoRequest(), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, where=self._where(stage)) from err
+        return codec.info_from_proto(reply)
+
+    async def tokenizer_files(self) -> dict[str, bytes]:
+        try:
+            reply = await self._stub(0).GetTokenizer(
+                stage_pb2.GetTokenizerRequest(), timeout=max(self.rpc_timeout_s, 30.0)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, where=self._where(0)) from err
+        return codec.tokenizer_files_from_proto(reply)
+
+    async def probe(self) -> bool:
+        """Ask every stage for its info; re-wire when one forgot its pipeline (a restart)."""
+        try:
+            infos = await asyncio.gather(*(self.stage_info(i) for i in range(len(self.addresses))))
+            if not self.wired or not all(info.wired for info in infos):
+                await self.wire()
+            else:
+                self.head_info = infos[0]
+        except GatewayError as err:
+            self.mark_unhealthy(err.message)
+            return False
+        self.mark_healthy()
+        return True
+
+    def mark_healthy(self) -> None:
+        if not self.healthy:
+            logger.info("replica %d is healthy", self.index)
+        self.healthy, self.last_error = True, None
+
+    def mark_unhealthy(self, reason: str) -> None:
+        if self.healthy:
+            logger.warning("replica %d taken out: %s", self.index, reason)
+        self.healthy, self.last_error = False, reason
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+    ) -> AsyncIterator[GenerateChunk]:
+        """Stream one request from the head; closing the iterator cancels the call."""
+        call = self._stub(0).Generate(codec.generate_request(request_id, prompt_token_ids, sampling))
+        try:
+            async for reply in call:
+                yield codec.chunk_from_proto(reply)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, where=self._where(0)) from err
+        finally:
+            call.cancel()
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            reply = await self._stub(0).Abort(codec.abort_request(request_id), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            logger.debug("abort %s on replica %d failed: %s", request_id, self.index, err.code().name)
+            return False
+        return reply.found
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels), return_exceptions=True)
+        self._channels.clear()
+        self._stubs.clear()

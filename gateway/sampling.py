@@ -1,0 +1,103 @@
+"""Checking a request's sampling fields and turning them into `SamplingParams`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gateway.domain import SamplingParams
+from gateway.errors import InvalidRequest
+from gateway.prompts import check_token_ids
+from gateway.schemas import SamplingFields
+
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+
+
+def _require(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidRequest(message, param=param)
+
+
+def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
+    """Value checks that need no prompt; raises `InvalidRequest` naming the field."""
+    _require(1 <= req.n <= MAX_N, f"'n' must be between 1 and {MAX_N}, got {req.n}.", "n")
+    if req.temperature is not None:
+        _require(req.temperature >= 0, f"'temperature' must be >= 0, got {req.temperature}.", "temperature")
+    if req.top_p is not None:
+        _require(0 < req.top_p <= 1, f"'top_p' must be in (0, 1], got {req.top_p}.", "top_p")
+    if req.top_k is not None:
+        _require(req.top_k >= -1, f"'top_k' must be -1 (off), 0 (off) or positive, got {req.top_k}.", "top_k")
+    if req.seed is not None:
+        _require(-(2**63) <= req.seed < 2**63, "'seed' must fit in a signed 64-bit integer.", "seed")
+    _require(req.min_tokens >= 0, f"'min_tokens' must be >= 0, got {req.min_tokens}.", "min_tokens")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        _require(not value, f"'{name}' is not supported (only 0).", name)
+    _require(not req.logit_bias, "'logit_bias' is not supported.", "logit_bias")
+    _require(
+        req.stream or req.stream_options is None,
+        "'stream_options' is only allowed when 'stream' is true.",
+        "stream_options",
+    )
+    if req.stop_token_ids:
+        check_token_ids(req.stop_token_ids, vocab_size, param="stop_token_ids")
+    for stop in stop_strings(req.stop):
+        _require(bool(stop), "Stop strings must not be empty.", "stop")
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def build_sampling(
+    req: SamplingFields,
+    *,
+    max_tokens: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    vocab_size: int,
+    top_logprobs: int = 0,
+) -> SamplingParams:
+    """Sampling for one prompt; ``max_tokens=None`` means whatever the context has left."""
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+        if max_tokens <= 0:
+            raise InvalidRequest(
+                f"This model's maximum context length is {max_model_len} tokens, "
+                f"but the prompt has {prompt_len} tokens, leaving no room for the completion.",
+                param="max_tokens",
+            )
+    _require(max_tokens > 0, f"'max_tokens' must be at least 1, got {max_tokens}.", "max_tokens")
+    if prompt_len + max_tokens > max_model_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    _require(
+        req.min_tokens <= max_tokens,
+        f"'min_tokens' ({req.min_tokens}) must not exceed 'max_tokens' ({max_tokens}).",
+        "min_tokens",
+    )
+    top_p = 1.0 if req.top_p is None else req.top_p
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=top_p,
+        top_k=min(max(req.top_k or 0, 0), vocab_size),
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        top_logprobs=top_logprobs,
+    )
+
+
+def for_choice(params: SamplingParams, choice: int) -> SamplingParams:
+    """The ``choice``-th of ``n`` samples: a seeded request must not give n identical samples."""
+    if params.seed is None or choice == 0:
+        return params
+    return replace(params, seed=params.seed + choice)

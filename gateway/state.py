@@ -1,0 +1,39 @@
+"""`GatewayState`: what request handlers share once startup wired the replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from gateway.config import GatewayConfig
+from gateway.domain import StageInfo
+from gateway.metrics import GatewayMetrics
+from gateway.pool import ReplicaPool
+from gateway.tokenizing import TokenizerLike
+
+
+@dataclass(slots=True)
+class GatewayState:
+    """The pool, the model's tokenizer and the facts handlers validate against."""
+
+    config: GatewayConfig
+    pool: ReplicaPool
+    tokenizer: TokenizerLike
+    head_info: StageInfo
+    model_name: str
+    metrics: GatewayMetrics
+    created: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head_info.vocab_size or self.tokenizer.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.head_info.max_model_len
+
+
+def get_state(request: Request) -> GatewayState:
+    """FastAPI dependency: the state the lifespan stored on the app."""
+    return request.app.state.gateway
