@@ -1,8 +1,9 @@
 """Per-sequence KV storage for a stage's local layers.
 
-Each sequence owns one tensor [num_layers, 2, capacity, kv_heads, head_dim] that grows by
-doubling. This is the simple cache the step protocol needs; a paged block cache replaces it
-behind the same ``append``/``free`` interface.
+Each sequence owns one tensor [num_layers, 2, kv_heads, capacity, head_dim] that grows by
+doubling; a layer's keys for positions [0, L) are then a [kv_heads, L, head_dim] view with
+contiguous rows, which attention reads without copying. This is the simple cache the step
+protocol needs; a paged block cache replaces it behind the same ``append``/``free`` interface.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ class KVCache:
 
     def _ensure(self, seq_id: int, needed: int) -> torch.Tensor:
         buf = self._store.get(seq_id)
-        if buf is not None and buf.shape[2] >= needed:
+        if buf is not None and buf.shape[3] >= needed:
             return buf
-        cap = max(needed, 16 if buf is None else 2 * buf.shape[2])
+        cap = max(needed, 16 if buf is None else 2 * buf.shape[3])
         new = torch.empty(
-            self.num_layers, 2, cap, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
+            self.num_layers, 2, self.num_kv_heads, cap, self.head_dim, dtype=self.dtype, device=self.device
         )
         if buf is not None:
             n = self.lengths.get(seq_id, 0)
-            new[:, :, :n].copy_(buf[:, :, :n])
+            new[:, :, :, :n].copy_(buf[:, :, :, :n])
         self._store[seq_id] = new
         return new
 
@@ -52,15 +53,15 @@ class KVCache:
         self, layer: int, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v ([n, kv_heads, head_dim]) at ``start`` and return this layer's
-        keys/values for positions ``[0, start + n)``."""
+        keys/values for positions ``[0, start + n)``, each [kv_heads, start + n, head_dim]."""
         end = start + k.shape[0]
         if start > self.lengths.get(seq_id, 0):
             raise ValueError(f"seq {seq_id}: write at {start} past its cached {self.lengths.get(seq_id, 0)} tokens")
         buf = self._ensure(seq_id, end)
-        buf[layer, 0, start:end] = k
-        buf[layer, 1, start:end] = v
+        buf[layer, 0, :, start:end] = k.transpose(0, 1)
+        buf[layer, 1, :, start:end] = v.transpose(0, 1)
         self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), end)
-        return buf[layer, 0, :end], buf[layer, 1, :end]
+        return buf[layer, 0, :, :end], buf[layer, 1, :, :end]
 
     def free(self, seq_ids: list[int]) -> None:
         for s in seq_ids:

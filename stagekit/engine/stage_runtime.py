@@ -4,9 +4,12 @@ stage sample. Runs on the stage's compute thread (it blocks on collectives)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from stagekit.engine.sampler import Sampler
+from stagekit.engine.stats import StageStats
 from stagekit.engine.step import StepHeader, StepResult
 from stagekit.models.stage_model import IntermediateTensors
 from stagekit.parallel.tp_executor import TPExecutor
@@ -21,6 +24,7 @@ class StageRuntime:
         self.cfg, self.layout, self.dtype = runner.cfg, runner.layout, runner.dtype
         self.kv_cache = runner.kv_cache
         self.sampler = Sampler(self.cfg.eos_token_ids) if self.layout.is_last else None
+        self.stats = StageStats()
 
     def process(
         self, header: StepHeader, input_ids: list[int] | None = None,
@@ -32,7 +36,14 @@ class StageRuntime:
             self.sampler.remove(header.freed_seq_ids)
             for ns in header.new_seqs:
                 self.sampler.add(ns.seq_id, ns.params)
-        out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate)
+        started = time.perf_counter()
+        try:
+            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate)
+        except Exception:
+            self.stats.step_failures_total += 1
+            raise
+        if header.seqs:
+            self.stats.observe_step(len(header.seqs), header.num_tokens, time.perf_counter() - started)
         if self.sampler is None:
             return out
         sampled = [s.seq_id for s in header.seqs if s.sample]
