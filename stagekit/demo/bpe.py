@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from stagekit.demo.corpus import CORPUS
 
@@ -151,9 +151,16 @@ def tokenizer_config(arch: str) -> dict[str, Any]:
     }
 
 
-def write_tokenizer_files(directory: Path, arch: str) -> int:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the vocab size."""
+def write_tokenizer_files(directory: Path, arch: str, vocab_size: int | None = None) -> int:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the vocab size.
+
+    With ``vocab_size`` larger than the trained vocabulary, the tokenizer is padded with plain
+    added tokens ``<|pad_N|>`` so that every id the model can emit decodes to text (a random
+    model samples the whole vocabulary; undecodable ids would stream as empty text)."""
     tok = build_tokenizer(arch)
+    have = tok.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and vocab_size > have:
+        tok.add_tokens([AddedToken(f"<|pad_{i}|>", normalized=False) for i in range(have, vocab_size)])
     settings = token_settings(arch)
     (directory / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     _write_json(directory / "tokenizer_config.json", tokenizer_config(arch))

@@ -163,7 +163,7 @@ def write_demo_model(path: str | Path, arch: str = "llama", seed: int = 0, size:
         config = demo_config(arch, size)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", generation_config(arch))
-        write_tokenizer_files(tmp, arch)
+        write_tokenizer_files(tmp, arch, config["vocab_size"])
         save_file(random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _make_readable(tmp)
         _move_into_place(tmp, target)

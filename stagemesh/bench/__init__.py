@@ -1,0 +1,1 @@
+"""Benchmarks run by ``stagemesh bench``: ratios against a baseline measured in the same run."""
