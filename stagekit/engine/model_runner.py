@@ -10,6 +10,7 @@ from stagekit.config.model_config import load_model_config
 from stagekit.engine.forward_batch import ForwardBatch, SeqSlice
 from stagekit.engine.kv_cache import KVCache
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.layers.cpu_packed import pack_model_weights
 from stagekit.loader.safetensors_loader import load_weights
 from stagekit.models.stage_model import IntermediateTensors, StageModel
 from stagekit.parallel.group import GroupCoordinator
@@ -29,6 +30,8 @@ class ModelRunner:
         self.group = group
         self.model = StageModel(self.cfg, self.layout, group, self.dtype)
         load_weights(self.model, show_progress=spec.show_progress and group.is_first_rank)
+        if spec.linear_kernel == "auto":
+            pack_model_weights(self.model)
         num_kv_heads = max(1, self.cfg.num_kv_heads // spec.tp_size)
         self.kv_cache = KVCache(
             self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, group.device, 0

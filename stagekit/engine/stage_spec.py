@@ -18,3 +18,5 @@ class StageSpec:
     kv_cache_memory_bytes: int = 1 << 30
     num_threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
     show_progress: bool = True
+    # "auto": oneDNN-prepacked fp32 weights on the CPU (stagekit/layers/cpu_packed.py); "dense": F.linear
+    linear_kernel: str = "auto"

@@ -29,11 +29,14 @@ class Attention(nn.Module):
         offset = 0
         for s in batch.seqs:
             n = s.num_new
-            keys, values = batch.kv_cache.append(
+            kh, vh = batch.kv_cache.append(  # [Hk, L, D] each
                 self.layer_idx, s.seq_id, s.num_computed, k[offset:offset + n], v[offset:offset + n]
             )
+            if n == 1:
+                out[offset] = self._decode_one(q[offset], kh, vh)
+                offset += 1
+                continue
             qh = q[offset:offset + n].transpose(0, 1)  # [Hq, n, D]
-            kh, vh = keys.transpose(0, 1), values.transpose(0, 1)  # [Hk, L, D]
             mask = None
             if n > 1 and s.num_computed > 0:
                 # query i sits at position num_computed + i and sees keys 0..num_computed + i
@@ -45,3 +48,12 @@ class Attention(nn.Module):
             out[offset:offset + n] = o.transpose(0, 1).reshape(n, -1)
             offset += n
         return out
+
+    def _decode_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One query token: query heads grouped by their KV head (head h uses KV head
+        h // group, as transformers' repeat_kv does), two batched matmuls, no KV copy."""
+        # q: [Hq, D]; keys, values: [Hk, L, D] -> [Hq * D]
+        qg = q.view(self.num_kv_heads, -1, self.head_dim)  # [Hk, G, D]
+        scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(self.scale)  # [Hk, G, L]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.bmm(probs, values).reshape(-1)  # [Hk, G, D]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagekit.layers.cpu_packed import PackedWeight
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
 
@@ -51,12 +52,12 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, PackedWeight):
     """The output projection, split over the vocabulary like the embedding."""
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # [T, hidden] -> [T, vocab]
-        logits = F.linear(hidden_states, self.weight)
+        logits = self.matmul(hidden_states)
         logits = self.group.all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings]
 

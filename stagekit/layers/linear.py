@@ -11,9 +11,9 @@ For Y = X A + b with A of shape [in, out] (stored as torch's [out, in] weight):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from stagekit.layers.cpu_packed import PackedWeight
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
 
@@ -24,7 +24,7 @@ def divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackedWeight):
     """Holds rows ``[rank*out/p, (rank+1)*out/p)`` of the [out, in] weight."""
 
     def __init__(
@@ -54,7 +54,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param, src.narrow(0, self.group.rank_in_group * n, n), "column-parallel shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -106,7 +106,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         copy_checked(param.data.narrow(0, offset, size), src.narrow(0, start, size), f"qkv shard {shard_id}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackedWeight):
     """Holds columns ``[rank*in/p, (rank+1)*in/p)`` of the [out, in] weight; input arrives
     split along its last dim; one all-reduce sums the partial outputs."""
 
@@ -136,5 +136,5 @@ class RowParallelLinear(nn.Module):
         copy_checked(param, src.full(), "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.group.all_reduce(F.linear(x, self.weight))
+        out = self.group.all_reduce(self.matmul(x))
         return out if self.bias is None else out + self.bias

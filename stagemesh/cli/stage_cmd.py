@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
+    p.add_argument("--linear-kernel", default="auto", choices=["auto", "dense"],
+                   help="auto: oneDNN-prepacked fp32 weights on CPU (faster); dense: plain F.linear")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory),
-            num_threads=args.threads, show_progress=not args.no_progress,
+            num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -76,6 +76,16 @@ def _checks(rank: int, init_method: str) -> None:
     head.weight_loader(head.weight, TensorSource(emb_w))
     torch.testing.assert_close(head.compute_logits(x), F.linear(x, emb_w))
 
+    # oneDNN-prepacked weights (CPU fp32) give the same results as the dense ones
+    x_row = x12.chunk(TP, -1)[rank]
+    dense = [col(x), row(x_row), head.compute_logits(x)]
+    if col.pack_weights() and row.pack_weights() and head.pack_weights():
+        torch.testing.assert_close(col(x), dense[0])
+        torch.testing.assert_close(row(x_row), dense[1])
+        torch.testing.assert_close(head.compute_logits(x), dense[2])
+    else:
+        assert group.device.type != "cpu", "prepacking is expected to work for fp32 on the CPU"
+
 
 def test_sharded_layers_equal_dense() -> None:
     mp.spawn(_checks, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=TP, join=True)
