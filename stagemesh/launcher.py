@@ -49,6 +49,10 @@ class MeshSpec:
     kv_cache_memory: str = "1GiB"
     gateway: bool = True
     extra_gateway_args: list[str] = field(default_factory=list)
+    extra_stage_args: list[str] = field(default_factory=list)
+    # environment of the gateway process only (API keys: never on a command line `ps` shows)
+    gateway_env: dict[str, str] = field(default_factory=dict, repr=False)
+    stage_metrics: bool = False  # every stage serves Prometheus metrics on a free port
 
 
 class Mesh:
@@ -61,10 +65,11 @@ class Mesh:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.replicas: list[list[str]] = []
         self.url = f"http://{spec.host}:{spec.port}"
+        self.stage_metrics_urls: dict[tuple[int, int], str] = {}
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
         p = subprocess.Popen([sys.executable, "-m", "stagemesh.cli.main", *args], stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs.append((name, p))
@@ -76,8 +81,16 @@ class Mesh:
         self._spawn(f"stage-r{replica}-s{index}", [
             "stage", "--model", s.model, "--layers", f"{a}:{b}", "--tp", str(s.tp), "--host", s.host,
             "--port", str(port), "--dtype", s.dtype, "--threads", str(s.threads),
-            "--kv-cache-memory", s.kv_cache_memory, "--no-progress",
+            "--kv-cache-memory", s.kv_cache_memory, "--no-progress", *s.extra_stage_args,
+            *self._metrics_args(replica, index),
         ])
+
+    def _metrics_args(self, replica: int, index: int) -> list[str]:
+        if not self.spec.stage_metrics:
+            return []
+        port = free_port()
+        self.stage_metrics_urls[(replica, index)] = f"http://{self.spec.host}:{port}/metrics"
+        return ["--metrics-port", str(port)]
 
     def start(self, timeout_s: float = 180.0) -> None:
         s = self.spec
@@ -95,7 +108,7 @@ class Mesh:
             args = ["gateway", "--host", s.host, "--port", str(s.port), *s.extra_gateway_args]
             for rep in self.replicas:
                 args += ["--replica", ",".join(rep)]
-            self._spawn("gateway", args)
+            self._spawn("gateway", args, s.gateway_env)
             self.wait_http(f"{self.url}/health", deadline)
 
     def _check_alive(self) -> None:

@@ -43,7 +43,9 @@ class StageNode:
         self.relay: StageRelay | None = None
         self.pipeline: list[str] = []
         if self.layout.is_first:
-            self.engine = Engine(runtime, transport, pool)
+            spec = runtime.executor.spec
+            self.engine = Engine(runtime, transport, pool, max_num_seqs=spec.max_num_seqs,
+                                 max_num_batched_tokens=spec.max_num_batched_tokens)
         else:
             self.relay = StageRelay(runtime, transport, pool)
 
@@ -81,6 +83,7 @@ class StageNode:
             peers = [await _peer_info(addr) for addr in pipeline]
             self._check_pipeline(peers)
             self.engine.scheduler.kv_capacity_tokens = min(p.kv_capacity_tokens for p in peers)
+            self.engine.pipeline_depth = len(pipeline)
             self.engine.pipeline_wired = True
         self.pipeline = list(pipeline)
         log.info("wired at position %d of %s", index, pipeline)

@@ -32,15 +32,17 @@ class Engine:
     finish_reason or an error, whatever happens to the pipeline."""
 
     def __init__(self, runtime: StageRuntime, transport: Transport, pool: ThreadPoolExecutor,
-                 step_timeout_s: float = 120.0, max_num_seqs: int = 64) -> None:
+                 step_timeout_s: float = 120.0, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> None:
         self.runtime, self.transport, self.pool = runtime, transport, pool
         self.step_timeout_s = step_timeout_s
         cfg = runtime.cfg
         self.vocab_size = cfg.vocab_size
         self.max_model_len = cfg.max_model_len
         self.scheduler = Scheduler(runtime.kv_cache.capacity_tokens, self.max_model_len, cfg.eos_token_ids,
-                                   max_num_seqs=max_num_seqs)
+                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
+        # steps in flight at once: one per stage keeps every stage busy (set by wiring)
+        self.pipeline_depth = 1
         self._seq_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
@@ -113,22 +115,33 @@ class Engine:
         return True
 
     async def _loop(self) -> None:
+        inflight: set[asyncio.Task] = set()
         while True:
-            header = self.scheduler.schedule()
-            if header is None:
-                self._wake.clear()
+            self._wake.clear()
+            while len(inflight) < self.pipeline_depth:
+                header = self.scheduler.schedule(self.pipeline_depth)
+                if header is None:
+                    break
+                inflight.add(asyncio.create_task(self._step(header), name=f"step-{header.step_id}"))
+            if not inflight:
                 await self._wake.wait()
                 continue
-            try:
-                result = await self._run_step(header)
-            except StagemeshError as e:
-                self._fail(header, e)
-                continue
-            except Exception as e:  # a bug must not kill the loop and strand every request
-                log.exception("step %d failed", header.step_id)
-                self._fail(header, StageUnavailable(f"step failed: {e}"))
-                continue
-            self._publish(self.scheduler.postprocess(header, result))
+            wake = asyncio.create_task(self._wake.wait())
+            done, _ = await asyncio.wait(inflight | {wake}, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            inflight -= done
+
+    async def _step(self, header: StepHeader) -> None:
+        try:
+            result = await self._run_step(header)
+        except StagemeshError as e:
+            self._fail(header, e)
+            return
+        except Exception as e:  # a bug must not kill the loop and strand every request
+            log.exception("step %d failed", header.step_id)
+            self._fail(header, StageUnavailable(f"step failed: {e}"))
+            return
+        self._publish(self.scheduler.postprocess(header, result))
 
     async def _run_step(self, header: StepHeader) -> StepResult:
         seqs = {s.seq_id: s for s in self.scheduler.running.values()}

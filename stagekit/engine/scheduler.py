@@ -2,9 +2,10 @@
 
 FCFS admission by KV reservation (prompt + max_tokens must fit the free capacity, so a
 running sequence never runs out of KV), every running sequence decodes one token per
-step, newly admitted ones prefill their whole prompt in the same step. Requests join and
-leave at every step. (Chunked prefill, paged blocks and preemption come behind the same
-``schedule``/``postprocess`` seam.)
+step, newly admitted ones prefill in the same step, in chunks when the step's token budget
+is short. Requests join and leave at every step. Sequences are split into micro-batches so
+that a pipeline of n stages can have n steps in flight. (Paged blocks and preemption come
+behind the same ``schedule``/``postprocess`` seam.)
 """
 
 from __future__ import annotations
@@ -70,30 +71,46 @@ class Scheduler:
             self._to_free.append(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
-    def schedule(self) -> StepHeader | None:
+    def schedule(self, num_microbatches: int = 1) -> StepHeader | None:
+        """The next step: running sequences not already in flight (decodes and unfinished
+        prompt chunks first), then waiting ones admitted FCFS while their KV reservation
+        fits. At most ``max_num_batched_tokens`` tokens; a prompt longer than what is left
+        of the budget is split into chunks (sampled only after its last chunk). With
+        ``num_microbatches`` > 1 each step takes about 1/n of the sequences so that that
+        many steps can be in flight down the pipeline at once."""
+        budget = self.max_num_batched_tokens
+        cap = max(1, -(-(len(self.running) + len(self.waiting)) // num_microbatches))
         seqs: list[SeqSlice] = []
         new: list[NewSeq] = []
-        budget = self.max_num_batched_tokens
         for seq in self.running.values():
-            seqs.append(SeqSlice(seq.seq_id, seq.num_computed, seq.num_tokens - seq.num_computed))
-            budget -= seqs[-1].num_new
-        while self.waiting and len(self.running) < self.max_num_seqs:
+            if len(seqs) >= cap or budget <= 0:
+                break
+            if not seq.in_flight:
+                seqs.append(self._slice(seq, budget))
+                budget -= seqs[-1].num_new
+        while self.waiting and len(self.running) < self.max_num_seqs and len(seqs) < cap and budget > 0:
             seq = self.waiting[0]
-            need = seq.kv_reservation
-            if self.reserved_tokens + need > self.kv_capacity_tokens or (seqs and len(seq.prompt_ids) > budget):
+            if self.reserved_tokens + seq.kv_reservation > self.kv_capacity_tokens:
                 break
             self.waiting.popleft()
-            self.reserved_tokens += need
+            self.reserved_tokens += seq.kv_reservation
             seq.status = SequenceStatus.RUNNING
             self.running[seq.seq_id] = seq
-            seqs.append(SeqSlice(seq.seq_id, 0, len(seq.prompt_ids)))
+            seqs.append(self._slice(seq, budget))
             new.append(NewSeq(seq.seq_id, seq.params))
-            budget -= len(seq.prompt_ids)
+            budget -= seqs[-1].num_new
         if not seqs and not self._to_free:
             return None
         self._step_id += 1
         freed, self._to_free = self._to_free, []
         return StepHeader(self._step_id, seqs, freed, new)
+
+    @staticmethod
+    def _slice(seq: Sequence, budget: int) -> SeqSlice:
+        remaining = seq.num_tokens - seq.num_computed
+        n = min(remaining, budget)
+        seq.in_flight = True
+        return SeqSlice(seq.seq_id, seq.num_computed, n, sample=n == remaining)
 
     def postprocess(self, header: StepHeader, result: StepResult) -> StepOutcome:
         out = StepOutcome()
@@ -101,6 +118,7 @@ class Scheduler:
             seq = self.running.get(s.seq_id)
             if seq is not None:
                 seq.num_computed = s.num_computed + s.num_new
+                seq.in_flight = False
         tops = result.top_logprobs or [[] for _ in result.seq_ids]
         for sid, tok, lp, top in zip(result.seq_ids, result.token_ids, result.logprobs, tops, strict=True):
             seq = self.running.get(sid)

@@ -42,6 +42,7 @@ class Sequence:
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    in_flight: bool = False  # part of a step that has not come back yet
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property

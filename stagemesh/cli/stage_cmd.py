@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     p.add_argument("--linear-kernel", default="auto", choices=["auto", "dense"],
                    help="auto: oneDNN-prepacked fp32 weights on CPU (faster); dense: plain F.linear")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (replica head)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step (replica head); longer prompts are prefilled in chunks")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve this stage's Prometheus metrics on http://HOST:PORT/metrics (0 = pick a free port)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
@@ -44,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2
     try:
-        serve(spec, args.host, args.port, args.ready_file, args.transport)
+        serve(spec, args.host, args.port, args.ready_file, args.transport, metrics_port=args.metrics_port)
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2

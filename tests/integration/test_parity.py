@@ -12,11 +12,13 @@ from tests.helpers.checkpoints import NUM_NEW, PROMPTS
 from tests.helpers.stage_client import generate_many, tokens_of, wire
 
 LAYOUTS = {
-    "tp1-pp1": (1, split_layers(5, 1)),
-    "tp2-pp1": (2, split_layers(5, 1)),
-    "tp1-pp2": (1, split_layers(5, 2)),
-    "tp2-pp2": (2, split_layers(5, 2)),
-    "tp1-pp3-uneven": (1, [(0, 1), (1, 4), (4, 5)]),
+    "tp1-pp1": (1, split_layers(5, 1), []),
+    "tp2-pp1": (2, split_layers(5, 1), []),
+    "tp1-pp2": (1, split_layers(5, 2), []),
+    "tp2-pp2": (2, split_layers(5, 2), []),
+    "tp1-pp3-uneven": (1, [(0, 1), (1, 4), (4, 5)], []),
+    # prompts prefilled in chunks of at most 8 tokens, mixed with decodes, 2 micro-batches in flight
+    "tp1-pp2-chunked": (1, split_layers(5, 2), ["--max-num-batched-tokens", "8"]),
 }
 
 
@@ -25,8 +27,9 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_transformers(arch: str, layout: str, hf_checkpoints: dict, tmp_path) -> None:
     ref = hf_checkpoints[arch]
-    tp, splits = LAYOUTS[layout]
-    mesh = Mesh(MeshSpec(model=ref.path, layer_splits=splits, tp=tp, threads=1, gateway=False), tmp_path)
+    tp, splits, stage_args = LAYOUTS[layout]
+    mesh = Mesh(MeshSpec(model=ref.path, layer_splits=splits, tp=tp, threads=1, gateway=False,
+                         extra_stage_args=stage_args), tmp_path)
     try:
         mesh.start(timeout_s=240)
         pipeline = mesh.replicas[0]
