@@ -31,6 +31,7 @@ class PeerInfo:
     model_name: str
     kv_capacity_tokens: int
     transport_address: bytes
+    prefix_cache_blocks: int
 
 
 class StageNode:
@@ -83,6 +84,7 @@ class StageNode:
             peers = [await _peer_info(addr) for addr in pipeline]
             self._check_pipeline(peers)
             self.engine.scheduler.kv_capacity_tokens = min(p.kv_capacity_tokens for p in peers)
+            self.engine.scheduler.reset_prefix_cache(min(p.prefix_cache_blocks for p in peers))
             self.engine.pipeline_depth = len(pipeline)
             self.engine.pipeline_wired = True
         self.pipeline = list(pipeline)
@@ -108,4 +110,4 @@ async def _peer_info(address: str) -> PeerInfo:
     except grpc.aio.AioRpcError as e:
         raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None
     return PeerInfo(address, info.start_layer, info.end_layer, info.num_layers, info.model_name,
-                    info.kv_capacity_tokens, info.transport_address)
+                    info.kv_capacity_tokens, info.transport_address, info.prefix_cache_blocks)

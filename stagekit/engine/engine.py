@@ -40,6 +40,7 @@ class Engine:
         self.max_model_len = cfg.max_model_len
         self.scheduler = Scheduler(runtime.kv_cache.capacity_tokens, self.max_model_len, cfg.eos_token_ids,
                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler.reset_prefix_cache(runtime.executor.runner.prefix_store.capacity_blocks)
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1

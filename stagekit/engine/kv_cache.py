@@ -63,6 +63,20 @@ class KVCache:
         self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), end)
         return buf[layer, 0, :, :end], buf[layer, 1, :, :end]
 
+    def read(self, seq_id: int, start: int, n: int) -> torch.Tensor:
+        """Tokens ``[start, start+n)`` of every local layer: [num_layers, 2, kv_heads, n, head_dim] (a view)."""
+        if self.lengths.get(seq_id, 0) < start + n:
+            raise ValueError(f"seq {seq_id}: {start + n} tokens asked, {self.lengths.get(seq_id, 0)} cached")
+        return self._store[seq_id][:, :, :, start:start + n]
+
+    def write(self, seq_id: int, start: int, block: torch.Tensor) -> None:
+        """Put ``block`` (as returned by ``read``) at ``start`` for every local layer."""
+        end = start + block.shape[3]
+        if start > self.lengths.get(seq_id, 0):
+            raise ValueError(f"seq {seq_id}: write at {start} past its cached {self.lengths.get(seq_id, 0)} tokens")
+        self._ensure(seq_id, end)[:, :, :, start:end] = block
+        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), end)
+
     def free(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
             self._store.pop(s, None)

@@ -9,6 +9,8 @@ import torch
 from stagekit.config.model_config import load_model_config
 from stagekit.engine.forward_batch import ForwardBatch, SeqSlice
 from stagekit.engine.kv_cache import KVCache
+from stagekit.engine.prefix_cache import PrefixOps
+from stagekit.engine.prefix_store import PrefixStore
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.layers.cpu_packed import pack_model_weights
 from stagekit.loader.safetensors_loader import load_weights
@@ -37,16 +39,21 @@ class ModelRunner:
             self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, group.device, 0
         )
         self.kv_cache.capacity_tokens = spec.kv_cache_memory_bytes // self.kv_cache.bytes_per_token()
+        self.prefix_store = PrefixStore(self.kv_cache, spec.prefix_cache_memory_bytes)
 
     @torch.inference_mode()
     def run(
         self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None,
+        intermediate: IntermediateTensors | None, prefix: PrefixOps | None = None,
     ) -> IntermediateTensors | torch.Tensor | None:
-        """Free ``freed``, then run the step. Returns IntermediateTensors, or on the last
-        stage the fp32 logits of the sampled sequences ([num_sampled, vocab]); None for an
-        empty step."""
+        """Apply the prefix-cache commands around freeing ``freed``, then run the step.
+        Returns IntermediateTensors, or on the last stage the fp32 logits of the sampled
+        sequences ([num_sampled, vocab]); None for an empty step."""
+        if prefix:
+            self.prefix_store.apply_before_free(prefix)
         self.kv_cache.free(freed)
+        if prefix:
+            self.prefix_store.apply_after_free(prefix)
         if not seqs:
             return None
         batch = ForwardBatch.build(seqs, self.kv_cache, self.group.device)

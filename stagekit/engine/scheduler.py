@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.prefix_cache import PrefixIndex, PrefixOps, block_hashes
 from stagekit.engine.sequence import Sequence, SequenceStatus
 from stagekit.engine.step import NewSeq, StepHeader, StepResult
 
@@ -45,6 +46,8 @@ class Scheduler:
         self.reserved_tokens = 0
         self._to_free: list[int] = []
         self._step_id = 0
+        self.prefix = PrefixIndex(0)  # capacity set once the pipeline's stores are known
+        self._prefix_ops = PrefixOps()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -96,6 +99,7 @@ class Scheduler:
             self.reserved_tokens += seq.kv_reservation
             seq.status = SequenceStatus.RUNNING
             self.running[seq.seq_id] = seq
+            self._lookup_prefix(seq)
             seqs.append(self._slice(seq, budget))
             new.append(NewSeq(seq.seq_id, seq.params))
             budget -= seqs[-1].num_new
@@ -103,7 +107,41 @@ class Scheduler:
             return None
         self._step_id += 1
         freed, self._to_free = self._to_free, []
-        return StepHeader(self._step_id, seqs, freed, new)
+        ops, self._prefix_ops = self._prefix_ops, PrefixOps()
+        return StepHeader(self._step_id, seqs, freed, new, ops)
+
+    def reset_prefix_cache(self, capacity_blocks: int) -> None:
+        """Start an empty index (every stage drops its blocks with the next step)."""
+        self.prefix = PrefixIndex(capacity_blocks)
+        self._prefix_ops = PrefixOps(reset=True)
+
+    def _lookup_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` after its longest cached prefix (whole blocks, leaving at least one
+        prompt token to compute so the last stage has a position to sample from)."""
+        if not self.prefix.enabled:
+            return
+        seq.prompt_hashes = block_hashes(seq.prompt_ids, self.prefix.block_size)
+        usable = seq.prompt_hashes[: (len(seq.prompt_ids) - 1) // self.prefix.block_size]
+        n = self.prefix.match(usable, len(seq.prompt_ids))
+        if n:
+            seq.num_cached_blocks = n
+            seq.num_computed = n * self.prefix.block_size
+            self._prefix_ops.load.append((seq.seq_id, usable[:n]))
+
+    def _cache_prompt_blocks(self, seq: Sequence) -> None:
+        """The prompt's KV now exists on every stage: add its new full blocks to the cache."""
+        ops = self._prefix_ops
+        for i in range(seq.num_cached_blocks, len(seq.prompt_hashes)):
+            evicted = self.prefix.insert(seq.prompt_hashes[i])
+            if evicted is None:
+                continue
+            for h in evicted:
+                pending = [x for x in ops.save if x[2] == h]
+                if pending:  # saved and evicted before any stage saw it: drop the save
+                    ops.save.remove(pending[0])
+                else:
+                    ops.evict.append(h)
+            ops.save.append((seq.seq_id, i, seq.prompt_hashes[i]))
 
     @staticmethod
     def _slice(seq: Sequence, budget: int) -> SeqSlice:
@@ -119,6 +157,8 @@ class Scheduler:
             if seq is not None:
                 seq.num_computed = s.num_computed + s.num_new
                 seq.in_flight = False
+                if seq.prompt_hashes and s.num_computed < len(seq.prompt_ids) <= seq.num_computed:
+                    self._cache_prompt_blocks(seq)
         tops = result.top_logprobs or [[] for _ in result.seq_ids]
         for sid, tok, lp, top in zip(result.seq_ids, result.token_ids, result.logprobs, tops, strict=True):
             seq = self.running.get(sid)

@@ -43,6 +43,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     in_flight: bool = False  # part of a step that has not come back yet
+    prompt_hashes: list[int] = field(default_factory=list)  # chained hashes of full prompt blocks
+    num_cached_blocks: int = 0  # leading prompt blocks loaded from the prefix cache
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property

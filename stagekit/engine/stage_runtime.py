@@ -38,7 +38,7 @@ class StageRuntime:
                 self.sampler.add(ns.seq_id, ns.params)
         started = time.perf_counter()
         try:
-            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate)
+            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate, header.prefix)
         except Exception:
             self.stats.step_failures_total += 1
             raise

@@ -22,3 +22,4 @@ class StageSpec:
     linear_kernel: str = "auto"
     max_num_seqs: int = 64  # sequences running at once on the replica (head only)
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+    prefix_cache_memory_bytes: int = 256 << 20  # per rank; 0 turns automatic prefix caching off

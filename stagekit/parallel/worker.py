@@ -30,7 +30,7 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) 
             return
         if msg[0] == "stop":
             return
-        _, seqs, freed, input_ids, meta = msg
+        _, seqs, freed, input_ids, meta, prefix = msg
         intermediate = None
         if meta is not None:
             shape, dtype, has_residual = meta
@@ -38,7 +38,7 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) 
             residual = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device)) if has_residual else None
             intermediate = IntermediateTensors(hidden, residual)
         try:
-            runner.run(seqs, freed, input_ids, intermediate)
+            runner.run(seqs, freed, input_ids, intermediate, prefix)
         except Exception:
             traceback.print_exc()
             return

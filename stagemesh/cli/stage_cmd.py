@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per step (replica head); longer prompts are prefilled in chunks")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve this stage's Prometheus metrics on http://HOST:PORT/metrics (0 = pick a free port)")
+    p.add_argument("--prefix-cache-memory", default="256MiB",
+                   help="memory per rank for automatic prefix caching (0 turns it off)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             model_name=args.model_name, kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            prefix_cache_memory_bytes=parse_bytes(args.prefix_cache_memory),
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -31,3 +31,8 @@ def generate_many(head: str, prompts: list[list[int]], **sampling) -> list[list[
 
 def tokens_of(responses: list[stage_pb2.GenerateResponse]) -> list[int]:
     return [t for r in responses for t in r.token_ids]
+
+
+def stage_info(addr: str) -> stage_pb2.StageInfo:
+    with grpc.insecure_channel(addr) as ch:
+        return stage_pb2_grpc.StageStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)

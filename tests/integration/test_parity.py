@@ -1,6 +1,7 @@
 """The oracle: every TP x PP layout, as real stage processes on loopback gRPC, generates
 exactly transformers' greedy tokens, and its last-prompt-position log-probabilities (the
-full vocabulary) agree with transformers' within 1e-4."""
+full vocabulary) agree with transformers' within 1e-4 — also when a prompt's first blocks
+come from the prefix cache instead of being computed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.helpers.checkpoints import NUM_NEW, PROMPTS
-from tests.helpers.stage_client import generate_many, tokens_of, wire
+from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wire
 
 LAYOUTS = {
     "tp1-pp1": (1, split_layers(5, 1), []),
@@ -20,6 +21,10 @@ LAYOUTS = {
     # prompts prefilled in chunks of at most 8 tokens, mixed with decodes, 2 micro-batches in flight
     "tp1-pp2-chunked": (1, split_layers(5, 2), ["--max-num-batched-tokens", "8"]),
 }
+
+
+def _prefix_hits(head: str) -> int:
+    return stage_info(head).prefix_hit_tokens
 
 
 @pytest.mark.slow
@@ -36,9 +41,14 @@ def test_layout_matches_transformers(arch: str, layout: str, hf_checkpoints: dic
         wire(pipeline)
         results = generate_many(pipeline[0], PROMPTS, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
                                 top_logprobs=ref.vocab_size)
+        # the long prompt again: its first two blocks now come from the prefix cache
+        hits_before = _prefix_hits(pipeline[0])
+        again = generate_many(pipeline[0], [PROMPTS[2]], temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
+                              top_logprobs=ref.vocab_size)[0]
+        assert _prefix_hits(pipeline[0]) - hits_before == 32
     finally:
         mesh.stop()
-    for i, responses in enumerate(results):
+    for i, responses in [*enumerate(results), (2, again)]:
         assert tokens_of(responses) == ref.tokens[i], f"prompt {i}"
         first = next(r for r in responses if r.token_ids)
         ours = torch.full((ref.vocab_size,), float("nan"))

@@ -10,7 +10,7 @@ import pytest
 from stagekit.demo import write_demo_model
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagemesh.launcher import Mesh, MeshSpec
-from tests.helpers.stage_client import generate, generate_many, tokens_of, wire
+from tests.helpers.stage_client import generate, generate_many, stage_info, tokens_of, wire
 
 PROMPT = [3, 200, 201, 202, 50, 60]
 
@@ -129,3 +129,18 @@ def test_abort_ends_a_running_request(replica) -> None:
         assert rest[-1].finish_reason == 3  # ABORT
         assert sum(len(r.token_ids) for r in rest) < 1499
         assert not stub.Abort(stage_pb2.AbortRequest(request_id="to-abort")).found
+
+
+def test_prefix_cache_reuse_gives_the_cold_tokens(replica) -> None:
+    shared = [(7 * i) % 900 + 10 for i in range(48)]  # three full blocks
+    prompt_b = shared + [4, 5, 6]
+    cold = _greedy_of(replica[0], prompt_b)
+    hits = stage_info(replica[0]).prefix_hit_tokens
+    _greedy_of(replica[0], shared + [1, 2, 3])  # shares the three blocks
+    warm = _greedy_of(replica[0], prompt_b)
+    assert warm == cold
+    assert stage_info(replica[0]).prefix_hit_tokens - hits == 2 * 48
+
+
+def _greedy_of(head: str, prompt: list[int]) -> list[int]:
+    return tokens_of(generate(head, prompt, temperature=0.0, max_tokens=8, ignore_eos=True))
