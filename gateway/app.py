@@ -1,8 +1,7 @@
-"""`create_app`: the OpenAI-compatible HTTP gateway in front of a pool of replicas."""
+"""`create_app`: the OpenAI-compatible HTTP gateway (and its gRPC API) in front of a pool of replicas."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,15 +13,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.auth import ApiKeys
+from gateway.bodylimit import BodyLimitMiddleware
 from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, Unauthorized, error_body, gateway_error_body
 from gateway.handling import ClientDisconnected, check_model
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
+from gateway.openapi import install_openapi
 from gateway.pool import ReplicaPool
 from gateway.replica import ReplicaClient
-from gateway.router import Router
+from gateway.routing import PrefixIndex, Router, make_router
+from gateway.rpc.server import GenerationServer
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, get_state
 from gateway.tokenizing import TokenizerFactory, load_tokenizer
@@ -34,6 +37,9 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     """One readable sentence per offending top-level field (pydantic lists every union branch)."""
     by_field: dict[str, str] = {}
     for e in err.errors():
+        if e.get("type") == "json_invalid":
+            reason = (e.get("ctx") or {}).get("error", "")
+            return f"Invalid request: the body is not valid JSON ({reason or e.get('msg', 'decode error')}).", None
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         by_field.setdefault(loc[0] if loc else "body", e.get("msg", "invalid value"))
     parts = [
@@ -47,7 +53,7 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def on_gateway_error(request: Request, err: GatewayError) -> JSONResponse:
-        return JSONResponse(gateway_error_body(err), status_code=err.status_code)
+        return JSONResponse(gateway_error_body(err), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -70,69 +76,60 @@ def _install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+def _api_key_check(keys: ApiKeys) -> Callable[[Request], Awaitable[None]]:
     async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
+        if not keys.allows(request.headers.get("authorization")):
             raise Unauthorized("Incorrect API key provided.")
 
     return check
 
 
-def _v1_router(api_key: str | None) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+def _v1_router(keys: ApiKeys) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(keys))])
 
-    @router.post("/completions")
+    @router.post("/completions", summary="Create a completion (text or token-id prompts)")
     async def completions(
         body: CompletionRequest, request: Request, state: GatewayState = Depends(get_state)
     ) -> Response:
         return await create_completion(body, request, state)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", summary="Create a chat completion (the model's chat template)")
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, state: GatewayState = Depends(get_state)
     ) -> Response:
         return await create_chat_completion(body, request, state)
 
-    @router.get("/models")
+    @router.get("/models", summary="List the served model")
     async def list_models(state: GatewayState = Depends(get_state)) -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(state)]}
+        return {"object": "list", "data": [state.model_card()]}
 
-    @router.get("/models/{model:path}")
+    @router.get("/models/{model:path}", summary="Describe a model")
     async def get_model(model: str, state: GatewayState = Depends(get_state)) -> dict[str, Any]:
         check_model(model, state)
-        return _model_card(state)
+        return state.model_card()
 
     return router
-
-
-def _model_card(state: GatewayState) -> dict[str, Any]:
-    return {
-        "id": state.model_name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "stagemesh",
-        "root": state.head_info.model_name or state.model_name,
-        "max_model_len": state.max_model_len,
-    }
 
 
 def _ops_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", summary="200 while at least one replica serves, else 503; per-replica detail")
     async def health(state: GatewayState = Depends(get_state)) -> JSONResponse:
         replicas = state.pool.snapshot()
         ok = state.pool.any_healthy
-        body = {"status": "ok" if ok else "unavailable", "model": state.model_name, "replicas": replicas}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": state.model_name,
+            "routing": state.config.routing,
+            "replicas": replicas,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @router.get("/metrics")
+    @router.get("/metrics", summary="Prometheus metrics")
     async def metrics(state: GatewayState = Depends(get_state)) -> Response:
         for r in state.pool.replicas:
-            state.metrics.replica_healthy.labels(replica=str(r.index)).set(1 if r.healthy else 0)
+            state.metrics.observe_replica(r.index, healthy=r.healthy, running=r.gate.running, waiting=r.gate.waiting)
         payload, content_type = state.metrics.render()
         return Response(payload, media_type=content_type)
 
@@ -145,8 +142,10 @@ def create_app(
     tokenizer_factory: TokenizerFactory | None = None,
     router: Router | None = None,
 ) -> FastAPI:
-    """The gateway app; its lifespan wires the replicas and fetches the head's info and tokenizer."""
+    """The gateway app; its lifespan wires the replicas, fetches the head's info and tokenizer,
+    and serves the gRPC Generation API when ``config.grpc_port`` is set."""
     metrics = GatewayMetrics()
+    keys = ApiKeys(config.api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -154,26 +153,45 @@ def create_app(
             ReplicaClient(i, addrs, transport=config.transport, rpc_timeout_s=config.rpc_timeout_s)
             for i, addrs in enumerate(config.replicas)
         ]
-        pool = ReplicaPool(replicas, router=router, health_interval_s=config.health_interval_s)
+        index = PrefixIndex()
+        pool = ReplicaPool(
+            replicas,
+            router=router or make_router(config.routing, index),
+            health_interval_s=config.health_interval_s,
+            admission=config.admission,
+            prefix_index=index,
+            metrics=metrics,
+        )
+        grpc_server: GenerationServer | None = None
         try:
             head_info = await pool.start(config.startup_timeout_s)
             tokenizer = (tokenizer_factory or load_tokenizer)(await pool.tokenizer_files())
             model_name = config.model_name_override or head_info.model_name or "stagemesh"
-            app.state.gateway = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()))
+            state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()))
+            app.state.gateway = state
+            if config.grpc_port is not None:
+                grpc_server = GenerationServer(state, keys)
+                app.state.grpc_port = await grpc_server.start(config.grpc_host, config.grpc_port)
             logger.info(
-                "serving %s (max_model_len %d, vocab %d) from %d replica(s)",
+                "serving %s (max_model_len %d, vocab %d) from %d replica(s), routing %s%s",
                 model_name,
                 head_info.max_model_len,
                 head_info.vocab_size,
                 len(replicas),
+                config.routing,
+                f", gRPC on {config.grpc_host}:{app.state.grpc_port}" if grpc_server else "",
             )
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             await pool.close()
 
-    app = FastAPI(title="stagemesh gateway", lifespan=lifespan)
+    app = FastAPI(title="stagemesh gateway", version="1", lifespan=lifespan)
     _install_error_handlers(app)
-    app.include_router(_v1_router(config.api_key))
+    app.include_router(_v1_router(keys))
     app.include_router(_ops_router())
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_openapi(app, auth=keys.enabled)
     return app

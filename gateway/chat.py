@@ -36,7 +36,10 @@ def _check_unsupported(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: GatewayState) -> Response:
+def prepare_chat(
+    req: ChatCompletionRequest, state: GatewayState, endpoint: str = "/v1/chat/completions"
+) -> tuple[RequestRun, int | None]:
+    """Check a chat request and turn it into choices; also the number of top log-probs (None: off)."""
     check_model(req.model, state)
     num_top = _check_unsupported(req)
     check_sampling_fields(req, state.vocab_size)
@@ -49,10 +52,15 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
         max_model_len=state.max_model_len,
         vocab_size=state.vocab_size,
         top_logprobs=num_top or 0,
+        limits=state.config.limits,
     )
     request_id = new_request_id("chatcmpl")
     jobs = make_jobs(request_id, [prompt], [sampling], req.n, stop_strings(req.stop))
-    run = RequestRun(state, "/v1/chat/completions", request_id, jobs, len(prompt))
+    return RequestRun(state, endpoint, request_id, jobs, len(prompt)), num_top
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: GatewayState) -> Response:
+    run, num_top = prepare_chat(req, state)
     try:
         if req.stream:
             return await _stream(req, run, state, num_top)

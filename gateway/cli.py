@@ -6,10 +6,15 @@ import argparse
 import asyncio
 import logging
 
+from gateway.auth import API_KEYS_ENV, load_api_keys
+from gateway.config import ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
+
 DESCRIPTION = (
-    "OpenAI-compatible HTTP gateway in front of one or more replicas. Each --replica is one "
-    "pipeline: its stage addresses (host:port) in layer order, comma separated."
+    "OpenAI-compatible HTTP gateway (and gRPC Generation API) in front of one or more replicas. "
+    "Each --replica is one pipeline: its stage addresses (host:port) in layer order, comma separated."
 )
+logger = logging.getLogger("stagemesh.gateway")
+_ADMISSION, _LIMITS = AdmissionLimits(), RequestLimits()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,21 +27,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC Generation API on this port")
+    parser.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this cert")
+    parser.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the private key of --grpc-tls-cert")
     parser.add_argument("--model-name", default=None, help="model name to serve (default: the head's)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=300.0,
-        help="seconds to wait for stages (default: %(default)s)",
+        "--routing", default="round_robin", choices=ROUTING_POLICIES, help="routing policy (default: %(default)s)"
+    )
+    auth = parser.add_argument_group("auth", f"keys also come from ${API_KEYS_ENV} (comma separated)")
+    auth.add_argument(
+        "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1 and gRPC"
+    )
+    auth.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
+    limits.add_argument("--max-tokens", type=int, default=None, help="refuse larger max_tokens (400)")
+    limits.add_argument("--max-body-bytes", type=int, default=_LIMITS.max_body_bytes, help="413 above")
+    limits.add_argument(
+        "--max-running-per-replica",
+        type=int,
+        default=_ADMISSION.max_running_per_replica,
+        help="requests in flight per replica (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-waiting-per-replica",
+        type=int,
+        default=_ADMISSION.max_waiting_per_replica,
+        help="requests queued at the gateway per replica; beyond: 429 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-waiting",
+        type=int,
+        default=_ADMISSION.max_waiting_total,
+        help="requests queued at the gateway in total; beyond: 429 (default: %(default)s)",
     )
     parser.add_argument(
-        "--health-interval",
-        type=float,
-        default=5.0,
-        help="seconds between replica probes (default: %(default)s)",
+        "--no-migration",
+        action="store_true",
+        help="fail (rather than continue elsewhere) a request whose replica dies after it produced tokens",
+    )
+    parser.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds to wait for stages (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--health-interval", type=float, default=5.0, help="seconds between replica probes (default: %(default)s)"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access-log", action="store_true", help="also log every HTTP request (uvicorn)")
 
 
 def parse_replicas(values: list[str]) -> list[list[str]]:
@@ -50,31 +87,41 @@ def parse_replicas(values: list[str]) -> list[list[str]]:
     return replicas
 
 
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The gateway config the arguments describe; raises ValueError/OSError on bad ones."""
+    return GatewayConfig(
+        replicas=tuple(tuple(r) for r in parse_replicas(args.replica)),
+        model_name_override=args.model_name,
+        api_keys=load_api_keys(args.api_key, args.api_key_file),
+        routing=args.routing,
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
+        grpc_tls_cert=args.grpc_tls_cert,
+        grpc_tls_key=args.grpc_tls_key,
+        admission=AdmissionLimits(args.max_running_per_replica, args.max_waiting_per_replica, args.max_waiting),
+        limits=RequestLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes),
+        migrate=not args.no_migration,
+        startup_timeout_s=args.startup_timeout,
+        health_interval_s=args.health_interval,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the gateway until interrupted; the process exit code."""
     from gateway.server import GatewayStartupError, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        replicas = parse_replicas(args.replica)
-    except ValueError as err:
-        logging.getLogger("stagemesh.gateway").error("%s", err)
+        config = config_from_args(args)
+    except (ValueError, OSError) as err:
+        logger.error("%s", err)
         return 2
+    if config.api_keys:
+        logger.info("API keys required on /v1 (%d key(s))", len(config.api_keys))
     try:
-        asyncio.run(
-            serve(
-                replicas,
-                args.host,
-                args.port,
-                args.model_name,
-                api_key=args.api_key,
-                startup_timeout_s=args.startup_timeout,
-                health_interval_s=args.health_interval,
-                log_level=args.log_level,
-            )
-        )
+        asyncio.run(serve(config, args.host, args.port, log_level=args.log_level, access_log=args.access_log))
     except GatewayStartupError as err:
-        logging.getLogger("stagemesh.gateway").error("%s", err)
+        logger.error("%s", err)
         return 1
     except KeyboardInterrupt:
         pass

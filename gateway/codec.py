@@ -81,6 +81,9 @@ def info_from_proto(msg: stage_pb2.StageInfo) -> StageInfo:
         num_running=msg.num_running,
         num_waiting=msg.num_waiting,
         kv_used_tokens=msg.kv_used_tokens,
+        prefix_cache_blocks=msg.prefix_cache_blocks,
+        prefix_query_tokens=msg.prefix_query_tokens,
+        prefix_hit_tokens=msg.prefix_hit_tokens,
     )
 
 

@@ -32,7 +32,8 @@ def _check_unsupported(req: CompletionRequest) -> None:
         )
 
 
-async def create_completion(req: CompletionRequest, request: Request, state: GatewayState) -> Response:
+def prepare_completion(req: CompletionRequest, state: GatewayState, endpoint: str = "/v1/completions") -> RequestRun:
+    """Check a completions request and turn it into choices to run (no stage sees it before)."""
     check_model(req.model, state)
     _check_unsupported(req)
     check_sampling_fields(req, state.vocab_size)
@@ -46,12 +47,17 @@ async def create_completion(req: CompletionRequest, request: Request, state: Gat
             max_model_len=state.max_model_len,
             vocab_size=state.vocab_size,
             top_logprobs=num_top,
+            limits=state.config.limits,
         )
         for ids in prompts
     ]
     request_id = new_request_id("cmpl")
     jobs = make_jobs(request_id, prompts, samplings, req.n, stop_strings(req.stop))
-    run = RequestRun(state, "/v1/completions", request_id, jobs, sum(len(p) for p in prompts))
+    return RequestRun(state, endpoint, request_id, jobs, sum(len(p) for p in prompts))
+
+
+async def create_completion(req: CompletionRequest, request: Request, state: GatewayState) -> Response:
+    run = prepare_completion(req, state)
     try:
         if req.stream:
             return await _stream(req, run, state)

@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+ROUTING_POLICIES = ("round_robin", "least_loaded", "prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """How much the gateway holds at once: requests in flight per replica, and requests waiting
+    for a slot (per replica and in total). Beyond these a request is refused with 429, so
+    memory stays bounded however many clients arrive."""
+
+    max_running_per_replica: int = 256
+    max_waiting_per_replica: int = 256
+    max_waiting_total: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_running_per_replica < 1:
+            raise ValueError("max_running_per_replica must be at least 1")
+        if self.max_waiting_per_replica < 0 or self.max_waiting_total < 0:
+            raise ValueError("waiting limits must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Per-request limits checked at the gateway before any stage sees the request."""
+
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """The replicas (each an ordered list of stage addresses, head first) and gateway knobs."""
+    """The replicas (each an ordered list of stage addresses, head first) and gateway knobs.
+
+    ``api_keys`` are kept out of ``repr`` so that logging a config never shows a key.
+    """
 
     replicas: tuple[tuple[str, ...], ...]
     model_name_override: str | None = None
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    routing: str = "round_robin"
+    grpc_port: int | None = None
+    grpc_host: str = "127.0.0.1"
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    admission: AdmissionLimits = AdmissionLimits()
+    limits: RequestLimits = RequestLimits()
+    migrate: bool = True
     transport: str = ""
     startup_timeout_s: float = 300.0
     health_interval_s: float = 5.0
@@ -20,3 +59,9 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.replicas or any(not r for r in self.replicas):
             raise ValueError("every replica needs at least one stage address")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("gRPC TLS needs both a certificate and a key")
+        if any(not key for key in self.api_keys):
+            raise ValueError("API keys must not be empty")

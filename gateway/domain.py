@@ -73,3 +73,6 @@ class StageInfo:
     num_running: int = 0
     num_waiting: int = 0
     kv_used_tokens: int = 0
+    prefix_cache_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0

@@ -1,7 +1,9 @@
 """Gateway errors and their two faces: the gRPC status a stage sent, the OpenAI error JSON we send.
 
-Every failure a handler can report is a `GatewayError`; `from_rpc_error` is the single place
-that maps a stage's gRPC status to one, and `error_body` the single place that renders one.
+Every failure a handler can report is a `GatewayError`. Each class names its HTTP status and
+its gRPC code once: `from_rpc_error` maps a stage's status to a gateway error with that table,
+the Generation servicer maps a gateway error back to a status, and `error_body` renders one
+as OpenAI's JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ class GatewayError(Exception):
     """An error with an HTTP status and OpenAI's ``type`` / ``code`` / ``param`` fields."""
 
     status_code = 500
+    grpc_code = grpc.StatusCode.INTERNAL
     error_type = "server_error"
     code: str | None = None
 
@@ -25,20 +28,32 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers of the error response."""
+        return {}
+
 
 class InvalidRequest(GatewayError):
     status_code = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     error_type = "invalid_request_error"
 
 
 class Unauthorized(GatewayError):
     status_code = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
     error_type = "invalid_request_error"
     code = "invalid_api_key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(GatewayError):
     status_code = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
     error_type = "invalid_request_error"
     code = "not_found"
 
@@ -47,24 +62,39 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class Overloaded(GatewayError):
     """The replica (or every replica) refused the request for lack of capacity."""
 
     status_code = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     error_type = "rate_limit_error"
     code = "overloaded"
+    retry_after_s = 1
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(GatewayError):
     """No replica could serve the request (stage down, none healthy)."""
 
     status_code = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
     error_type = "service_unavailable"
     code = "unavailable"
 
 
 class DeadlineExceeded(GatewayError):
     status_code = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
     error_type = "timeout_error"
     code = "deadline_exceeded"
 
@@ -75,12 +105,9 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
+# A stage's status -> our error, by the classes' own codes; anything else is internal.
 _FROM_STATUS: dict[grpc.StatusCode, type[GatewayError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    cls.grpc_code: cls for cls in (InvalidRequest, NotFound, Overloaded, Unavailable, DeadlineExceeded)
 }
 
 

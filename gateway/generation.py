@@ -1,7 +1,10 @@
 """One choice of a request: route it, stream it from a replica head, detokenize, apply stop strings.
 
-A choice that fails before it showed anything (replica down or full) is retried on another
-healthy replica; once text went out, the failure is the client's to see.
+A choice whose replica fails (down, or full) before it produced a token is retried on another
+healthy replica. With migration on, one that fails after producing tokens continues on another
+replica too: the tokens so far are appended to the prompt and the rest of the budget is asked
+for, so the client sees one unbroken stream (Dynamo's request migration). Greedy output is
+unchanged by a migration; seeded sampling continues with a fresh generator.
 """
 
 from __future__ import annotations
@@ -9,12 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gateway.domain import FinishReason, SamplingParams
+from gateway.domain import FinishReason, GenerateChunk, SamplingParams
 from gateway.errors import InternalError, Overloaded, Unavailable
-from gateway.pool import ReplicaPool
-from gateway.replica import ReplicaClient
+from gateway.pool import Lease, ReplicaPool
 from gateway.textstream import TextAssembler, TokenOutput
 from gateway.tokenizing import TokenizerLike
 
@@ -43,72 +45,106 @@ class ChoiceDelta:
     completion_tokens: int = 0
 
 
-async def generate_choice(pool: ReplicaPool, tokenizer: TokenizerLike, job: ChoiceJob) -> AsyncIterator[ChoiceDelta]:
+class _ChoiceState:
+    """What a choice produced so far; survives moving the choice to another replica."""
+
+    def __init__(self, tokenizer: TokenizerLike, job: ChoiceJob) -> None:
+        self.job = job
+        self.detok = tokenizer.detokenizer(list(job.prompt_token_ids))
+        self.text = TextAssembler(job.stop)
+        self.generated: list[int] = []
+
+    def next_request(self) -> tuple[tuple[int, ...], SamplingParams]:
+        """The prompt and sampling that continue the choice from where it is."""
+        s, done = self.job.sampling, len(self.generated)
+        if not done:
+            return self.job.prompt_token_ids, s
+        rest = replace(s, max_tokens=s.max_tokens - done, min_tokens=max(0, s.min_tokens - done))
+        return self.job.prompt_token_ids + tuple(self.generated), rest
+
+    def add(self, chunk: GenerateChunk) -> bool:
+        """Take a chunk's tokens; True when a stop string ended the choice."""
+        job = self.job
+        for i, token_id in enumerate(chunk.token_ids):
+            self.generated.append(token_id)
+            logprob = chunk.logprobs[i] if i < len(chunk.logprobs) else None
+            top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else ()
+            # Like vLLM, a matched stop token id ends the text without showing it.
+            hidden = (
+                chunk.finish_reason == FinishReason.STOP
+                and i == len(chunk.token_ids) - 1
+                and token_id in job.sampling.stop_token_ids
+            )
+            piece = "" if hidden else self.detok.push([token_id])
+            can_stop = len(self.generated) >= job.sampling.min_tokens  # vLLM: min_tokens mutes stops too
+            if self.text.add_token(token_id, piece, logprob, top, can_stop):
+                return True
+        return False
+
+
+async def generate_choice(
+    pool: ReplicaPool, tokenizer: TokenizerLike, job: ChoiceJob, *, migrate: bool = True
+) -> AsyncIterator[ChoiceDelta]:
+    state = _ChoiceState(tokenizer, job)
     tried: set[int] = set()
     while True:
-        replica = pool.pick(job.prompt_token_ids, exclude=frozenset(tried))
+        prompt, sampling = state.next_request()
+        lease = await pool.acquire(prompt, sampling.max_tokens, exclude=frozenset(tried))
+        replica = lease.replica
         tried.add(replica.index)
-        shown = False
         try:
-            async for delta in _stream(pool, replica, tokenizer, job):
-                shown = True
-                yield delta
+            async with aclosing(_attempt(pool, lease, state, prompt, sampling)) as deltas:
+                async for delta in deltas:
+                    yield delta
             return
         except (Unavailable, Overloaded) as err:
             if isinstance(err, Unavailable):
                 replica.mark_unhealthy(err.message)
-            others = [r for r in pool.replicas if r.healthy and r.index not in tried]
-            if shown or not others:
+            if (state.generated and not migrate) or not pool.has_other(tried):
                 raise
-            logger.warning("%s: replica %d failed (%s); retrying elsewhere", job.request_id, replica.index, err)
+            kind = "migration" if state.generated else "retry"
+            if pool.metrics is not None:
+                pool.metrics.retries.labels(kind=kind).inc()
+            logger.warning(
+                "%s: replica %d failed after %d token(s) (%s); %s on another replica",
+                job.request_id,
+                replica.index,
+                len(state.generated),
+                err.message,
+                "continuing" if state.generated else "retrying",
+            )
+        finally:
+            lease.release()
 
 
-async def _stream(
-    pool: ReplicaPool, replica: ReplicaClient, tokenizer: TokenizerLike, job: ChoiceJob
+async def _attempt(
+    pool: ReplicaPool, lease: Lease, state: _ChoiceState, prompt: tuple[int, ...], sampling: SamplingParams
 ) -> AsyncIterator[ChoiceDelta]:
-    detok = tokenizer.detokenizer(list(job.prompt_token_ids))
-    text = TextAssembler(job.stop)
-    num_tokens = 0
+    job, replica = state.job, lease.replica
     done = False
-    replica.num_in_flight += 1
     try:
-        stream = replica.generate(job.request_id, job.prompt_token_ids, job.sampling)
+        stream = replica.generate(job.request_id, prompt, sampling)
         async with aclosing(stream):
             async for chunk in stream:
-                for i, token_id in enumerate(chunk.token_ids):
-                    num_tokens += 1
-                    logprob = chunk.logprobs[i] if i < len(chunk.logprobs) else None
-                    top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else ()
-                    # Like vLLM, a matched stop token id ends the text without showing it.
-                    hidden = (
-                        chunk.finish_reason == FinishReason.STOP
-                        and i == len(chunk.token_ids) - 1
-                        and token_id in job.sampling.stop_token_ids
-                    )
-                    piece = "" if hidden else detok.push([token_id])
-                    can_stop = num_tokens >= job.sampling.min_tokens  # vLLM: min_tokens mutes stops too
-                    if text.add_token(token_id, piece, logprob, top, can_stop):
-                        break
-                if text.stopped:
+                lease.consume(len(chunk.token_ids))
+                if state.add(chunk):
                     # The stage would go on generating; the closing stream cancels the call and
                     # the Abort in `finally` frees its slot right away.
-                    delta, tokens = text.release(final=True)
-                    yield ChoiceDelta(job.index, delta, tokens, FinishReason.STOP.value, num_tokens)
+                    delta, tokens = state.text.release(final=True)
+                    yield ChoiceDelta(job.index, delta, tokens, FinishReason.STOP.value, len(state.generated))
                     return
                 if chunk.finish_reason is not None:
                     done = True
-                    text.add_text(detok.flush())
-                    reason = FinishReason.STOP if text.stopped else chunk.finish_reason
-                    delta, tokens = text.release(final=True)
-                    count = max(chunk.completion_tokens, num_tokens)
-                    yield ChoiceDelta(job.index, delta, tokens, reason.value, count)
+                    state.text.add_text(state.detok.flush())
+                    reason = FinishReason.STOP if state.text.stopped else chunk.finish_reason
+                    delta, tokens = state.text.release(final=True)
+                    yield ChoiceDelta(job.index, delta, tokens, reason.value, len(state.generated))
                     return
-                delta, tokens = text.release()
+                delta, tokens = state.text.release()
                 if delta or tokens:
                     yield ChoiceDelta(job.index, delta, tokens)
         done = True
         raise InternalError(f"replica {replica.index} ended {job.request_id} without a finish reason")
     finally:
-        replica.num_in_flight -= 1
         if not done:
             pool.spawn(replica.abort(job.request_id))

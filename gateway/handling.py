@@ -80,12 +80,23 @@ class RequestRun:
         }
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        streams = [generate_choice(self.state.pool, self.state.tokenizer, job) for job in self.jobs]
+        state = self.state
+        migrate = state.config.migrate
+        streams = [generate_choice(state.pool, state.tokenizer, job, migrate=migrate) for job in self.jobs]
+        last_output: dict[int, float] = {}
         async with aclosing(merge(streams)) as merged:
             async for delta in merged:
-                if self._first_token_at is None and delta.tokens:
-                    self._first_token_at = time.monotonic()
-                    self.state.metrics.time_to_first_token.observe(self._first_token_at - self._start)
+                if delta.tokens:
+                    now = time.monotonic()
+                    if self._first_token_at is None:
+                        self._first_token_at = now
+                        state.metrics.time_to_first_token.observe(now - self._start)
+                    previous = last_output.get(delta.index)
+                    if previous is not None:
+                        gap = (now - previous) / len(delta.tokens)
+                        for _ in delta.tokens:
+                            state.metrics.inter_token_latency.observe(gap)
+                    last_output[delta.index] = now
                 if delta.finish_reason is not None:
                     self.completion_tokens += delta.completion_tokens
                 yield delta

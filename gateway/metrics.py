@@ -13,18 +13,23 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
 
 
 class GatewayMetrics:
-    """Request, token and latency metrics named ``stagemesh_*``."""
+    """Request, token, latency, routing and replica metrics named ``stagemesh_*``.
+
+    Per-replica gauges (running, waiting, healthy) are set from the pool just before each
+    scrape (`observe_replicas`), so they are never stale.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "stagemesh_requests",
-            "HTTP requests by endpoint and status code.",
+            "Requests by endpoint (HTTP path or gRPC method) and status (HTTP code or gRPC code name).",
             ["endpoint", "status"],
             registry=r,
         )
@@ -36,6 +41,12 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.inter_token_latency = Histogram(
+            "stagemesh_inter_token_latency_seconds",
+            "Time between successive outputs of a choice, per token.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "stagemesh_e2e_request_latency_seconds",
             "Time from request arrival to its last token.",
@@ -43,9 +54,64 @@ class GatewayMetrics:
             registry=r,
         )
         self.running = Gauge("stagemesh_requests_running", "Generation requests in flight.", registry=r)
+        self.replica_running = Gauge(
+            "stagemesh_replica_requests_running",
+            "Stage requests the gateway has running on the replica.",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_waiting = Gauge(
+            "stagemesh_replica_requests_waiting",
+            "Stage requests waiting at the gateway for a slot on the replica.",
+            ["replica"],
+            registry=r,
+        )
         self.replica_healthy = Gauge(
             "stagemesh_replica_healthy", "1 when the replica serves requests.", ["replica"], registry=r
         )
+        self.routing_decisions = Counter(
+            "stagemesh_routing_decisions",
+            "Stage requests routed, by policy and replica.",
+            ["policy", "replica"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "stagemesh_prefix_hits",
+            "Routed requests whose replica had served a prefix (a whole block or more) of the prompt.",
+            ["policy"],
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "stagemesh_prefix_hit_tokens",
+            "Prompt tokens routed to a replica that had served them as a prefix.",
+            ["policy"],
+            registry=r,
+        )
+        self.routed_prompt_tokens = Counter(
+            "stagemesh_routed_prompt_tokens",
+            "Prompt tokens routed (the denominator of the prefix hit rate).",
+            ["policy"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "stagemesh_request_retries",
+            "Stage requests moved to another replica: 'retry' before any token, 'migration' after some.",
+            ["kind"],
+            registry=r,
+        )
+
+    def record_route(self, policy: str, replica: int, prompt_tokens: int, matched_tokens: int) -> None:
+        self.routing_decisions.labels(policy=policy, replica=str(replica)).inc()
+        self.routed_prompt_tokens.labels(policy=policy).inc(prompt_tokens)
+        if matched_tokens:
+            self.prefix_hits.labels(policy=policy).inc()
+            self.prefix_hit_tokens.labels(policy=policy).inc(matched_tokens)
+
+    def observe_replica(self, index: int, *, healthy: bool, running: int, waiting: int) -> None:
+        label = str(index)
+        self.replica_healthy.labels(replica=label).set(1 if healthy else 0)
+        self.replica_running.labels(replica=label).set(running)
+        self.replica_waiting.labels(replica=label).set(waiting)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,17 +1,19 @@
-"""`ReplicaPool`: every replica of the served model, their health, and the routing policy."""
+"""`ReplicaPool`: every replica of the served model, their health, admission and routing."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from gateway.config import AdmissionLimits
 from gateway.domain import StageInfo
-from gateway.errors import Unavailable
+from gateway.errors import Overloaded, Unavailable
+from gateway.metrics import GatewayMetrics
 from gateway.replica import ReplicaClient
-from gateway.router import RoundRobinRouter, Router
+from gateway.routing import PrefixIndex, RoundRobinRouter, Router
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -20,11 +22,36 @@ class StartupError(RuntimeError):
     """No replica became ready before the startup timeout."""
 
 
+class Lease:
+    """One request's slot on a replica; ``release`` (exactly once) gives it back."""
+
+    def __init__(self, replica: ReplicaClient, tokens: int) -> None:
+        self.replica = replica
+        self._tokens = tokens
+        self._released = False
+
+    def consume(self, num_tokens: int) -> None:
+        """``num_tokens`` were generated: that much less is outstanding."""
+        used = min(num_tokens, self._tokens)
+        self._tokens -= used
+        self.replica.gate.outstanding_tokens -= used
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.replica.gate.outstanding_tokens -= self._tokens
+        self.replica.gate.release()
+
+
 class ReplicaPool:
-    """The replicas behind one gateway; requests go only to healthy ones.
+    """The replicas behind one gateway; requests go only to healthy ones with room.
 
     A background loop probes every replica each ``health_interval_s``: a replica that stops
     answering is taken out, one that answers again (re-wired if a stage restarted) comes back.
+    Admission: a request runs on a replica with a free slot if any has one, else waits in the
+    line of one whose line is not full (and while the total waiting is under its limit), else
+    it is refused with `Overloaded` (429) at once.
     """
 
     def __init__(
@@ -33,18 +60,33 @@ class ReplicaPool:
         *,
         router: Router | None = None,
         health_interval_s: float = 5.0,
+        admission: AdmissionLimits | None = None,
+        prefix_index: PrefixIndex | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if not replicas:
             raise ValueError("a gateway needs at least one replica")
         self.replicas = list(replicas)
         self.router: Router = router or RoundRobinRouter()
         self.health_interval_s = health_interval_s
+        self.admission = admission or AdmissionLimits()
+        self.prefix_index = prefix_index or PrefixIndex()
+        self.metrics = metrics
+        self.probe_listeners: list[Callable[[ReplicaPool], None]] = []
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        for r in self.replicas:
+            r.gate.max_running = self.admission.max_running_per_replica
+            r.gate.max_waiting = self.admission.max_waiting_per_replica
+            r.health_listeners.append(self._on_health_change)
 
     @property
     def any_healthy(self) -> bool:
         return any(r.healthy for r in self.replicas)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(r.gate.waiting for r in self.replicas)
 
     async def start(self, timeout_s: float) -> StageInfo:
         """Wire every replica (waiting up to ``timeout_s`` for their stages); the head info of the first."""
@@ -70,13 +112,58 @@ class ReplicaPool:
         return ready[0].head_info
 
     async def tokenizer_files(self) -> dict[str, bytes]:
-        return await self.pick().tokenizer_files()
+        replica = next((r for r in self.replicas if r.healthy), self.replicas[0])
+        return await replica.tokenizer_files()
 
-    def pick(self, prompt_token_ids: Sequence[int] = (), exclude: frozenset[int] = frozenset()) -> ReplicaClient:
-        candidates = [r for r in self.replicas if r.healthy and r.index not in exclude]
-        if not candidates:
+    def has_other(self, exclude: set[int]) -> bool:
+        return any(r.healthy and r.index not in exclude for r in self.replicas)
+
+    def choose(self, prompt_token_ids: Sequence[int], exclude: frozenset[int] = frozenset()) -> ReplicaClient:
+        """Route a request (no slot taken): raises `Unavailable` or `Overloaded`."""
+        healthy = [r for r in self.replicas if r.healthy and r.index not in exclude]
+        if not healthy:
             raise Unavailable("no healthy replica is available")
-        return self.router.pick(candidates, prompt_token_ids)
+        candidates = [r for r in healthy if r.gate.can_run_now]
+        if not candidates and self.num_waiting < self.admission.max_waiting_total:
+            candidates = [r for r in healthy if r.gate.can_queue]
+        if not candidates:
+            raise Overloaded(
+                f"all {len(healthy)} healthy replica(s) are at capacity "
+                f"({sum(r.gate.running for r in healthy)} running, {self.num_waiting} waiting); retry later"
+            )
+        replica = self.router.pick(candidates, prompt_token_ids)
+        assert isinstance(replica, ReplicaClient)
+        self._record(replica, prompt_token_ids)
+        return replica
+
+    async def acquire(
+        self, prompt_token_ids: Sequence[int], max_tokens: int, exclude: frozenset[int] = frozenset()
+    ) -> Lease:
+        """A slot on a routed replica, waiting in its line if needed; a replica that goes
+        down while the request waits is left for another one."""
+        skip = set(exclude)
+        tokens = len(prompt_token_ids) + max_tokens
+        while True:
+            replica = self.choose(prompt_token_ids, frozenset(skip))
+            replica.gate.outstanding_tokens += tokens
+            try:
+                await replica.gate.acquire()
+            except Unavailable:
+                replica.gate.outstanding_tokens -= tokens
+                skip.add(replica.index)
+                continue
+            except BaseException:
+                replica.gate.outstanding_tokens -= tokens
+                raise
+            return Lease(replica, tokens)
+
+    def _record(self, replica: ReplicaClient, prompt_token_ids: Sequence[int]) -> None:
+        """Index the prompt under the chosen replica; count the decision and any prefix hit."""
+        hashes = self.prefix_index.block_hashes(prompt_token_ids)
+        matched = self.prefix_index.matched_tokens(replica.index, hashes)
+        self.prefix_index.insert(replica.index, hashes)
+        if self.metrics is not None:
+            self.metrics.record_route(self.router.policy, replica.index, len(prompt_token_ids), matched)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` detached (e.g. an Abort while the caller is being cancelled)."""
@@ -93,16 +180,28 @@ class ReplicaPool:
                     "index": r.index,
                     "addresses": list(r.addresses),
                     "healthy": r.healthy,
-                    "in_flight": r.num_in_flight,
-                    "num_running": info.num_running if info else None,
-                    "num_waiting": info.num_waiting if info else None,
+                    "running": r.gate.running,
+                    "waiting": r.gate.waiting,
+                    "outstanding_tokens": r.gate.outstanding_tokens,
+                    "stage_num_running": info.num_running if info else None,
+                    "stage_num_waiting": info.num_waiting if info else None,
+                    "stage_prefix_hit_tokens": info.prefix_hit_tokens if info else None,
+                    "stage_prefix_query_tokens": info.prefix_query_tokens if info else None,
                     "last_error": r.last_error,
                 }
             )
         return out
 
+    def _on_health_change(self, replica: ReplicaClient) -> None:
+        if not replica.healthy:
+            self.prefix_index.forget(replica.index)  # its KV (and so its prefixes) may be gone
+        for listener in self.probe_listeners:
+            listener(self)
+
     async def probe_all(self) -> None:
         await asyncio.gather(*(r.probe() for r in self.replicas))
+        for listener in self.probe_listeners:
+            listener(self)
 
     async def _health_loop(self) -> None:
         while True:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
 from gateway import codec
+from gateway.admission import ReplicaGate
 from gateway.domain import GenerateChunk, SamplingParams, StageInfo
-from gateway.errors import GatewayError, InvalidRequest, from_rpc_error
+from gateway.errors import GatewayError, InvalidRequest, Unavailable, from_rpc_error
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 
 logger = logging.getLogger("stagemesh.gateway")
@@ -22,6 +23,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    # A restarted stage should be found within a probe or two, not after minutes of back-off.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -30,11 +35,18 @@ class ReplicaClient:
 
     Invariant: ``healthy`` is True only after every stage accepted Wire and answered the last
     probe; the router only hands out healthy replicas. Channels are opened lazily, inside the
-    event loop that uses them.
+    event loop that uses them. ``gate`` bounds what the gateway sends it (admission control);
+    listeners hear every change of ``healthy``.
     """
 
     def __init__(
-        self, index: int, addresses: Sequence[str], *, transport: str = "", rpc_timeout_s: float = 5.0
+        self,
+        index: int,
+        addresses: Sequence[str],
+        *,
+        transport: str = "",
+        rpc_timeout_s: float = 5.0,
+        gate: ReplicaGate | None = None,
     ) -> None:
         if not addresses:
             raise ValueError(f"replica {index} has no stage addresses")
@@ -45,13 +57,22 @@ class ReplicaClient:
         self.healthy = False
         self.wired = False
         self.last_error: str | None = None
-        self.num_in_flight = 0
+        self.gate = gate or ReplicaGate(max_running=256, max_waiting=256)
         self.head_info: StageInfo | None = None
+        self.health_listeners: list[Callable[[ReplicaClient], None]] = []
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[stage_pb2_grpc.StageStub] = []
 
     def __repr__(self) -> str:
         return f"ReplicaClient({self.index}, {list(self.addresses)})"
+
+    @property
+    def load(self) -> int:
+        return self.gate.load
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return self.gate.outstanding_tokens
 
     def _stub(self, stage: int) -> stage_pb2_grpc.StageStub:
         if not self._stubs:
@@ -133,14 +154,24 @@ class ReplicaClient:
         return True
 
     def mark_healthy(self) -> None:
-        if not self.healthy:
-            logger.info("replica %d is healthy", self.index)
+        changed = not self.healthy
         self.healthy, self.last_error = True, None
+        if changed:
+            logger.info("replica %d is healthy", self.index)
+            self._notify()
 
     def mark_unhealthy(self, reason: str) -> None:
-        if self.healthy:
-            logger.warning("replica %d taken out: %s", self.index, reason)
+        changed = self.healthy
         self.healthy, self.last_error = False, reason
+        # Whoever waits for a slot here retries elsewhere.
+        self.gate.fail_waiters(Unavailable(f"replica {self.index} went down: {reason}"))
+        if changed:
+            logger.warning("replica %d taken out: %s", self.index, reason)
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.health_listeners:
+            listener(self)
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams

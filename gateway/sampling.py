@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from gateway.config import RequestLimits
 from gateway.domain import SamplingParams
 from gateway.errors import InvalidRequest
 from gateway.prompts import check_token_ids
@@ -45,6 +46,15 @@ def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
         _require(bool(stop), "Stop strings must not be empty.", "stop")
 
 
+def check_prompt_limit(prompt_len: int, limits: RequestLimits) -> None:
+    if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"The prompt has {prompt_len} tokens, above this gateway's limit of {limits.max_prompt_tokens}.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+
+
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -59,10 +69,21 @@ def build_sampling(
     max_model_len: int,
     vocab_size: int,
     top_logprobs: int = 0,
+    limits: RequestLimits | None = None,
 ) -> SamplingParams:
-    """Sampling for one prompt; ``max_tokens=None`` means whatever the context has left."""
+    """Sampling for one prompt; ``max_tokens=None`` means whatever the context (and the
+    gateway's ``--max-tokens`` limit) leaves."""
+    limits = limits or RequestLimits()
+    check_prompt_limit(prompt_len, limits)
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(
+            f"'max_tokens' is {max_tokens}, above this gateway's limit of {limits.max_tokens} tokens per completion.",
+            param="max_tokens",
+        )
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
+        if limits.max_tokens is not None:
+            max_tokens = min(max_tokens, limits.max_tokens)
         if max_tokens <= 0:
             raise InvalidRequest(
                 f"This model's maximum context length is {max_model_len} tokens, "

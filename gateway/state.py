@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -33,7 +34,19 @@ class GatewayState:
     def max_model_len(self) -> int:
         return self.head_info.max_model_len
 
+    def model_card(self) -> dict[str, Any]:
+        """The served model as OpenAI's model object (plus vLLM's ``max_model_len``)."""
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "stagemesh",
+            "root": self.head_info.model_name or self.model_name,
+            "max_model_len": self.max_model_len,
+        }
 
-def get_state(request: Request) -> GatewayState:
-    """FastAPI dependency: the state the lifespan stored on the app."""
+
+async def get_state(request: Request) -> GatewayState:
+    """FastAPI dependency: the state the lifespan stored on the app (async: FastAPI would run a
+    plain function in its thread pool, a measurable cost per request)."""
     return request.app.state.gateway

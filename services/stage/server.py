@@ -27,7 +27,7 @@ STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
 async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
-                transport_name: str | None = None) -> None:
+                transport_name: str | None = None, metrics_port: int | None = None) -> None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     loop = asyncio.get_running_loop()
     executor = await loop.run_in_executor(pool, TPExecutor, spec)
@@ -55,6 +55,12 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     log.info("stage layers %d:%d of %s (tp=%d) serving on %s:%d",
              layout.start_layer, layout.end_layer, runtime.cfg.name, layout.tp_size, host, bound)
     print(f"STAGE READY {host}:{bound}", flush=True)
+    stop_metrics = None
+    if metrics_port is not None:
+        from services.stage.metrics import start_metrics_server
+
+        metrics_bound, stop_metrics = start_metrics_server(node, host, metrics_port)
+        print(f"STAGE METRICS {host}:{metrics_bound}", flush=True)
     if ready_file:
         with open(ready_file, "w") as f:
             f.write(f"{host}:{bound}\n")
@@ -67,10 +73,12 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await health_servicer.enter_graceful_shutdown()
     await node.stop()
     await server.stop(grace=2)
+    if stop_metrics is not None:
+        stop_metrics()
 
 
 def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
-        transport_name: str | None = None) -> None:
+        transport_name: str | None = None, metrics_port: int | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(spec, host, port, ready_file, transport_name))
+    asyncio.run(serve(spec, host, port, ready_file, transport_name, metrics_port))

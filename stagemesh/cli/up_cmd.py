@@ -28,7 +28,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
+    gw = p.add_argument_group("gateway")
+    gw.add_argument("--grpc-port", type=int, default=None,
+                    help="gRPC Generation API port (default: --port + 1; 0 = a free port)")
+    gw.add_argument("--no-grpc", action="store_true", help="serve the REST API only")
+    gw.add_argument("--routing", default="round_robin", choices=["round_robin", "least_loaded", "prefix"],
+                    help="how the gateway spreads requests over the --dp replicas (default: %(default)s)")
+    gw.add_argument("--api-key", action="append", default=[],
+                    help="require 'Authorization: Bearer KEY' on /v1 and gRPC (repeatable)")
+    gw.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
+    p.add_argument("--stage-metrics", action="store_true",
+                   help="every stage serves Prometheus metrics on a free port (printed when up)")
     p.set_defaults(func=run)
+
+
+def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str], int | None]:
+    """Gateway arguments, its environment (keys travel there, never on a command line) and the gRPC port."""
+    grpc_port = None if args.no_grpc else (args.port + 1 if args.grpc_port is None else args.grpc_port)
+    gw_args = ["--routing", args.routing]
+    if grpc_port is not None:
+        gw_args += ["--grpc-port", str(grpc_port)]
+    for name in args.api_key_file:
+        gw_args += ["--api-key-file", name]
+    env = {"STAGEMESH_API_KEYS": ",".join(args.api_key)} if args.api_key else {}
+    return gw_args, env, grpc_port
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"stagemesh up: error: {e}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="stagemesh-up-")
+    gateway_args, gateway_env, grpc_port = _gateway_options(args)
     mesh = Mesh(MeshSpec(model=model, layer_splits=splits, tp=args.tp, dp=args.dp, host=args.host,
                          port=args.port, dtype=args.dtype, threads=args.threads,
-                         kv_cache_memory=args.kv_cache_memory), log_dir)
+                         kv_cache_memory=args.kv_cache_memory, extra_gateway_args=gateway_args,
+                         gateway_env=gateway_env, stage_metrics=args.stage_metrics), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -66,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting {args.dp} replica(s) x {args.pp} stage(s) x tp {args.tp} of {cfg.name}; logs in {log_dir}",
               file=sys.stderr, flush=True)
         mesh.start()
-        print(f"stagemesh is up: {mesh.url}  (model {cfg.name!r}; Ctrl-C stops it)", flush=True)
+        grpc_note = f", gRPC {args.host}:{grpc_port}" if grpc_port else ""
+        print(f"stagemesh is up: {mesh.url}  (model {cfg.name!r}{grpc_note}; Ctrl-C stops it)", flush=True)
+        for (r, i), url in sorted(mesh.stage_metrics_urls.items()):
+            print(f"  stage metrics replica {r} stage {i}: {url}", flush=True)
         while not stopping:
             mesh._check_alive()
             time.sleep(0.5)

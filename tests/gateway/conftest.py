@@ -33,7 +33,7 @@ def head(stage_host: StageHost, replica: list[str]) -> Iterator[FakeStage]:
     """The shared replica's head, with its knobs reset after the test."""
     stage = stage_host.stages[replica[0]]
     yield stage
-    stage.token_delay_s, stage.fail_next = 0.0, None
+    stage.token_delay_s, stage.fail_next, stage.fail_after = 0.0, None, None
 
 
 @pytest.fixture()

@@ -46,6 +46,8 @@ class FakeStage(stage_pb2_grpc.StageServicer):
     token_delay_s: float = 0.0
     tokens_per_response: int = 2
     fail_next: tuple[grpc.StatusCode, str] | None = None
+    # (k, code, message): the next request fails with ``code`` once it streamed k tokens
+    fail_after: tuple[int, grpc.StatusCode, str] | None = None
     pipeline: list[str] = field(default_factory=list)
     index: int = -1
     generate_calls: list[stage_pb2.GenerateRequest] = field(default_factory=list)
@@ -118,6 +120,11 @@ class FakeStage(stage_pb2_grpc.StageServicer):
                         request_id=rid, finish_reason=common_pb2.FINISH_REASON_ABORT, completion_tokens=k
                     )
                     return
+                if self.fail_after is not None and k >= self.fail_after[0]:
+                    if out.token_ids:
+                        yield out
+                    (_, code, message), self.fail_after = self.fail_after, None
+                    await context.abort(code, message)
                 token, stop = self._token(sampling, k, offset)
                 out.token_ids.append(token)
                 out.logprobs.append(logprob_at(k))

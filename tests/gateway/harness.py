@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import uvicorn
 
@@ -23,15 +24,18 @@ class GatewayThread:
         api_key: str | None = None,
         health_interval_s: float = 0.2,
         startup_timeout_s: float = 10.0,
+        **config: Any,
     ) -> None:
-        config = GatewayConfig(
+        """``config`` holds further `GatewayConfig` fields (routing, grpc_port, admission, ...)."""
+        config.setdefault("rpc_timeout_s", 1.0)
+        self.config = GatewayConfig(
             replicas=tuple(tuple(r) for r in replicas),
-            api_key=api_key,
+            api_keys=(api_key,) if api_key else config.pop("api_keys", ()),
             health_interval_s=health_interval_s,
             startup_timeout_s=startup_timeout_s,
-            rpc_timeout_s=1.0,
+            **config,
         )
-        self.app = create_app(config)
+        self.app = create_app(self.config)
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
         # and without it every response waits ~40 ms for a delayed ACK.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -65,6 +69,16 @@ class GatewayThread:
                 raise TimeoutError("the gateway did not start")
             time.sleep(0.02)
 
+    @property
+    def grpc_target(self) -> str:
+        """``host:port`` of the gRPC Generation API (when started with ``grpc_port``)."""
+        return f"127.0.0.1:{self.app.state.grpc_port}"
+
+    @property
+    def state(self) -> Any:
+        """The running app's `GatewayState` (pool, metrics, ...)."""
+        return self.app.state.gateway
+
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=10)
@@ -76,3 +90,11 @@ class GatewayThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0, interval_s: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(interval_s)

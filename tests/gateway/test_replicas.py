@@ -5,21 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import httpx
 import pytest
 
 from tests.gateway.fake_stage import FakeStage, StageHost
-from tests.gateway.harness import GatewayThread
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
+from tests.gateway.harness import GatewayThread, wait_for
 
 
 @pytest.fixture()
