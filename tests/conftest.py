@@ -18,4 +18,4 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from tests.helpers.checkpoints import build_checkpoint
 
     root = tmp_path_factory.mktemp("hf")
-    return {arch: build_checkpoint(arch, root) for arch in ("llama", "qwen2")}
+    return {arch: build_checkpoint(arch, root) for arch in ("llama", "qwen2", "mistral")}

@@ -20,7 +20,7 @@ class Reference:
 
 
 def _config(arch: str):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
                   vocab_size=256, max_position_embeddings=256, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
@@ -30,16 +30,19 @@ def _config(arch: str):
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                            **common)
+    if arch == "mistral":  # Llama's block under another name, with a sliding window beyond our context
+        return MistralConfig(num_key_value_heads=2, sliding_window=4096, tie_word_embeddings=False, **common)
     # one KV head (replicated at TP2), q/k/v biases, tied embeddings
     return Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
 
 
 def build_checkpoint(arch: str, root: Path, seed: int = 0) -> Reference:
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = _config(arch)
-    model = (LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM)(cfg).eval()
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
+    model = cls(cfg).eval()
     if arch == "qwen2":  # biases start at zero; make them matter
         with torch.no_grad():
             for layer in model.model.layers:

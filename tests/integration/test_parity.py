@@ -58,3 +58,9 @@ def test_layout_matches_transformers(arch: str, layout: str, hf_checkpoints: dic
         diff = (ours - ref.first_logprobs[i]).abs().max().item()
         assert diff < 1e-4, f"prompt {i}: max |logprob diff| {diff}"
         assert responses[-1].finish_reason != 0 and responses[-1].completion_tokens == NUM_NEW
+
+
+@pytest.mark.slow
+def test_mistral_checkpoint_matches_transformers(hf_checkpoints: dict, tmp_path) -> None:
+    """MistralForCausalLM checkpoints are served by the Llama block (TP2 x PP2 here)."""
+    test_layout_matches_transformers("mistral", "tp2-pp2", hf_checkpoints, tmp_path)
