@@ -32,3 +32,9 @@ lint: install
 
 clean:
 	rm -rf $(VENV) stagekit/rpc/pb/*_pb2*.py stagekit/rpc/pb/*_pb2.pyi
+
+# The docker compose cluster, checked for real (engine via ../shared/tools/setup-docker.sh when
+# present; build, up, greedy text vs a local `stagemesh up`, a stage stopped, down -v). ~3 min.
+.PHONY: compose-smoke
+compose-smoke: install
+	PYTHON=$(BIN)/python bash scripts/compose-smoke
