@@ -49,6 +49,7 @@ class MeshSpec:
     kv_cache_memory: str = "1GiB"
     gateway: bool = True
     extra_gateway_args: list[str] = field(default_factory=list)
+    transport: str | None = None  # data plane between stages (None: the stage's default)
     extra_stage_args: list[str] = field(default_factory=list)
     # environment of the gateway process only (API keys: never on a command line `ps` shows)
     gateway_env: dict[str, str] = field(default_factory=dict, repr=False)
@@ -82,6 +83,7 @@ class Mesh:
             "stage", "--model", s.model, "--layers", f"{a}:{b}", "--tp", str(s.tp), "--host", s.host,
             "--port", str(port), "--dtype", s.dtype, "--threads", str(s.threads),
             "--kv-cache-memory", s.kv_cache_memory, "--no-progress", *s.extra_stage_args,
+            *(["--transport", s.transport] if s.transport else []),
             *self._metrics_args(replica, index),
         ])
 

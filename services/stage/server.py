@@ -33,7 +33,7 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     executor = await loop.run_in_executor(pool, TPExecutor, spec)
     runtime = StageRuntime(executor)
     transport = make_transport(transport_name)
-    log.info("data plane: %s", transport.name)
+    log.info("data plane: %s", getattr(transport, "description", transport.name))
     node = StageNode(runtime, transport, pool)
 
     server = grpc.aio.server(options=GRPC_OPTIONS)

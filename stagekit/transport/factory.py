@@ -1,4 +1,8 @@
-"""Pick a data plane by name: ``grpc`` always works; ``ucx`` where ucxx imports."""
+"""Pick a data plane by name: ``grpc`` always works; ``ucx`` where ucxx imports.
+
+``ucx`` may name a profile of UCX settings: ``ucx:shm`` or ``ucx:tcp`` (see ucx_settings);
+plain ``ucx`` takes STAGEMESH_UCX_PROFILE, else the default profile.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ from stagekit.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("grpc",)
+TRANSPORTS = ("ucx", "grpc")
 
 
 def default_transport() -> str:
-    return "grpc"
+    from stagekit.transport.ucx_runtime import ucx_importable
+
+    return "ucx" if ucx_importable() else "grpc"
 
 
 def make_transport(name: str | None = None) -> Transport:
@@ -22,4 +28,15 @@ def make_transport(name: str | None = None) -> Transport:
         from stagekit.transport.grpc_transport import GrpcTransport
 
         return GrpcTransport()
+    base, _, profile = name.partition(":")
+    if base == "ucx":
+        from stagekit.transport.ucx_runtime import ucx_importable
+
+        if not ucx_importable():
+            raise InvalidRequest("the ucx data plane needs the ucxx package (pip install 'stagemesh[ucx]'); "
+                                 "use --transport grpc")
+        from stagekit.transport.ucx_settings import UcxSettings
+        from stagekit.transport.ucx_transport import UcxTransport
+
+        return UcxTransport(UcxSettings.from_env(profile or None))
     raise InvalidRequest(f"unknown transport {name!r} (available: {', '.join(TRANSPORTS)})")

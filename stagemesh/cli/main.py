@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stagemesh.cli import demo_cmd, stage_cmd, up_cmd
+from stagemesh.cli import bench_cmd, demo_cmd, stage_cmd, up_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagemesh", description="Distributed LLM inference as gRPC services.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for mod in (up_cmd, stage_cmd, demo_cmd):
+    for mod in (up_cmd, stage_cmd, demo_cmd, bench_cmd):
         mod.register(sub)
     try:
         from gateway import cli as gateway_cli  # the gateway is an optional layer above the core

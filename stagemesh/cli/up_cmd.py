@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
+    p.add_argument("--transport", default=None,
+                   help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     gw = p.add_argument_group("gateway")
     gw.add_argument("--grpc-port", type=int, default=None,
                     help="gRPC Generation API port (default: --port + 1; 0 = a free port)")
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = Mesh(MeshSpec(model=model, layer_splits=splits, tp=args.tp, dp=args.dp, host=args.host,
                          port=args.port, dtype=args.dtype, threads=args.threads,
                          kv_cache_memory=args.kv_cache_memory, extra_gateway_args=gateway_args,
-                         gateway_env=gateway_env, stage_metrics=args.stage_metrics), log_dir)
+                         gateway_env=gateway_env, stage_metrics=args.stage_metrics,
+                         transport=args.transport), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:

@@ -1,13 +1,15 @@
 """The oracle: every TP x PP layout, as real stage processes on loopback gRPC, generates
 exactly transformers' greedy tokens, and its last-prompt-position log-probabilities (the
 full vocabulary) agree with transformers' within 1e-4 — also when a prompt's first blocks
-come from the prefix cache instead of being computed."""
+come from the prefix cache instead of being computed. Every layout runs on the gRPC data
+plane; the multi-stage ones that shape the traffic differently run on UCX too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from stagekit.transport.ucx_runtime import ucx_importable
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.helpers.checkpoints import NUM_NEW, PROMPTS
 from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wire
@@ -23,21 +25,32 @@ LAYOUTS = {
 }
 
 
+# (layout, data plane) pairs: one-stage layouts have no data plane to vary
+UCX_LAYOUTS = ["tp1-pp2", "tp2-pp2", "tp1-pp3-uneven"]
+RUNS = [(layout, "grpc") for layout in LAYOUTS] + [
+    pytest.param(layout, "ucx", marks=pytest.mark.skipif(not ucx_importable(), reason="ucxx does not import"))
+    for layout in UCX_LAYOUTS
+]
+
+
 def _prefix_hits(head: str) -> int:
     return stage_info(head).prefix_hit_tokens
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_transformers(arch: str, layout: str, hf_checkpoints: dict, tmp_path) -> None:
+@pytest.mark.parametrize(("layout", "transport"), RUNS)
+def test_layout_matches_transformers(arch: str, layout: str, transport: str | None, hf_checkpoints: dict,
+                                     tmp_path) -> None:
     ref = hf_checkpoints[arch]
     tp, splits, stage_args = LAYOUTS[layout]
     mesh = Mesh(MeshSpec(model=ref.path, layer_splits=splits, tp=tp, threads=1, gateway=False,
-                         extra_stage_args=stage_args), tmp_path)
+                         extra_stage_args=stage_args, transport=transport), tmp_path)
     try:
         mesh.start(timeout_s=240)
         pipeline = mesh.replicas[0]
+        if transport is not None:
+            assert {stage_info(addr).transport for addr in pipeline} == {transport}
         wire(pipeline)
         results = generate_many(pipeline[0], PROMPTS, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
                                 top_logprobs=ref.vocab_size)
@@ -63,4 +76,4 @@ def test_layout_matches_transformers(arch: str, layout: str, hf_checkpoints: dic
 @pytest.mark.slow
 def test_mistral_checkpoint_matches_transformers(hf_checkpoints: dict, tmp_path) -> None:
     """MistralForCausalLM checkpoints are served by the Llama block (TP2 x PP2 here)."""
-    test_layout_matches_transformers("mistral", "tp2-pp2", hf_checkpoints, tmp_path)
+    test_layout_matches_transformers("mistral", "tp2-pp2", None, hf_checkpoints, tmp_path)

@@ -1,0 +1,1 @@
+"""Benchmarks of stagemesh's parts (``stagemesh bench ...``) and the tools they share."""

@@ -1,0 +1,142 @@
+"""``stagemesh bench transport``: the data plane against gRPC and the machine's ceilings.
+
+For each message size: one-way bandwidth and round-trip latency of every UCX profile and
+of the gRPC fallback, measured through the real Transport API between two processes
+(transport_probe), next to ``ucx_perftest`` (UCX's C benchmark) on the same UCX
+transports and a same-process memcpy; plus the round trip of a decode-sized step
+(2 x [32, 4096] fp16) against its floor: ucx_perftest's round trip of the same 512 KiB.
+Ratios are ours / ceiling and ours / gRPC for the same metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from stagekit.bench import ceilings
+from stagekit.transport.ucx_settings import PROFILES
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
+QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20]
+TRANSPORTS = ["ucx", "ucx:shm", "ucx:cma", "ucx:tcp", "grpc"]
+DECODE_BYTES = 2 * 32 * 4096 * 2
+
+
+@dataclass
+class BenchConfig:
+    sizes: list[int] = field(default_factory=lambda: list(SIZES))
+    transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
+    quick: bool = False
+    perftest: bool = True
+
+
+def _ucx_setup(name: str) -> tuple[str, bool] | None:
+    """(UCX_TLS, error handling) of a same-host link of this transport, for ucx_perftest."""
+    if not name.startswith("ucx"):
+        return None
+    tls, eh = PROFILES[name.partition(":")[2] or "auto"]
+    return os.environ.get("STAGEMESH_UCX_TLS", tls), bool(eh)
+
+
+def probe(name: str, sizes: list[int], quick: bool) -> dict:
+    cmd = [sys.executable, "-m", "stagekit.bench.transport_probe", "--transport", name,
+           "--sizes", ",".join(map(str, sizes)), *(["--quick"] if quick else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"transport": name, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _perftest_ceilings(setups: set[tuple[str, bool]], sizes: list[int], quick: bool) -> dict:
+    out: dict = {}
+    for tls, eh in sorted(setups):
+        key = f"{tls}{' +eh' if eh else ''}"
+        per: dict = {}
+        for n in [*sizes, DECODE_BYTES]:
+            iters = max(20, min(2000, (64 << 20) // n)) // (4 if quick else 1)
+            bw = ceilings.perftest("tag_bw", n, tls, eh, iters)
+            rtt = ceilings.perftest("tag_lat", n, tls, eh, iters)
+            per[str(n)] = {"bw_gbps": bw / 1e9 if bw else None, "rtt_us": rtt * 1e6 if rtt else None}
+        out[key] = per
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Measure everything in ``cfg``; the result is one JSON-ready dict."""
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg_1m": os.getloadavg()[0]},
+        "sizes": cfg.sizes, "quick": cfg.quick,
+        "transports": {name: probe(name, cfg.sizes, cfg.quick) for name in cfg.transports},
+        "memcpy_gbps": {str(n): ceilings.memcpy_bandwidth(n) / 1e9 for n in cfg.sizes},
+    }
+    setups = {s for s in map(_ucx_setup, cfg.transports) if s is not None}
+    have_perftest = cfg.perftest and ceilings.perftest_binary() is not None
+    result["ucx_perftest"] = _perftest_ceilings(setups, cfg.sizes, cfg.quick) if have_perftest else None
+    grpc = result["transports"].get("grpc", {})
+    for name, r in result["transports"].items():
+        if "error" in r:
+            continue
+        setup = _ucx_setup(name)
+        pt = (result["ucx_perftest"] or {}).get(f"{setup[0]}{' +eh' if setup[1] else ''}", {}) if setup else {}
+        for n, m in r["sizes"].items():
+            ceil, g = pt.get(n, {}), grpc.get("sizes", {}).get(n, {})
+            m["bw_vs_perftest"] = _ratio(m["bw_gbps"], ceil.get("bw_gbps"))
+            m["rtt_vs_perftest"] = _ratio(m["rtt_us"], ceil.get("rtt_us"))
+            m["bw_vs_grpc"] = _ratio(m["bw_gbps"], g.get("bw_gbps")) if name != "grpc" else None
+            m["rtt_vs_grpc"] = _ratio(m["rtt_us"], g.get("rtt_us")) if name != "grpc" else None
+            m["bw_vs_memcpy"] = _ratio(m["bw_gbps"], result["memcpy_gbps"].get(n))
+        d = r["decode_step"]
+        d["floor_us"] = pt.get(str(DECODE_BYTES), {}).get("rtt_us")
+        d["vs_floor"] = _ratio(d["rtt_us"], d["floor_us"])
+        d["vs_grpc"] = _ratio(d["rtt_us"], grpc.get("decode_step", {}).get("rtt_us")) if name != "grpc" else None
+    return result
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"# machine: {result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1m']:.2f}, "
+             f"{result['machine']['platform']}", "",
+             "| size | transport | GB/s | RTT µs | GB/s ÷ perftest | RTT ÷ perftest | GB/s ÷ gRPC | RTT ÷ gRPC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in result["sizes"]:
+        for name, r in result["transports"].items():
+            if "error" in r:
+                continue
+            m = r["sizes"][str(n)]
+            lines.append(f"| {_size(n)} | {name} | {m['bw_gbps']:.3f} | {m['rtt_us']:.0f} | "
+                         f"{_fmt(m['bw_vs_perftest'], '.2f')} | {_fmt(m['rtt_vs_perftest'], '.1f')} | "
+                         f"{_fmt(m['bw_vs_grpc'], '.2f')} | {_fmt(m['rtt_vs_grpc'], '.2f')} |")
+    lines += ["", "| ceiling | " + " | ".join(_size(n) for n in result["sizes"]) + " |",
+              "|---|" + "---|" * len(result["sizes"])]
+    lines.append("| memcpy GB/s | " + " | ".join(f"{result['memcpy_gbps'][str(n)]:.1f}" for n in result["sizes"])
+                 + " |")
+    for key, per in (result["ucx_perftest"] or {}).items():
+        cells = [f"{_fmt(per[str(n)]['bw_gbps'], '.2f')} / {_fmt(per[str(n)]['rtt_us'], '.0f')}"
+                 for n in result["sizes"]]
+        lines.append(f"| ucx_perftest {key} GB/s / RTT µs | " + " | ".join(cells) + " |")
+    lines += ["", "| decode step 2 x [32, 4096] fp16 | RTT µs | floor µs (perftest, 512 KiB) | ÷ floor | ÷ gRPC |",
+              "|---|---|---|---|---|"]
+    for name, r in result["transports"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        d = r["decode_step"]
+        lines.append(f"| {name} | {d['rtt_us']:.0f} | {_fmt(d['floor_us'], '.0f')} | {_fmt(d['vs_floor'], '.1f')} | "
+                     f"{_fmt(d['vs_grpc'], '.2f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""A data-plane peer process for the transport benchmark and tests.
+
+    python -m stagekit.bench.transport_peer --transport ucx:tcp --connect HOST:PORT --role echo
+
+It hosts a transport (see transport_host), links it to the transport hosted at
+``--connect`` (if given), prints ``PEER READY <its address>`` and then plays its role
+until killed or until stdin closes:
+
+- ``echo``: send every frame received straight back.
+- ``sink``: drop step frames, send result frames and steps with a negative ``step_id``
+  back (one-way bandwidth: N steps, then a result as the acknowledgement; round trips
+  with negative ids).
+- ``source``: send step frames of ``--nbytes`` of fp16 tensor data, ``step_id`` 0, 1, 2...,
+  each tensor filled with ``pattern(step_id)``, ``--interval`` seconds apart.
+- ``report``: print ``FRAME <step_id> ok|bad`` per frame received (checking the pattern)
+  and ``LOST <reason>`` once the inbound link is reported lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import torch
+
+from stagekit.bench.transport_host import TransportHost
+from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.step import Frame, StepHeader
+from stagekit.transport.factory import make_transport
+
+
+def pattern(step_id: int) -> float:
+    return float(step_id % 1000) / 8.0  # exact in fp16
+
+
+def step_frame(step_id: int, nbytes: int, dtype: torch.dtype = torch.float16) -> Frame:
+    """A step frame with one tensor of ``nbytes`` filled with ``pattern(step_id)``."""
+    n = max(nbytes // dtype.itemsize, 0)
+    header = StepHeader(step_id, [SeqSlice(1, 0, 1, True)])
+    return Frame(step=header, tensors=[torch.full((n,), pattern(step_id), dtype=dtype)])
+
+
+def frame_ok(frame: Frame) -> bool:
+    if frame.step is None or len(frame.tensors) != 1:
+        return False
+    t = frame.tensors[0]
+    return bool((t == pattern(frame.step.step_id)).all())
+
+
+async def _role(role: str, host: TransportHost, nbytes: int, interval_s: float) -> None:
+    tr = host.transport
+    if role == "source":
+        i = 0
+        while True:
+            await tr.send(step_frame(i, nbytes))
+            i += 1
+            await asyncio.sleep(interval_s)  # the gRPC fallback queues sends without bound: pace it
+    while True:
+        if role == "report":
+            try:
+                frame = await asyncio.wait_for(tr.recv(), 0.2)
+            except asyncio.TimeoutError:
+                lost = getattr(tr, "inbound_lost", "")
+                if lost:
+                    print(f"LOST {lost}", flush=True)
+                    return
+                continue
+            print(f"FRAME {frame.step.step_id if frame.step else -1} {'ok' if frame_ok(frame) else 'bad'}",
+                  flush=True)
+            continue
+        frame = await tr.recv()
+        if role == "echo" or frame.result is not None or (frame.step is not None and frame.step.step_id < 0):
+            await tr.send(frame)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    host = TransportHost(make_transport(args.transport))
+    addr = await host.start()
+    if args.connect:
+        await host.link(args.connect)
+    print(f"PEER READY {addr}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.read(1) or stop.set())
+    role = asyncio.create_task(_role(args.role, host, args.nbytes, args.interval))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({role, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (role, stopped):
+        t.cancel()
+        with contextlib.suppress(BaseException):
+            await t
+    if role.done() and not role.cancelled() and role.exception() is not None:
+        print(f"ERROR {role.exception()}", flush=True)
+    await host.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transport", required=True, help="ucx, ucx:shm, ucx:tcp or grpc")
+    p.add_argument("--connect", default="", help="the other side's host:port (a TransportHost); without it, "
+                   "no outbound link (a pure receiver)")
+    p.add_argument("--role", choices=["echo", "sink", "source", "report"], default="echo")
+    p.add_argument("--nbytes", type=int, default=1 << 20, help="tensor bytes per frame (source)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between frames (source)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # idle OpenMP workers spin and steal the other side's core on small machines
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The receiving side of a stage on UCX: an inbox that accepts links (a hello from an
+upstream sender, answered with a welcome over an endpoint back to it), and the reader of
+the current link, which receives its frames in sequence.
+
+Receives go through the endpoint back to the sender, so that with error handling on a dead
+sender cancels them. Each frame: the envelope into a reused fixed-size slot, then every
+tensor straight into freshly allocated memory of its final dtype and shape (no staging
+copy). Waiting for the next envelope has no deadline (upstream may be idle); once an
+envelope arrived, the rest of its frame must follow within ``part_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagekit.engine.step import Frame
+from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport.peer_watch import PeerWatch
+from stagekit.transport.ucx_progress import WaitAborted
+from stagekit.transport.ucx_runtime import UcxRuntime, cuda_present
+
+log = logging.getLogger(__name__)
+
+
+class InboundLink:
+    """Invariant: frames are delivered in ``seq`` order, each exactly once and complete;
+    after ``stop`` or a loss nothing more is delivered."""
+
+    def __init__(self, rt: UcxRuntime, ep: Any, hello: ucx_wire.Hello, deliver: Callable[[Frame], None],
+                 on_lost: Callable[[str], None]) -> None:
+        self.rt, self.ep, self.hello = rt, ep, hello
+        self.link_id = hello.link_id
+        self.peer_pid = hello.sender.pid
+        self._deliver, self._on_lost = deliver, on_lost
+        self._stopped: asyncio.Future[None] = rt.loop.create_future()
+        self._task: asyncio.Task | None = None
+        self._watch: PeerWatch | None = None
+        self.lost = ""
+        self.parked: list[object] = []
+
+    def start(self) -> None:
+        self._task = self.rt.loop.create_task(self._read(), name=f"ucx-inbound-{self.link_id:x}")
+        if self.hello.error_handling:
+            self.ep.set_close_callback(lambda: self.rt.loop.call_soon(self._lose, "UCX endpoint to the sender failed"))
+        if self.hello.sender.host == ucx_wire.this_host() and self.peer_pid != os.getpid():
+            self._watch = PeerWatch(self.peer_pid, lambda: self._lose(f"upstream process {self.peer_pid} exited"))
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+        self.ep.abort(period=10**8)
+
+    def _lose(self, reason: str) -> None:
+        if self.lost or self._stopped.done():
+            return
+        self.lost = reason
+        self.stop()
+        self._on_lost(reason)
+
+    async def _read(self) -> None:
+        slot = np.empty(frame_codec.ENVELOPE_BYTES, dtype=np.uint8)  # reused for every envelope
+        self.parked.append(slot)
+        seq = 0
+        try:
+            while True:
+                req = self.rt.recv(self.ep, slot, ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_ENVELOPE))
+                await self.rt.progress.wait([req], abort=self._stopped, idle=True)
+                env = frame_codec.decode(slot)
+                if env.seq != seq & 0xFFFFFFFF:
+                    raise ValueError(f"frame {env.seq} arrived where frame {seq} was due")
+                if env.inline is not None:
+                    header, tensors = env.header, env.inline
+                else:
+                    header, tensors = await self._rest(env, seq)
+                self._deliver(frame_codec.to_frame(env, header, tensors))
+                seq += 1
+        except WaitAborted:
+            return
+        except TimeoutError:
+            self._lose(f"frame {seq} incomplete after {self.rt.settings.part_timeout_s:.0f}s (sender stalled)")
+        except Exception as e:  # a failed request (peer gone) or a corrupt envelope
+            self._lose(f"receive failed: {e}")
+
+    async def _rest(self, env: frame_codec.Envelope, seq: int) -> tuple[bytes, list[torch.Tensor]]:
+        """The frame's overflowing header and its tensors, received where they will live."""
+        bufs: list[object] = []
+        tags: list[int] = []
+        header = np.empty(env.header_len, dtype=np.uint8) if env.overflow else None
+        if header is not None:
+            bufs.append(header)
+            tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_HEADER))
+        cuda = cuda_present()
+        tensors = []
+        for i, spec in enumerate(env.specs):
+            device = "cuda" if spec.cuda and cuda else "cpu"
+            t = torch.empty(spec.shape, dtype=spec.dtype, device=device)  # [*shape]
+            tensors.append(t)
+            if spec.nbytes:
+                bufs.append(frame_codec.wire_view(t))
+                tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
+        if bufs:
+            reqs = [self.rt.recv(self.ep, b, tag) for b, tag in zip(bufs, tags, strict=True)]
+            try:
+                await self.rt.progress.wait(reqs, timeout=self.rt.settings.part_timeout_s, abort=self._stopped)
+            except BaseException:
+                self.parked += [bufs, tensors, reqs]  # still posted: UCX may write into them
+                raise
+        return (env.header if header is None else header.tobytes()), tensors
+
+
+class Inbox:
+    """Accepts upstream links for one transport. Invariant: at most one link is current;
+    accepting a new one stops the previous one."""
+
+    def __init__(self, rt: UcxRuntime, inbox: int, deliver: Callable[[Frame], None],
+                 on_link: Callable[[InboundLink], None], on_lost: Callable[[str], None]) -> None:
+        self.rt, self.inbox = rt, inbox
+        self._deliver, self._on_link, self._on_lost = deliver, on_link, on_lost
+        self._hello_buf = np.empty(ucx_wire.HELLO_BYTES, dtype=np.uint8)
+        self._stopped: asyncio.Future[None] = rt.loop.create_future()
+        self.link: InboundLink | None = None
+        self.retired: list[InboundLink] = []   # stopped links: they may own still-posted buffers
+        self._task = rt.loop.create_task(self._accept(), name=f"ucx-inbox-{inbox:x}")
+
+    async def _accept(self) -> None:
+        while True:
+            req = self.rt.recv(None, self._hello_buf, ucx_wire.hello_tag(self.inbox))
+            try:
+                await self.rt.progress.wait([req], abort=self._stopped, idle=True)
+                hello = ucx_wire.Hello.unpack(self._hello_buf)
+            except WaitAborted:
+                return
+            except Exception as e:
+                log.error("bad UCX hello on inbox %x: %s", self.inbox, e)
+                continue
+            try:
+                await self._welcome(hello)
+            except Exception as e:
+                log.error("could not accept the UCX link from process %d: %s", hello.sender.pid, e)
+
+    async def _welcome(self, hello: ucx_wire.Hello) -> None:
+        s = self.rt.settings
+        ep = await self.rt.endpoint(hello.sender.worker_address, hello.error_handling)
+        msg = np.frombuffer(ucx_wire.pack_welcome(ucx_wire.WELCOME_OK), dtype=np.uint8)
+        link = InboundLink(self.rt, ep, hello, self._deliver, self._on_lost)
+        if self.link is not None:
+            self.link.stop()
+            self.retired.append(self.link)
+        self.link = link
+        link.start()   # post the first envelope receive before the sender can send frames
+        await self.rt.progress.wait([self.rt.send(ep, msg, ucx_wire.welcome_tag(hello.link_id))],
+                                    timeout=s.connect_timeout_s)
+        self._on_link(link)
+        log.info("accepted UCX link %x from process %d on %s", hello.link_id, hello.sender.pid, hello.sender.host)
+
+    def close(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+        if self.link is not None:
+            self.link.stop()
+            self.retired.append(self.link)
+            self.link = None

@@ -1,0 +1,130 @@
+"""The sending end of one UCX link: an endpoint to the downstream stage's worker, opened
+with a hello that the receiver answers, and the frames sent on it in sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagekit.engine.step import Frame
+from stagekit.errors import StageUnavailable
+from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport.peer_watch import PeerWatch
+from stagekit.transport.ucx_progress import WaitAborted
+from stagekit.transport.ucx_runtime import UcxRuntime
+from stagekit.transport.ucx_wire import PeerAddress
+
+log = logging.getLogger(__name__)
+
+
+class OutboundLink:
+    """Invariant: frames are posted in ``seq`` order, all parts of a frame back to back,
+    so the receiver, which posts exactly the next frame's tags, reads them in order. Once
+    ``lost`` is set the link sends nothing more."""
+
+    def __init__(self, rt: UcxRuntime, peer_name: str, peer: PeerAddress, on_lost: Callable[[str], None]) -> None:
+        self.rt, self.settings = rt, rt.settings
+        self.peer_name, self.peer = peer_name, peer
+        self.link_id = secrets.randbits(31) | 1
+        self.seq = 0
+        self.lost = ""
+        self._lost_future: asyncio.Future[None] = rt.loop.create_future()
+        self._on_lost = on_lost
+        self._ep: Any = None
+        self.error_handling = False
+        self._watch: PeerWatch | None = None
+        self.parked: list[object] = []   # buffers of requests abandoned on failure: UCX may still touch them
+
+    async def open(self, me: PeerAddress) -> None:
+        s, peer = self.settings, self.peer
+        same_host = peer.host == ucx_wire.this_host()
+        self.error_handling = s.link_error_handling(same_host)
+        try:
+            self._ep = await self.rt.endpoint(peer.worker_address, self.error_handling)
+        except Exception as e:
+            raise StageUnavailable(f"cannot reach stage {self.peer_name} over UCX ({s.describe()}): {e}") from None
+        if self.error_handling:
+            self._ep.set_close_callback(self._ep_closed)
+        hello = np.frombuffer(ucx_wire.Hello(self.link_id, me, self.error_handling).pack(), dtype=np.uint8)
+        welcome = np.zeros(8, dtype=np.uint8)
+        reqs = [self.rt.recv(self._ep, welcome, ucx_wire.welcome_tag(self.link_id)),
+                self.rt.send(self._ep, hello, ucx_wire.hello_tag(peer.inbox))]
+        try:
+            await self.rt.progress.wait(reqs, timeout=s.connect_timeout_s)
+            status = ucx_wire.unpack_welcome(welcome)
+        except Exception as e:
+            self.parked += [hello, welcome, reqs]
+            what = f"no answer within {s.connect_timeout_s:.0f}s" if isinstance(e, TimeoutError) else str(e)
+            hint = "" if same_host or self.error_handling else f" (profile {s.profile} reaches this host only)"
+            raise StageUnavailable(f"UCX link to stage {self.peer_name} failed: {what}{hint}") from None
+        if status != ucx_wire.WELCOME_OK:
+            raise StageUnavailable(f"stage {self.peer_name} refused the UCX link (status {status})")
+        if same_host and peer.pid != os.getpid():
+            self._watch = PeerWatch(peer.pid, lambda: self.lose(f"stage process {peer.pid} exited"))
+
+    def _ep_closed(self) -> None:
+        self.rt.loop.call_soon(self.lose, "UCX endpoint failed (peer gone or connection reset)")
+
+    def lose(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = reason
+        self._lost_future.set_result(None)
+        log.error("data-plane link to %s lost: %s", self.peer_name, reason)
+        self._on_lost(reason)
+
+    def _down(self) -> StageUnavailable:
+        return StageUnavailable(f"data-plane link to {self.peer_name} is down: {self.lost}")
+
+    async def send(self, frame: Frame) -> None:
+        if self.lost:
+            raise self._down()
+        tensors = [t.detach().contiguous() for t in frame.tensors]  # [*shape] each, sent from this memory
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize()  # UCX reads the memory on its own stream: the producer must be done
+        seq = self.seq
+        self.seq += 1
+        envelope, header, inline = frame_codec.encode(Frame(frame.step, frame.result, tensors), seq)
+        bufs: list[object] = [envelope]
+        tags = [ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_ENVELOPE)]
+        if header:
+            bufs.append(np.frombuffer(header, dtype=np.uint8))
+            tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_HEADER))
+        for i, t in enumerate([] if inline else tensors):
+            if t.numel():
+                bufs.append(frame_codec.wire_view(t))
+                tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
+        reqs: list[Any] = []
+        try:
+            # no await in between: concurrent senders cannot interleave their frames' parts
+            for buf, tag in zip(bufs, tags, strict=True):
+                reqs.append(self.rt.send(self._ep, buf, tag))
+            await self.rt.progress.wait(reqs, timeout=self.settings.send_timeout_s, abort=self._lost_future)
+        except WaitAborted:
+            self.parked += [bufs, tensors, reqs]
+            raise self._down() from None
+        except TimeoutError:
+            self.parked += [bufs, tensors, reqs]
+            self.lose(f"frame {seq} not taken within {self.settings.send_timeout_s:.0f}s (receiver stalled)")
+            raise self._down() from None
+        except Exception as e:
+            self.parked += [bufs, tensors, reqs]
+            self.lose(f"send failed: {e}")
+            raise self._down() from None
+
+    def close(self) -> None:
+        """Stop watching and drop the endpoint without flushing (a dead peer would never ack)."""
+        if self._watch is not None:
+            self._watch.close()
+        if not self.lost:
+            self.lost = "closed"
+            self._lost_future.set_result(None)
+        if self._ep is not None:
+            self._ep.abort(period=10**8)

@@ -1,0 +1,112 @@
+"""The process's one UCX context and worker (ucxx keeps one per process), the progress
+driver of the running loop, and thin helpers that post tag sends and receives.
+
+UCX reads its environment when ``ucxx`` is imported, so the import happens here, after
+``prepare_environment``; nothing else in the package imports ucxx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+from typing import Any
+
+from stagekit.transport.ucx_progress import UcxProgress
+from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
+
+log = logging.getLogger(__name__)
+
+_state: dict[str, Any] = {}
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ucx_importable() -> bool:
+    """Whether ucxx imports here (it pulls in libucx; a broken install raises)."""
+    if "importable" not in _state:
+        ok = importlib.util.find_spec("ucxx") is not None
+        if ok:
+            try:
+                _import_ucxx()
+            except Exception as e:  # a wheel without its native libraries, etc.
+                log.warning("ucxx is installed but does not import: %s", e)
+                ok = False
+        _state["importable"] = ok
+    return _state["importable"]
+
+
+def _import_ucxx() -> Any:
+    if "ucxx" not in _state:
+        prepare_environment(cuda=cuda_present())
+        import ucxx
+
+        _state["ucxx"] = ucxx
+    return _state["ucxx"]
+
+
+def ucx_tls(settings: UcxSettings) -> str:
+    """UCX_TLS as given by the user, else the settings' (plus CUDA transports when CUDA is here)."""
+    if "UCX_TLS" in os.environ:
+        return os.environ["UCX_TLS"]
+    tls = settings.tls
+    if cuda_present() and "cuda" not in tls:
+        tls += ",cuda_copy,cuda_ipc"
+    return tls
+
+
+class UcxRuntime:
+    """Invariant: one per process; ``progress`` drives the worker on the loop it was made on."""
+
+    def __init__(self, ucxx: Any, settings: UcxSettings, loop: asyncio.AbstractEventLoop) -> None:
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag, TagMaskFull
+
+        self.ucxx, self.settings, self.loop = ucxx, settings, loop
+        self._Array, self._Tag, self._mask = Array, Tag, TagMaskFull
+        self.worker = ucxx.core._get_ctx().worker
+        self.progress = UcxProgress(self.worker, loop, settings.spin_s)
+
+    @classmethod
+    def get(cls, settings: UcxSettings) -> UcxRuntime:
+        """The process's runtime, initialising UCX on first use (from inside the running loop)."""
+        loop = asyncio.get_running_loop()
+        rt: UcxRuntime | None = _state.get("runtime")
+        if rt is not None:
+            if rt.loop is not loop:
+                raise RuntimeError("the UCX data plane is bound to the event loop that started it")
+            if rt.settings.runtime_key() != settings.runtime_key():
+                log.warning("UCX already initialised with %s; ignoring %s", rt.settings.describe(),
+                            settings.describe())
+            return rt
+        ucxx = _import_ucxx()
+        tls = ucx_tls(settings)
+        # "blocking" makes ucxx create the worker with wakeup support; UcxProgress then takes its fd over.
+        ucxx.init(options={"TLS": tls}, env_takes_precedence=True, progress_mode="blocking")
+        rt = cls(ucxx, settings, loop)
+        _state["runtime"] = rt
+        log.info("UCX %s initialised: UCX_TLS=%s", ucxx.__ucx_version__, tls)
+        return rt
+
+    def worker_address(self) -> bytes:
+        return bytes(self.ucxx.get_worker_address())
+
+    async def endpoint(self, worker_address: bytes, error_handling: bool) -> Any:
+        addr = self.ucxx.get_ucx_address_from_buffer(worker_address)
+        return await self.ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=error_handling)
+
+    def send(self, ep: Any, buf: object, tag: int) -> Any:
+        """Post a tag send on an endpoint (ucxx.Endpoint); the request completes later."""
+        return ep._ep.tag_send(self._Array(buf), self._Tag(tag))
+
+    def recv(self, ep: Any | None, buf: object, tag: int) -> Any:
+        """Post a tag receive. Through ``ep`` it is cancelled when that endpoint fails;
+        without one it waits on the worker for any sender."""
+        if ep is None:
+            return self.worker.tag_recv(self._Array(buf), self._Tag(tag))
+        return ep._ep.tag_recv(self._Array(buf), self._Tag(tag), self._mask)

@@ -1,0 +1,46 @@
+"""``stagemesh bench``: benchmarks of stagemesh's parts; ``--json`` prints one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from stagemesh.cli.sizes import parse_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (see: stagemesh bench transport --help)")
+    which = p.add_subparsers(dest="bench", required=True)
+    t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
+                         description="Bandwidth and round trip of the data-plane transports between two "
+                                     "processes, for each message size, with ratios to ucx_perftest (same UCX "
+                                     "transports) and to gRPC; plus a decode-sized step round trip.")
+    t.add_argument("--sizes", default=None,
+                   help="comma-separated message sizes, e.g. 4KiB,1MiB,64MiB (default: 4KiB,64KiB,1MiB,16MiB,64MiB; "
+                        "quick: 4KiB,1MiB,16MiB)")
+    t.add_argument("--transports", default=None,
+                   help="comma-separated: ucx (auto), ucx:shm, ucx:cma, ucx:tcp, grpc (default: all that work here)")
+    t.add_argument("--quick", action="store_true", help="fewer sizes and iterations (a minute or two)")
+    t.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest ceilings")
+    t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    t.set_defaults(func=run_transport)
+
+
+def run_transport(args: argparse.Namespace) -> int:
+    from stagekit.bench import transport as bench
+    from stagekit.transport.ucx_runtime import ucx_importable
+
+    cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest)
+    if args.sizes:
+        cfg.sizes = [parse_bytes(s) for s in args.sizes.split(",") if s]
+    elif args.quick:
+        cfg.sizes = list(bench.QUICK_SIZES)
+    if args.transports:
+        cfg.transports = [s for s in args.transports.split(",") if s]
+    elif not ucx_importable():
+        cfg.transports = ["grpc"]
+    print(f"measuring {', '.join(cfg.transports)} at {len(cfg.sizes)} sizes...", file=sys.stderr, flush=True)
+    result = bench.run(cfg)
+    print(json.dumps(result) if args.json else bench.format_table(result), flush=True)
+    return 0

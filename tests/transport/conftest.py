@@ -1,0 +1,140 @@
+"""Transport tests run this side in the test process, on one event loop in a background
+thread for the whole session (the process's UCX context is bound to the loop that made
+it), and the other side as a real peer process (stagekit.bench.transport_peer)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from stagekit.bench.transport_host import TransportHost
+from stagekit.transport.base import Transport
+from stagekit.transport.ucx_runtime import ucx_importable
+
+# Every UCX profile a peer may run; this process serves them all from one UCX context
+# (error handling is chosen per endpoint). No cma here: a peer dying mid-copy would
+# abort the test process (that profile is tested with both sides as subprocesses).
+TEST_TLS = "posix,tcp"
+TRANSPORTS = ["grpc", "ucx:shm", "ucx:tcp", "ucx"]
+needs_ucx = pytest.mark.skipif(not ucx_importable(), reason="ucxx does not import here")
+
+
+def transport_params(names: list[str] = TRANSPORTS) -> list:
+    return [pytest.param(n, marks=needs_ucx) if n.startswith("ucx") else n for n in names]
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="transport-tests", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+_LOOP: list[LoopThread] = []
+
+
+def shared_loop() -> LoopThread:
+    """The process's one test loop (its UCX context is bound to it; the thread is a daemon)."""
+    if not _LOOP:
+        _LOOP.append(LoopThread())
+    return _LOOP[0]
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> LoopThread:
+    return shared_loop()
+
+
+def make_test_transport(name: str) -> Transport:
+    """This side's transport for a peer running ``name``."""
+    if name == "grpc":
+        from stagekit.transport.grpc_transport import GrpcTransport
+
+        return GrpcTransport()
+    from stagekit.transport.ucx_settings import UcxSettings
+    from stagekit.transport.ucx_transport import UcxTransport
+
+    profile = name.partition(":")[2] or None
+    return UcxTransport(replace(UcxSettings.from_env(profile), tls=TEST_TLS, part_timeout_s=10.0,
+                                send_timeout_s=10.0))
+
+
+@dataclass
+class Peer:
+    proc: subprocess.Popen
+    address: str
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def spawn_peer(name: str, connect: str, role: str, *extra: str, env: dict[str, str] | None = None) -> Peer:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", name, "--connect", connect,
+         "--role", role, *extra],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()
+    if not line.startswith("PEER READY"):
+        proc.kill()
+        raise RuntimeError(f"peer {name}/{role} did not start (exit code {proc.wait()}): {line!r}")
+    return Peer(proc, line.split()[-1])
+
+
+@dataclass
+class Linked:
+    """This side's host, linked both ways to a peer process."""
+
+    name: str
+    host: TransportHost
+    peer: Peer
+
+    @property
+    def transport(self) -> Transport:
+        return self.host.transport
+
+
+def link(loop_thread: LoopThread, name: str, role: str, *extra: str) -> Linked:
+    host = TransportHost(make_test_transport(name))
+    addr = loop_thread.run(host.start())
+    peer = spawn_peer(name, addr, role, *extra)
+    try:
+        loop_thread.run(host.link(peer.address))
+    except BaseException:
+        peer.kill()
+        raise
+    return Linked(name, host, peer)
+
+
+def unlink(loop_thread: LoopThread, linked: Linked) -> None:
+    linked.peer.stop()
+    loop_thread.run(linked.host.stop())
+
+
+@pytest.fixture(scope="module", params=transport_params())
+def echo(request: pytest.FixtureRequest, loop_thread: LoopThread) -> Iterator[Linked]:
+    """A peer that sends every frame back, for each transport."""
+    linked = link(loop_thread, request.param, "echo")
+    yield linked
+    unlink(loop_thread, linked)

@@ -1,0 +1,121 @@
+"""A neighbour killed in the middle of a transfer: the surviving side never hangs and
+never delivers a partial frame. On UCX it also says so within seconds: the receiving side
+marks its upstream link lost and turns each step it originated into an error result (what
+makes the replica head fail exactly those requests), and sends raise StageUnavailable.
+The gRPC fallback detects a dead downstream on send; a dead upstream is left to the
+head's step timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+
+import pytest
+
+from stagekit.bench.transport_peer import frame_ok, step_frame
+from stagekit.errors import StageUnavailable
+from tests.transport.conftest import LoopThread, link, needs_ucx, spawn_peer, transport_params, unlink
+
+KILL_TRANSPORTS = transport_params(["grpc", "ucx:shm", "ucx:tcp"])
+REPORT_S = 5.0      # UCX reports a lost link within this (pidfd / TCP reset: well under a second)
+ORIGIN_STEP = 10**6
+
+
+@pytest.mark.parametrize("name", KILL_TRANSPORTS)
+def test_sender_killed_mid_frame(name: str, loop_thread: LoopThread) -> None:
+    interval = "0.05" if name == "grpc" else "0"   # the gRPC fallback queues without bound: pace it
+    linked = link(loop_thread, name, "source", "--nbytes", str(8 << 20), "--interval", interval)
+    tr = linked.transport
+    try:
+        async def scenario() -> tuple[list, list, float | None]:
+            await tr.send(step_frame(ORIGIN_STEP, 1024))   # a step of ours, waiting for its result
+            frames = [await asyncio.wait_for(tr.recv(), 30) for _ in range(2)]
+            linked.peer.kill()
+            killed = time.monotonic()
+            errors, reported = [], None
+            while time.monotonic() - killed < REPORT_S + 1:
+                try:
+                    f = await asyncio.wait_for(tr.recv(), 0.25)
+                except asyncio.TimeoutError:
+                    continue
+                if f.result is not None:
+                    errors.append(f.result)
+                    reported = reported or time.monotonic() - killed
+                else:
+                    frames.append(f)
+            return frames, errors, reported
+
+        frames, errors, reported = loop_thread.run(scenario(), timeout=60)
+        assert len(frames) >= 2 and all(frame_ok(f) for f in frames), "a partial or corrupt frame was delivered"
+        assert [f.step.step_id for f in frames] == list(range(len(frames)))
+        if name.startswith("ucx"):
+            assert [e.step_id for e in errors] == [ORIGIN_STEP] and "lost" in errors[0].error
+            assert reported is not None and reported < REPORT_S
+            assert tr.inbound_lost
+            with pytest.raises(StageUnavailable, match="results cannot come back"):
+                loop_thread.run(tr.send(step_frame(ORIGIN_STEP + 1, 10)))
+        else:
+            assert errors == []
+    finally:
+        unlink(loop_thread, linked)
+
+
+@pytest.mark.parametrize("name", KILL_TRANSPORTS)
+def test_receiver_killed_mid_frame(name: str, loop_thread: LoopThread) -> None:
+    linked = link(loop_thread, name, "sink")
+    tr = linked.transport
+    try:
+        async def scenario() -> tuple[float, str, list]:
+            frame = step_frame(1, 16 << 20)
+            await tr.send(frame)
+            asyncio.get_running_loop().call_later(0.2, linked.peer.kill)
+            start = time.monotonic()
+            try:
+                while time.monotonic() - start < 30:
+                    await tr.send(frame)
+                    await asyncio.sleep(0)
+            except StageUnavailable as e:
+                failed = [f.result for f in _drain(tr)]
+                return time.monotonic() - start, str(e), failed
+            raise AssertionError("sends to a dead receiver kept succeeding")
+
+        took, err, failed = loop_thread.run(scenario(), timeout=60)
+        assert took < 15, f"the dead receiver was noticed only after {took:.1f}s"
+        assert "down" in err
+        if name.startswith("ucx"):
+            # the steps sent before the death never got results: they come back as errors
+            assert failed and all(r is not None and "lost" in r.error for r in failed)
+    finally:
+        unlink(loop_thread, linked)
+
+
+def _drain(tr: object) -> list:
+    q = tr._inbound  # type: ignore[attr-defined]
+    return [q.get_nowait() for _ in range(q.qsize())]
+
+
+@needs_ucx
+def test_cma_profile_survivor_reports_or_shares_fate() -> None:
+    """With cma (one-copy reads of the sender's memory, no error handling) UCX aborts a
+    receiver whose sender dies mid-copy: the documented fate-sharing. Both sides run as
+    processes here; the receiver must report the loss or die of SIGABRT, never hang, and
+    never deliver a corrupt frame."""
+    receiver = spawn_peer("ucx:cma", "", "report")
+    sender = spawn_peer("ucx:cma", receiver.address, "source", "--nbytes", str(16 << 20))
+    try:
+        lines = [receiver.proc.stdout.readline() for _ in range(2)]
+        sender.kill()
+        try:
+            rest, _ = receiver.proc.communicate(timeout=REPORT_S + 10)
+        except subprocess.TimeoutExpired:
+            receiver.kill()
+            raise AssertionError("the receiver hung after its sender died") from None
+        lines += rest.splitlines()
+        assert lines[0].startswith("FRAME 0 ok") and not any(" bad" in ln for ln in lines)
+        rc = receiver.proc.returncode
+        assert rc == -signal.SIGABRT or any(ln.startswith("LOST ") for ln in lines), (rc, lines[-3:])
+    finally:
+        sender.kill()
+        receiver.kill()
