@@ -10,7 +10,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (see: stagemesh bench transport --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -25,6 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest ceilings")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     t.set_defaults(func=run_transport)
+    s = which.add_parser("serve", help="serving: a mesh through the gateway vs transformers generate",
+                         description="Starts a mesh on this machine, drives it through the gateway with N "
+                                     "concurrent greedy requests, and (--baseline hf) runs transformers "
+                                     "generate on the same checkpoint in the same invocation.")
+    from stagemesh.bench import serving
+
+    serving.add_arguments(s)
+    s.set_defaults(func=serving.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:
