@@ -12,7 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stagemesh.bench.load import LoadResult, run_load
 from stagemesh.bench.rss import tree_rss_mib
 
 
@@ -50,6 +49,7 @@ def _model_dir(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
     from stagekit.parallel.tp_executor import free_port
+    from stagemesh.bench.load import LoadResult, run_load  # httpx: only needed to run it
     from stagemesh.launcher import Mesh, MeshSpec, split_layers
 
     model = _model_dir(args)
