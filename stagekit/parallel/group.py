@@ -70,6 +70,14 @@ class GroupCoordinator:
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)
 
+    def close(self) -> None:
+        """Leave torch.distributed. A process that exits with its gloo groups still alive
+        can abort in their threads' destructors ("terminate called without an active
+        exception"), so every rank closes its group before it exits."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        self.cpu_group = self.device_group = None
+
 
 def init_tp_group(
     tp_rank: int,

@@ -102,3 +102,6 @@ class TPExecutor:
                 p.kill()
                 p.join(timeout=5)
         self._conns, self._procs = [], []
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.group.close()

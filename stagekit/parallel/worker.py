@@ -12,7 +12,7 @@ import torch
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.models.stage_model import IntermediateTensors
-from stagekit.parallel.group import init_tp_group
+from stagekit.parallel.group import GroupCoordinator, init_tp_group
 
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
@@ -23,6 +23,13 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) 
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", None))
+    try:
+        _serve(runner, group, conn)
+    finally:
+        group.close()
+
+
+def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> None:
     while True:
         try:
             msg = conn.recv()

@@ -85,6 +85,8 @@ def _checks(rank: int, init_method: str) -> None:
         torch.testing.assert_close(head.compute_logits(x), dense[2])
     else:
         assert group.device.type != "cpu", "prepacking is expected to work for fp32 on the CPU"
+    group.barrier()
+    group.close()
 
 
 def test_sharded_layers_equal_dense() -> None:
