@@ -36,7 +36,7 @@ def _parse_final(out: str) -> list[float] | None:
     return None
 
 
-def perftest(test: str, nbytes: int, tls: str, error_handling: bool, iters: int, timeout_s: float = 120.0
+def perftest(test: str, nbytes: int, tls: str, error_handling: bool, iters: int, timeout_s: float = 60.0
              ) -> float | None:
     """One ``ucx_perftest`` run between two processes over loopback: ``tag_bw`` gives the
     bandwidth in bytes/s, ``tag_lat`` the median round trip in seconds. None when the
@@ -51,17 +51,20 @@ def perftest(test: str, nbytes: int, tls: str, error_handling: bool, iters: int,
     port = _free_port()
     args = ["-p", str(port), *(["-e"] if error_handling else [])]
     server = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    final = None
     try:
-        for _ in range(20):  # the server needs a moment to listen
+        while final is None and time.monotonic() < deadline:  # the server needs a moment to listen
             time.sleep(0.1)
-            client = subprocess.run(
-                [str(binary), "127.0.0.1", *args, "-t", test, "-s", str(nbytes), "-n", str(iters),
-                 "-w", str(max(1, iters // 10))],
-                env=env, capture_output=True, text=True, timeout=timeout_s)
+            try:
+                client = subprocess.run(
+                    [str(binary), "127.0.0.1", *args, "-t", test, "-s", str(nbytes), "-n", str(iters),
+                     "-w", str(max(1, iters // 10))],
+                    env=env, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return None
             final = _parse_final(client.stdout)
-            if final is not None:
-                break
-        else:
+        if final is None:
             return None
     finally:
         server.kill()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class BenchConfig:
     transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
     quick: bool = False
     perftest: bool = True
+    repeat: int = 1   # rounds over all transports; each figure is the median over rounds
 
 
 def _ucx_setup(name: str) -> tuple[str, bool] | None:
@@ -45,10 +47,29 @@ def _ucx_setup(name: str) -> tuple[str, bool] | None:
 def probe(name: str, sizes: list[int], quick: bool) -> dict:
     cmd = [sys.executable, "-m", "stagekit.bench.transport_probe", "--transport", name,
            "--sizes", ",".join(map(str, sizes)), *(["--quick"] if quick else [])]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {"transport": name, "error": "timed out after 900 s"}
     if out.returncode != 0:
         return {"transport": name, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median_of(runs: list[dict]) -> dict:
+    """One probe result whose figures are the medians over ``runs`` (the raw ones kept)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    out = {"transport": ok[0]["transport"], "sizes": {}, "rounds": len(ok)}
+    for n in ok[0]["sizes"]:
+        rtts = [r["sizes"][n]["rtt_us"] for r in ok]
+        bws = [r["sizes"][n]["bw_gbps"] for r in ok]
+        out["sizes"][n] = {"rtt_us": statistics.median(rtts), "bw_gbps": statistics.median(bws),
+                           "rtt_us_rounds": rtts, "bw_gbps_rounds": bws}
+    rtts = [r["decode_step"]["rtt_us"] for r in ok]
+    out["decode_step"] = {"rtt_us": statistics.median(rtts), "rtt_us_rounds": rtts, "bytes": DECODE_BYTES}
+    return out
 
 
 def _perftest_ceilings(setups: set[tuple[str, bool]], sizes: list[int], quick: bool) -> dict:
@@ -69,13 +90,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _probe_rounds(cfg: BenchConfig) -> dict:
+    # round-robin, so that a burst of other load on the machine hits one round of each, not one transport
+    runs: dict[str, list[dict]] = {name: [] for name in cfg.transports}
+    for _ in range(cfg.repeat):
+        for name in cfg.transports:
+            runs[name].append(probe(name, cfg.sizes, cfg.quick))
+    return {name: _median_of(r) for name, r in runs.items()}
+
+
 def run(cfg: BenchConfig) -> dict:
     """Measure everything in ``cfg``; the result is one JSON-ready dict."""
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_1m": os.getloadavg()[0]},
-        "sizes": cfg.sizes, "quick": cfg.quick,
-        "transports": {name: probe(name, cfg.sizes, cfg.quick) for name in cfg.transports},
+        "sizes": cfg.sizes, "quick": cfg.quick, "repeat": cfg.repeat,
+        "transports": _probe_rounds(cfg),
         "memcpy_gbps": {str(n): ceilings.memcpy_bandwidth(n) / 1e9 for n in cfg.sizes},
     }
     setups = {s for s in map(_ucx_setup, cfg.transports) if s is not None}
@@ -111,7 +141,7 @@ def _size(n: int) -> str:
 
 def format_table(result: dict) -> str:
     lines = [f"# machine: {result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1m']:.2f}, "
-             f"{result['machine']['platform']}", "",
+             f"{result['machine']['platform']}; medians over {result['repeat']} round(s)", "",
              "| size | transport | GB/s | RTT µs | GB/s ÷ perftest | RTT ÷ perftest | GB/s ÷ gRPC | RTT ÷ gRPC |",
              "|---|---|---|---|---|---|---|---|"]
     for n in result["sizes"]:

@@ -51,8 +51,11 @@ async def _spawn_peer(name: str, me: str, role: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", name, "--connect", me, "--role", role],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline),
-                                  _PEER_START_S)
+    loop = asyncio.get_running_loop()
+    for _ in range(100):  # UCX logs to stdout too: skip its lines
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), _PEER_START_S)
+        if not line or line.startswith("PEER READY"):
+            break
     if not line.startswith("PEER READY"):
         proc.kill()
         raise RuntimeError(f"peer did not start (exit code {proc.wait()})")
@@ -89,10 +92,10 @@ async def _bandwidth(host: TransportHost, nbytes: int, count: int) -> float:
 
 
 def _count(nbytes: int, quick: bool) -> tuple[int, int]:
-    """(round trips, bandwidth frames) for a size: about 64 MiB (16 MiB quick) per bandwidth run."""
-    budget = (16 if quick else 64) << 20
-    frames = max(3, min(200, budget // max(nbytes, 1)))
-    return max(3, min(50 if not quick else 15, frames)), frames
+    """(round trips, bandwidth frames) for a size: about 256 MiB (32 MiB quick) per bandwidth run."""
+    budget = (32 if quick else 256) << 20
+    frames = max(4, min(400, budget // max(nbytes, 1)))
+    return max(4, min(50 if not quick else 15, frames)), frames
 
 
 async def probe(name: str, sizes: list[int], quick: bool) -> dict:

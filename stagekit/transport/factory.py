@@ -1,7 +1,7 @@
 """Pick a data plane by name: ``grpc`` always works; ``ucx`` where ucxx imports.
 
-``ucx`` may name a profile of UCX settings: ``ucx:shm`` or ``ucx:tcp`` (see ucx_settings);
-plain ``ucx`` takes STAGEMESH_UCX_PROFILE, else the default profile.
+``ucx`` may name a profile of UCX settings: ``ucx:auto``, ``ucx:shm``, ``ucx:cma``, ``ucx:tcp``
+(see ucx_settings); plain ``ucx`` takes STAGEMESH_UCX_PROFILE, else ``auto``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ def default_transport() -> str:
 
 
 def make_transport(name: str | None = None) -> Transport:
+    """The named data plane; without a name the default, where a UCX that imports but
+    cannot start (no usable transports, say) falls back to gRPC with a warning."""
+    if name is None and default_transport() == "ucx":
+        try:
+            return make_transport("ucx")
+        except InvalidRequest:  # a bad STAGEMESH_UCX_* setting: say so rather than fall back
+            raise
+        except Exception as e:
+            log.warning("the UCX data plane did not start (%s); using grpc", e)
+            name = "grpc"
     name = name or default_transport()
     if name == "grpc":
         from stagekit.transport.grpc_transport import GrpcTransport

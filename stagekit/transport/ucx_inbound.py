@@ -4,9 +4,10 @@ the current link, which receives its frames in sequence.
 
 Receives go through the endpoint back to the sender, so that with error handling on a dead
 sender cancels them. Each frame: the envelope into a reused fixed-size slot, then every
-tensor straight into freshly allocated memory of its final dtype and shape (no staging
-copy). Waiting for the next envelope has no deadline (upstream may be idle); once an
-envelope arrived, the rest of its frame must follow within ``part_timeout_s``.
+tensor straight into memory of its final dtype and shape, allocated before the receive is
+posted (no staging copy; large host tensors reuse pooled memory, see recv_pool). Waiting
+for the next envelope has no deadline (upstream may be idle); once an envelope arrived,
+the rest of its frame must follow within ``part_timeout_s``.
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ class InboundLink:
         cuda = cuda_present()
         tensors = []
         for i, spec in enumerate(env.specs):
-            device = "cuda" if spec.cuda and cuda else "cpu"
-            t = torch.empty(spec.shape, dtype=spec.dtype, device=device)  # [*shape]
+            if spec.cuda and cuda:
+                t = torch.empty(spec.shape, dtype=spec.dtype, device="cuda")  # [*shape]
+            else:
+                t = self.rt.recv_pool.empty(spec.shape, spec.dtype)         # [*shape]
             tensors.append(t)
             if spec.nbytes:
                 bufs.append(frame_codec.wire_view(t))
@@ -160,7 +163,8 @@ class Inbox:
         await self.rt.progress.wait([self.rt.send(ep, msg, ucx_wire.welcome_tag(hello.link_id))],
                                     timeout=s.connect_timeout_s)
         self._on_link(link)
-        log.info("accepted UCX link %x from process %d on %s", hello.link_id, hello.sender.pid, hello.sender.host)
+        log.info("accepted UCX link %x from process %d on %s", hello.link_id, hello.sender.pid,
+                 hello.sender.host.split("/")[0])
 
     def close(self) -> None:
         if not self._stopped.done():

@@ -8,11 +8,13 @@ UCX reads its environment when ``ucxx`` is imported, so the import happens here,
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import os
 from typing import Any
 
+from stagekit.transport.recv_pool import RecvPool
 from stagekit.transport.ucx_progress import UcxProgress
 from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
 
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 _state: dict[str, Any] = {}
 
 
+@functools.cache
 def cuda_present() -> bool:
     import torch
 
@@ -61,7 +64,8 @@ def ucx_tls(settings: UcxSettings) -> str:
 
 
 class UcxRuntime:
-    """Invariant: one per process; ``progress`` drives the worker on the loop it was made on."""
+    """Invariant: one per process; ``progress`` drives the worker on the loop it was made on,
+    ``recv_pool`` lends host memory to received tensors."""
 
     def __init__(self, ucxx: Any, settings: UcxSettings, loop: asyncio.AbstractEventLoop) -> None:
         from ucxx._lib.arr import Array
@@ -71,6 +75,7 @@ class UcxRuntime:
         self._Array, self._Tag, self._mask = Array, Tag, TagMaskFull
         self.worker = ucxx.core._get_ctx().worker
         self.progress = UcxProgress(self.worker, loop, settings.spin_s)
+        self.recv_pool = RecvPool()
 
     @classmethod
     def get(cls, settings: UcxSettings) -> UcxRuntime:

@@ -1,15 +1,17 @@
 """The UCX data plane (UCXX tag send/receive). Worker addresses travel over the gRPC
 wiring (StageInfo.transport_address); a frame is an envelope (step metadata, dtypes,
-shapes) plus one message per tensor, sent from the tensor's own memory (host or CUDA) and
-received straight into tensors allocated for it.
+shapes, small tensors inline) plus one message per larger tensor, sent from the tensor's
+own memory (host or CUDA) and received straight into tensors allocated for it.
 
 Failure behaviour: when a link to a neighbour is lost (its process exited, its endpoint
 failed, or a started frame stalled past the part timeout), pending sends on it raise
-StageUnavailable and so does every later send until the stage is re-wired; steps this
-stage originated (the replica head's) that are still waiting come back at once as error
-results, so the engine fails exactly their requests with the reason. With the ``shm``
-profile (no error handling) a neighbour dying while this process copies out of its memory
-makes UCX abort this process instead (see ucx_settings).
+StageUnavailable, and so does every later send on it until the stage is re-wired; while
+the link from upstream is down, so does every step this stage would originate (its
+results could not come back). Steps this stage originated (the replica head's) that are
+still waiting come back at once as error results, so the engine fails exactly their
+requests, with the reason. Frames are delivered whole or not at all. With the ``cma``
+profile a neighbour dying while this process copies out of its memory makes UCX abort
+this process instead (see ucx_settings).
 """
 
 from __future__ import annotations
@@ -84,11 +86,15 @@ class UcxTransport(Transport):
             peer = ucx_wire.PeerAddress.unpack(peer_transport_address)
         except ValueError as e:
             raise StageUnavailable(f"stage {peer_address}: {e}") from None
+        out = self._out
+        if out is not None and not out.lost and out.peer_name == peer_address and out.peer == peer:
+            return  # re-wired to the same live peer: keep the link (and the frames in flight on it)
         self._close_outbound()
         link = OutboundLink(rt, peer_address, peer, self._outbound_lost)
         try:
             await link.open(self._me)
         except BaseException:
+            link.close()
             _RETIRED.append(link)
             raise
         self._out = link

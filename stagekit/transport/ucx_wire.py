@@ -12,9 +12,12 @@ the link id.
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 _CONTROL = 1 << 63
 _HELLO, _WELCOME = 1 << 56, 2 << 56
@@ -43,8 +46,17 @@ def welcome_tag(link_id: int) -> int:
     return _CONTROL | _WELCOME | link_id
 
 
+@functools.cache
 def this_host() -> str:
-    return socket.gethostname()
+    """Who shares memory and pids with this process: host name, boot and pid namespace.
+    Peers with the same identity get shared memory and are watched by pid."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux: the host name alone
+        pass
+    return "/".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

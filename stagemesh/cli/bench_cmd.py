@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--transports", default=None,
                    help="comma-separated: ucx (auto), ucx:shm, ucx:cma, ucx:tcp, grpc (default: all that work here)")
     t.add_argument("--quick", action="store_true", help="fewer sizes and iterations (a minute or two)")
+    t.add_argument("--repeat", type=int, default=1,
+                   help="rounds over all transports; figures are medians over rounds (default 1)")
     t.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest ceilings")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     t.set_defaults(func=run_transport)
@@ -39,7 +41,7 @@ def run_transport(args: argparse.Namespace) -> int:
     from stagekit.bench import transport as bench
     from stagekit.transport.ucx_runtime import ucx_importable
 
-    cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest)
+    cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest, repeat=max(1, args.repeat))
     if args.sizes:
         cfg.sizes = [parse_bytes(s) for s in args.sizes.split(",") if s]
     elif args.quick:

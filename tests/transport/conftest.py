@@ -95,7 +95,10 @@ def spawn_peer(name: str, connect: str, role: str, *extra: str, env: dict[str, s
         [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", name, "--connect", connect,
          "--role", role, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    line = proc.stdout.readline()
+    for _ in range(100):  # UCX logs to stdout too: skip its lines
+        line = proc.stdout.readline()
+        if not line or line.startswith("PEER READY"):
+            break
     if not line.startswith("PEER READY"):
         proc.kill()
         raise RuntimeError(f"peer {name}/{role} did not start (exit code {proc.wait()}): {line!r}")

@@ -12,6 +12,7 @@ from stagekit.engine.step import Frame, StepHeader, StepResult
 from stagekit.errors import InvalidRequest
 from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.origin_steps import OriginSteps
+from stagekit.transport.recv_pool import RecvPool
 from stagekit.transport.ucx_settings import UcxSettings
 
 
@@ -104,3 +105,19 @@ def test_settings_profiles_and_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("STAGEMESH_UCX_PROGRESS", "thread")
     with pytest.raises(InvalidRequest):
         UcxSettings.from_env()
+
+
+def test_receive_pool_reuses_memory_only_once_nothing_holds_it() -> None:
+    pool = RecvPool()
+    a = pool.empty((512, 1024), torch.float32)                 # 2 MiB: pooled
+    ptr = a.data_ptr()
+    view, arr = a[3:], a.numpy()
+    del a
+    b = pool.empty((512, 1024), torch.float32)
+    assert b.data_ptr() != ptr                                  # a view and a numpy array still hold it
+    del view, arr, b
+    c = pool.empty((1024, 1024), torch.bfloat16)                # same bytes, another dtype and shape
+    assert c.data_ptr() == ptr and c.shape == (1024, 1024) and c.dtype == torch.bfloat16 and c.is_contiguous()
+    assert pool.reused == 1 and pool.allocated == 2
+    small = pool.empty((3, 5), torch.float16)
+    assert pool.allocated == 2 and small.shape == (3, 5)       # small tensors bypass the pool
