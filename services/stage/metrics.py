@@ -99,19 +99,25 @@ class StageCollector:
         yield self._gauge(
             "stagemesh_stage_requests_waiting", "Requests waiting for KV at the head.", len(scheduler.waiting)
         )
-        prefix = getattr(scheduler, "prefix", None)
-        if prefix is None:
-            return
+        blocks = scheduler.blocks
+        yield self._gauge("stagemesh_stage_kv_blocks_total", "KV blocks the head schedules into (the "
+                          "pipeline's smallest pool).", blocks.num_blocks)
+        yield self._gauge("stagemesh_stage_kv_blocks_used", "KV blocks referenced by running requests.",
+                          blocks.num_used)
+        yield self._gauge("stagemesh_stage_kv_blocks_cached", "KV blocks named by a cached prompt prefix.",
+                          blocks.num_cached)
+        yield self._counter("stagemesh_stage_preemptions", "Requests preempted for KV blocks (recomputed later).",
+                            scheduler.num_preemptions)
         yield self._gauge(
-            "stagemesh_stage_prefix_cache_capacity_blocks", "Blocks the prefix cache holds (0: off).",
-            prefix.capacity_blocks,
+            "stagemesh_stage_prefix_cache_capacity_blocks", "Blocks the prefix cache may use (0: off).",
+            blocks.num_blocks if blocks.prefix_caching else 0,
         )
         yield self._counter(
-            "stagemesh_stage_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", prefix.query_tokens
+            "stagemesh_stage_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.query_tokens
         )
         yield self._counter(
             "stagemesh_stage_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed).",
-            prefix.hit_tokens,
+            blocks.hit_tokens,
         )
 
 

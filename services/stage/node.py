@@ -32,6 +32,7 @@ class PeerInfo:
     kv_capacity_tokens: int
     transport_address: bytes
     prefix_cache_blocks: int
+    kv_block_size: int
 
 
 class StageNode:
@@ -83,8 +84,8 @@ class StageNode:
         if self.engine is not None:
             peers = [await _peer_info(addr) for addr in pipeline]
             self._check_pipeline(peers)
-            self.engine.scheduler.kv_capacity_tokens = min(p.kv_capacity_tokens for p in peers)
-            self.engine.scheduler.reset_prefix_cache(min(p.prefix_cache_blocks for p in peers))
+            num_blocks = min(p.kv_capacity_tokens // p.kv_block_size for p in peers)
+            self.engine.configure_kv(num_blocks, all(p.prefix_cache_blocks > 0 for p in peers))
             self.engine.pipeline_depth = len(pipeline)
             self.engine.pipeline_wired = True
         self.pipeline = list(pipeline)
@@ -98,6 +99,10 @@ class StageNode:
             if p.start_layer != expect:
                 raise InvalidRequest(f"stage {p.address} starts at layer {p.start_layer}, expected {expect}: "
                                      "the pipeline's layer ranges must be contiguous and in order")
+            if p.kv_block_size != self.runtime.kv_cache.block_size:
+                raise InvalidRequest(f"stage {p.address} uses KV blocks of {p.kv_block_size} tokens, this head "
+                                     f"{self.runtime.kv_cache.block_size}: start every stage with the same "
+                                     "--block-size")
             expect = p.end_layer
         if expect != self.cfg.num_layers:
             raise InvalidRequest(f"the pipeline ends at layer {expect} of {self.cfg.num_layers}")
@@ -110,4 +115,5 @@ async def _peer_info(address: str) -> PeerInfo:
     except grpc.aio.AioRpcError as e:
         raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None
     return PeerInfo(address, info.start_layer, info.end_layer, info.num_layers, info.model_name,
-                    info.kv_capacity_tokens, info.transport_address, info.prefix_cache_blocks)
+                    info.kv_capacity_tokens, info.transport_address, info.prefix_cache_blocks,
+                    info.kv_block_size or 16)

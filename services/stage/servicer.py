@@ -34,13 +34,16 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             max_model_len=cfg.max_model_len, is_first=lay.is_first, is_last=lay.is_last,
             eos_token_ids=cfg.eos_token_ids, transport=self.transport_name, wired=n.wired,
             kv_used_tokens=n.runtime.kv_cache.used_tokens, transport_address=n.transport.local_address(),
-            prefix_cache_blocks=n.runtime.executor.runner.prefix_store.capacity_blocks,
+            prefix_cache_blocks=n.runtime.kv_cache.num_blocks if n.runtime.executor.spec.prefix_caching else 0,
+            kv_block_size=n.runtime.kv_cache.block_size,
         )
         if n.engine is not None:
             info.num_running = len(n.engine.scheduler.running)
             info.num_waiting = len(n.engine.scheduler.waiting)
-            info.prefix_query_tokens = n.engine.scheduler.prefix.query_tokens
-            info.prefix_hit_tokens = n.engine.scheduler.prefix.hit_tokens
+            blocks = n.engine.scheduler.blocks
+            info.prefix_query_tokens = blocks.query_tokens
+            info.prefix_hit_tokens = blocks.hit_tokens
+            info.num_preemptions = n.engine.scheduler.num_preemptions
         return info
 
     @unary_errors

@@ -38,9 +38,10 @@ class Engine:
         cfg = runtime.cfg
         self.vocab_size = cfg.vocab_size
         self.max_model_len = cfg.max_model_len
-        self.scheduler = Scheduler(runtime.kv_cache.capacity_tokens, self.max_model_len, cfg.eos_token_ids,
-                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        self.scheduler.reset_prefix_cache(runtime.executor.runner.prefix_store.capacity_blocks)
+        kv, spec = runtime.kv_cache, runtime.executor.spec
+        self.scheduler = Scheduler(kv.num_blocks, self.max_model_len, cfg.eos_token_ids, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, block_size=kv.block_size,
+                                   prefix_caching=spec.prefix_caching)
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
@@ -61,6 +62,16 @@ class Engine:
         for seq in self.scheduler.fail_all():
             seq.outputs.put_nowait(TokenOutput([], [], error=StageUnavailable("stage is shutting down")))
 
+    def configure_kv(self, num_blocks: int, prefix_caching: bool) -> None:
+        """Schedule into ``num_blocks`` (the pipeline's smallest pool) after (re-)wiring.
+        Running requests fail first if the pool changes size: their blocks may not exist."""
+        if num_blocks != self.scheduler.blocks.num_blocks and self.scheduler.running:
+            err = StageUnavailable("the pipeline was re-wired with a different KV pool; request failed")
+            for seq in list(self.scheduler.running.values()):
+                self.scheduler.finish(seq)
+                seq.outputs.put_nowait(TokenOutput([], [], error=err))
+        self.scheduler.reset_blocks(num_blocks, prefix_caching)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidRequest("prompt is empty: at least one token is needed")
@@ -76,9 +87,9 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"the model's context length {self.max_model_len}"
             )
-        if total > self.scheduler.kv_capacity_tokens:
-            raise InvalidRequest(f"request needs {total} tokens of KV cache; this replica holds "
-                                 f"{self.scheduler.kv_capacity_tokens}")
+        if total > self.scheduler.max_seq_tokens:
+            raise InvalidRequest(f"request needs {total} tokens of KV cache; a request on this replica can "
+                                 f"hold at most {self.scheduler.max_seq_tokens}")
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenOutput]:

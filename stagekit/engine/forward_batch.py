@@ -1,23 +1,43 @@
 """What one forward pass of a stage computes: which sequences, how many new tokens each,
-where their KV lives. Passed explicitly to every layer that needs it (no hidden global)."""
+where their KV lives. Passed explicitly to every layer that needs it (no hidden global).
+
+Built once per step and shared by every layer: the KV rows the new tokens are written to
+(``slot_mapping``), and for attention the decode sequences' block tables and lengths (one
+native call per layer for all of them) and, per prefill chunk, the rows of its context.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from stagekit.engine.kv_cache import KVCache
+if TYPE_CHECKING:
+    from stagekit.engine.kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True, slots=True)
 class SeqSlice:
-    """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``."""
+    """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``;
+    ``new_blocks`` extend its block table before the step."""
 
     seq_id: int
     num_computed: int
     num_new: int
     sample: bool = True
+    new_blocks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """A slice with several new tokens: rows ``[offset, offset + n)`` of the batch attend to
+    context rows ``context_slots`` (its first ``num_computed + n`` tokens)."""
+
+    offset: int
+    n: int
+    num_computed: int
+    context_slots: torch.Tensor  # [num_computed + n] int64
 
 
 @dataclass(slots=True)
@@ -27,18 +47,55 @@ class ForwardBatch:
 
     seqs: list[SeqSlice]
     positions: torch.Tensor  # [num_tokens] int64
-    kv_cache: KVCache
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # [T]
+    decode_rows: torch.Tensor | None = None  # [Bd] batch rows of one-token slices; None: every row is one
+    decode_tables: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.int32))  # [Bd, M]
+    decode_lens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))  # [Bd]
+    prefills: list[PrefillChunk] = field(default_factory=list)
 
     @classmethod
-    def build(cls, seqs: list[SeqSlice], kv_cache: KVCache, device: torch.device) -> ForwardBatch:
-        positions = torch.cat(
-            [torch.arange(s.num_computed, s.num_computed + s.num_new, dtype=torch.int64) for s in seqs]
-        ) if seqs else torch.empty(0, dtype=torch.int64)
-        return cls(seqs=seqs, positions=positions.to(device), kv_cache=kv_cache)
+    def build(cls, seqs: list[SeqSlice], kv_cache: PagedKVCache, device: torch.device) -> ForwardBatch:
+        positions, slots, prefills = [], [], []
+        dec_rows, dec_tables, dec_lens = [], [], []
+        offset = 0
+        for s in seqs:
+            end = s.num_computed + s.num_new
+            if s.num_new == 1:
+                table = kv_cache.tables[s.seq_id]
+                bs = kv_cache.block_size
+                slots.append(table[s.num_computed // bs] * bs + s.num_computed % bs)
+                positions.append(s.num_computed)
+                dec_rows.append(offset)
+                dec_tables.append(table)
+                dec_lens.append(end)
+            else:
+                ctx = kv_cache.slots(s.seq_id, 0, end)
+                slots.extend(ctx[s.num_computed:].tolist())
+                positions.extend(range(s.num_computed, end))
+                prefills.append(PrefillChunk(offset, s.num_new, s.num_computed, ctx.to(device)))
+            offset += s.num_new
+        width = max((len(t) for t in dec_tables), default=0)
+        batch = cls(
+            seqs=seqs,
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            kv_cache=kv_cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            decode_rows=None if len(dec_rows) == offset else torch.tensor(dec_rows, dtype=torch.int64, device=device),
+            decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int32,
+                                       device=device).view(len(dec_tables), width),
+            decode_lens=torch.tensor(dec_lens, dtype=torch.int32, device=device),
+            prefills=prefills,
+        )
+        return batch
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.numel())
+
+    @property
+    def num_decodes(self) -> int:
+        return int(self.decode_lens.numel())
 
     def sample_indices(self) -> torch.Tensor:
         """Index of the last token of every sequence that is sampled after this step."""

@@ -1,86 +1,109 @@
-"""Per-sequence KV storage for a stage's local layers.
+"""A stage's paged KV cache: one pool of fixed-size blocks for its local layers.
 
-Each sequence owns one tensor [num_layers, 2, kv_heads, capacity, head_dim] that grows by
-doubling; a layer's keys for positions [0, L) are then a [kv_heads, L, head_dim] view with
-contiguous rows, which attention reads without copying. This is the simple cache the step
-protocol needs; a paged block cache replaces it behind the same ``append``/``free`` interface.
+The pool is a tensor [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]; a layer's
+keys are then a [num_blocks, block_size, kv_heads, head_dim] view, and token t of a
+sequence lives in block ``table[t // block_size]`` at row ``t % block_size``. The replica
+head picks the block ids (stagekit/engine/block_manager.py) and sends each sequence's new
+blocks with the step, so every stage of the pipeline holds the same tables over pools of
+the same block count; this class only keeps the tables and the memory.
 """
 
 from __future__ import annotations
 
 import torch
 
+from stagekit.engine.forward_batch import SeqSlice
 
-class KVCache:
-    """Invariant: ``lengths[seq]`` tokens of every local layer are valid for each live
-    sequence; writes start at or before that length (recompute overwrites)."""
+
+def available_memory(device: torch.device, ranks_sharing_host: int = 1) -> int:
+    """Bytes a rank may use now: free device memory on CUDA; on the CPU the host's
+    MemAvailable split evenly over the stage's ranks (they share it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // max(1, ranks_sharing_host)
+    except OSError:
+        pass
+    return 1 << 30
+
+
+class PagedKVCache:
+    """Invariant: every id in ``tables`` is in [0, num_blocks); a sequence's table covers
+    all tokens any step has written for it."""
 
     def __init__(
         self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-        device: torch.device, capacity_tokens: int,
+        device: torch.device, num_blocks: int, block_size: int,
     ) -> None:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
-        self.capacity_tokens = capacity_tokens
-        self._store: dict[int, torch.Tensor] = {}
-        self.lengths: dict[int, int] = {}
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # untouched pages of a large host allocation are not resident until written
+        self.kv = torch.empty(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                              dtype=dtype, device=device)
+        self.tables: dict[int, list[int]] = {}
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        block_size: int) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def used_tokens(self) -> int:
-        return sum(self.lengths.values())
+        """Tokens in the blocks live sequences reference (shared blocks counted once)."""
+        return len({b for t in list(self.tables.values()) for b in t}) * self.block_size
 
-    def bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of local layer ``index``: [num_blocks, block_size, kv_heads, head_dim] each."""
+        return self.kv[index, 0], self.kv[index, 1]
 
-    def _ensure(self, seq_id: int, needed: int) -> torch.Tensor:
-        buf = self._store.get(seq_id)
-        if buf is not None and buf.shape[3] >= needed:
-            return buf
-        cap = max(needed, 16 if buf is None else 2 * buf.shape[3])
-        new = torch.empty(
-            self.num_layers, 2, self.num_kv_heads, cap, self.head_dim, dtype=self.dtype, device=self.device
-        )
-        if buf is not None:
-            n = self.lengths.get(seq_id, 0)
-            new[:, :, :, :n].copy_(buf[:, :, :, :n])
-        self._store[seq_id] = new
-        return new
+    def apply(self, seqs: list[SeqSlice], freed: list[int], preempted: list[int]) -> None:
+        """Drop the tables of freed and preempted sequences, then extend the step's tables."""
+        for s in (*freed, *preempted):
+            self.tables.pop(s, None)
+        for s in seqs:
+            bad = [b for b in s.new_blocks if not 0 <= b < self.num_blocks]
+            if bad:
+                raise ValueError(f"seq {s.seq_id}: block {bad[0]} is outside this stage's pool of "
+                                 f"{self.num_blocks} blocks")
+            table = self.tables.setdefault(s.seq_id, [])
+            table.extend(s.new_blocks)
+            if len(table) * self.block_size < s.num_computed + s.num_new:
+                raise ValueError(f"seq {s.seq_id}: {len(table)} blocks cannot hold "
+                                 f"{s.num_computed + s.num_new} tokens")
 
-    def append(
-        self, layer: int, seq_id: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v ([n, kv_heads, head_dim]) at ``start`` and return this layer's
-        keys/values for positions ``[0, start + n)``, each [kv_heads, start + n, head_dim]."""
-        end = start + k.shape[0]
-        if start > self.lengths.get(seq_id, 0):
-            raise ValueError(f"seq {seq_id}: write at {start} past its cached {self.lengths.get(seq_id, 0)} tokens")
-        buf = self._ensure(seq_id, end)
-        buf[layer, 0, :, start:end] = k.transpose(0, 1)
-        buf[layer, 1, :, start:end] = v.transpose(0, 1)
-        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), end)
-        return buf[layer, 0, :, :end], buf[layer, 1, :, :end]
+    def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        """Flat row indices (block * block_size + offset) of tokens [start, end): [end - start] int64."""
+        table = self.tables[seq_id]
+        bs = self.block_size
+        if start // bs == (end - 1) // bs:  # one block (every decode step)
+            base = table[start // bs] * bs
+            return torch.arange(base + start % bs, base + (end - 1) % bs + 1, dtype=torch.int64)
+        pos = torch.arange(start, end, dtype=torch.int64)
+        return torch.tensor(table, dtype=torch.int64)[pos // bs] * bs + pos % bs
 
     def read(self, seq_id: int, start: int, n: int) -> torch.Tensor:
-        """Tokens ``[start, start+n)`` of every local layer: [num_layers, 2, kv_heads, n, head_dim] (a view)."""
-        if self.lengths.get(seq_id, 0) < start + n:
-            raise ValueError(f"seq {seq_id}: {start + n} tokens asked, {self.lengths.get(seq_id, 0)} cached")
-        return self._store[seq_id][:, :, :, start:start + n]
+        """Tokens [start, start + n) of every local layer: [num_layers, 2, n, kv_heads, head_dim] (a copy)."""
+        rows = self.slots(seq_id, start, start + n).to(self.device)
+        flat = self.kv.view(self.num_layers, 2, self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        return flat[:, :, rows]
 
-    def write(self, seq_id: int, start: int, block: torch.Tensor) -> None:
-        """Put ``block`` (as returned by ``read``) at ``start`` for every local layer."""
-        end = start + block.shape[3]
-        if start > self.lengths.get(seq_id, 0):
-            raise ValueError(f"seq {seq_id}: write at {start} past its cached {self.lengths.get(seq_id, 0)} tokens")
-        self._ensure(seq_id, end)[:, :, :, start:end] = block
-        self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), end)
-
-    def free(self, seq_ids: list[int]) -> None:
-        for s in seq_ids:
-            self._store.pop(s, None)
-            self.lengths.pop(s, None)
+    def write(self, seq_id: int, start: int, kv: torch.Tensor) -> None:
+        """Put ``kv`` (as ``read`` returns it) at tokens [start, start + n) of the sequence."""
+        rows = self.slots(seq_id, start, start + kv.shape[2]).to(self.device)
+        flat = self.kv.view(self.num_layers, 2, self.num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        flat[:, :, rows] = kv.to(self.dtype)
 
     def __contains__(self, seq_id: int) -> bool:
-        return seq_id in self._store
+        return seq_id in self.tables

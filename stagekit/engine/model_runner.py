@@ -8,9 +8,7 @@ import torch
 
 from stagekit.config.model_config import load_model_config
 from stagekit.engine.forward_batch import ForwardBatch, SeqSlice
-from stagekit.engine.kv_cache import KVCache
-from stagekit.engine.prefix_cache import PrefixOps
-from stagekit.engine.prefix_store import PrefixStore
+from stagekit.engine.kv_cache import PagedKVCache, available_memory
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.layers.cpu_packed import pack_model_weights
 from stagekit.loader.safetensors_loader import load_weights
@@ -35,25 +33,24 @@ class ModelRunner:
         if spec.linear_kernel == "auto":
             pack_model_weights(self.model)
         num_kv_heads = max(1, self.cfg.num_kv_heads // spec.tp_size)
-        self.kv_cache = KVCache(
-            self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, group.device, 0
-        )
-        self.kv_cache.capacity_tokens = spec.kv_cache_memory_bytes // self.kv_cache.bytes_per_token()
-        self.prefix_store = PrefixStore(self.kv_cache, spec.prefix_cache_memory_bytes)
+        shape = (self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, spec.block_size)
+        budget = spec.kv_cache_memory_bytes
+        if spec.kv_cache_memory_fraction > 0:
+            budget = int(available_memory(group.device, spec.tp_size) * spec.kv_cache_memory_fraction)
+        # every rank must hold the same block ids: the smallest pool of the stage's ranks
+        num_blocks = group.min_int(budget // PagedKVCache.bytes_per_block(*shape))
+        self.kv_cache = PagedKVCache(self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype,
+                                     group.device, num_blocks, spec.block_size)
 
     @torch.inference_mode()
     def run(
         self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None, prefix: PrefixOps | None = None,
+        intermediate: IntermediateTensors | None, preempted: list[int] | None = None,
     ) -> IntermediateTensors | torch.Tensor | None:
-        """Apply the prefix-cache commands around freeing ``freed``, then run the step.
-        Returns IntermediateTensors, or on the last stage the fp32 logits of the sampled
-        sequences ([num_sampled, vocab]); None for an empty step."""
-        if prefix:
-            self.prefix_store.apply_before_free(prefix)
-        self.kv_cache.free(freed)
-        if prefix:
-            self.prefix_store.apply_after_free(prefix)
+        """Drop the tables of ``freed`` and ``preempted`` sequences, extend the step's, then
+        run the step. Returns IntermediateTensors, or on the last stage the fp32 logits of
+        the sampled sequences ([num_sampled, vocab]); None for an empty step."""
+        self.kv_cache.apply(seqs, freed, preempted or [])
         if not seqs:
             return None
         batch = ForwardBatch.build(seqs, self.kv_cache, self.group.device)

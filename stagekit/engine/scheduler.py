@@ -1,11 +1,13 @@
-"""The head's scheduler: which sequences run in the next step.
+"""The head's scheduler: which sequences run in the next step, in which KV blocks.
 
-FCFS admission by KV reservation (prompt + max_tokens must fit the free capacity, so a
-running sequence never runs out of KV), every running sequence decodes one token per
-step, newly admitted ones prefill in the same step, in chunks when the step's token budget
-is short. Requests join and leave at every step. Sequences are split into micro-batches so
-that a pipeline of n stages can have n steps in flight. (Paged blocks and preemption come
-behind the same ``schedule``/``postprocess`` seam.)
+Continuous batching over a paged KV cache. Every running sequence decodes one token per
+step; waiting ones are admitted first come, first served while the free blocks hold their
+tokens (after the blocks a cached prefix already provides); prompts longer than what is
+left of the step's token budget are prefilled in chunks. A sequence that needs a new block
+when none is free takes it from the most recently admitted sequence that is not in flight:
+that one is preempted (its blocks released, its KV dropped on every stage) and goes back
+to the front of the queue, to be recomputed from its prompt and the tokens it already has.
+Sequences are split into micro-batches so that a pipeline of n stages has n steps in flight.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from stagekit.engine.block_manager import BlockManager
 from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.prefix_cache import PrefixIndex, PrefixOps, block_hashes
+from stagekit.engine.prefix_cache import BLOCK_SIZE, block_hashes
 from stagekit.engine.sequence import Sequence, SequenceStatus
 from stagekit.engine.step import NewSeq, StepHeader, StepResult
 
@@ -34,32 +37,62 @@ class StepOutcome:
 
 
 class Scheduler:
-    def __init__(self, kv_capacity_tokens: int, max_model_len: int, eos_token_ids: list[int],
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192) -> None:
-        self.kv_capacity_tokens = kv_capacity_tokens
+    """Invariant: a running sequence's ``block_ids`` hold at least its ``num_computed``
+    tokens; a waiting one holds no blocks."""
+
+    def __init__(self, num_blocks: int, max_model_len: int, eos_token_ids: list[int],
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, block_size: int = BLOCK_SIZE,
+                 prefix_caching: bool = True) -> None:
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
-        self.reserved_tokens = 0
+        self.num_preemptions = 0
         self._to_free: list[int] = []
+        self._to_preempt: list[int] = []
         self._step_id = 0
-        self.prefix = PrefixIndex(0)  # capacity set once the pipeline's stores are known
-        self._prefix_ops = PrefixOps()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    @property
+    def watermark_blocks(self) -> int:
+        """Blocks admission leaves free for running sequences to grow into (1%)."""
+        return self.blocks.num_blocks // 100
+
+    @property
+    def max_seq_tokens(self) -> int:
+        """The most tokens one sequence can hold: what admission can ever give it."""
+        return (self.blocks.num_blocks - self.watermark_blocks) * self.blocks.block_size
+
+    def reset_blocks(self, num_blocks: int, prefix_caching: bool) -> None:
+        """Use a pool of ``num_blocks`` (the pipeline's smallest); with the same pool only
+        the prefix names are dropped (the stages may have been replaced). Callers fail the
+        running sequences first when the pool size changes."""
+        if num_blocks == self.blocks.num_blocks and not self.running:
+            self.blocks = BlockManager(num_blocks, self.blocks.block_size, prefix_caching)
+        elif num_blocks == self.blocks.num_blocks:
+            self.blocks.forget_hashes()
+            self.blocks.prefix_caching = prefix_caching and num_blocks > 0
+        else:
+            assert not self.running, "fail the running sequences before resizing the KV pool"
+            self.blocks = BlockManager(num_blocks, self.blocks.block_size, prefix_caching)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._to_free)
+        return bool(self.waiting or self.running or self._to_free or self._to_preempt)
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
-                seq.status = SequenceStatus.FINISHED
+                self._drop_waiting(seq)
                 return seq
         for seq in list(self.running.values()):
             if seq.request_id == request_id:
@@ -67,88 +100,115 @@ class Scheduler:
                 return seq
         return None
 
+    def _drop_waiting(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq.announced:  # a preempted sequence: the last stage still has its sampler state
+            self._to_free.append(seq.seq_id)
+
     def finish(self, seq: Sequence) -> None:
         """Take a running sequence out; its KV is freed on every stage with the next step."""
         if self.running.pop(seq.seq_id, None) is not None:
-            self.reserved_tokens -= seq.kv_reservation
+            self.blocks.release(seq.block_ids)
+            seq.block_ids = []
             self._to_free.append(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self, num_microbatches: int = 1) -> StepHeader | None:
         """The next step: running sequences not already in flight (decodes and unfinished
-        prompt chunks first), then waiting ones admitted FCFS while their KV reservation
-        fits. At most ``max_num_batched_tokens`` tokens; a prompt longer than what is left
-        of the budget is split into chunks (sampled only after its last chunk). With
-        ``num_microbatches`` > 1 each step takes about 1/n of the sequences so that that
-        many steps can be in flight down the pipeline at once."""
+        prompt chunks first, in admission order), then waiting ones admitted FCFS while
+        the free blocks hold them. At most ``max_num_batched_tokens`` tokens; a prompt
+        longer than what is left of the budget is split into chunks (sampled only after
+        its last chunk). With ``num_microbatches`` > 1 each step takes about 1/n of the
+        sequences so that that many steps can be in flight down the pipeline at once."""
         budget = self.max_num_batched_tokens
         cap = max(1, -(-(len(self.running) + len(self.waiting)) // num_microbatches))
         seqs: list[SeqSlice] = []
         new: list[NewSeq] = []
-        for seq in self.running.values():
+        for seq in list(self.running.values()):
             if len(seqs) >= cap or budget <= 0:
                 break
-            if not seq.in_flight:
-                seqs.append(self._slice(seq, budget))
-                budget -= seqs[-1].num_new
+            if seq.in_flight or seq.seq_id not in self.running:  # in a step, or just preempted
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                continue
+            seqs.append(self._slice(seq, n))
+            budget -= n
         while self.waiting and len(self.running) < self.max_num_seqs and len(seqs) < cap and budget > 0:
             seq = self.waiting[0]
-            if self.reserved_tokens + seq.kv_reservation > self.kv_capacity_tokens:
+            if not self._admit(seq):
                 break
             self.waiting.popleft()
-            self.reserved_tokens += seq.kv_reservation
-            seq.status = SequenceStatus.RUNNING
-            self.running[seq.seq_id] = seq
-            self._lookup_prefix(seq)
-            seqs.append(self._slice(seq, budget))
-            new.append(NewSeq(seq.seq_id, seq.params))
-            budget -= seqs[-1].num_new
-        if not seqs and not self._to_free:
+            if not seq.announced:
+                new.append(NewSeq(seq.seq_id, seq.params))
+                seq.announced = True
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            seqs.append(self._slice(seq, n))
+            budget -= n
+        if not seqs and not self._to_free and not self._to_preempt:
             return None
         self._step_id += 1
         freed, self._to_free = self._to_free, []
-        ops, self._prefix_ops = self._prefix_ops, PrefixOps()
-        return StepHeader(self._step_id, seqs, freed, new, ops)
+        preempted, self._to_preempt = self._to_preempt, []
+        return StepHeader(self._step_id, seqs, freed, new, preempted)
 
-    def reset_prefix_cache(self, capacity_blocks: int) -> None:
-        """Start an empty index (every stage drops its blocks with the next step)."""
-        self.prefix = PrefixIndex(capacity_blocks)
-        self._prefix_ops = PrefixOps(reset=True)
+    def _admit(self, seq: Sequence) -> bool:
+        """Give ``seq`` blocks for all its tokens (a cached prompt prefix counts, leaving at
+        least one prompt token to compute so the last stage has a position to sample from)."""
+        bm = self.blocks
+        hits: list[int] = []
+        if bm.prefix_caching:
+            if not seq.prompt_hashes:
+                seq.prompt_hashes = block_hashes(seq.prompt_ids, bm.block_size)
+            usable = seq.prompt_hashes[: (len(seq.prompt_ids) - 1) // bm.block_size]
+            hits = bm.match(usable)
+        need = bm.blocks_for(seq.num_tokens) - len(hits)
+        if bm.cost(hits, need) > bm.num_free - self.watermark_blocks:
+            return False
+        if bm.prefix_caching:
+            bm.count_query(len(seq.prompt_ids), len(hits))
+        bm.take(hits)
+        seq.block_ids = hits + bm.allocate(need)
+        seq.num_sent_blocks = 0
+        seq.num_named_blocks = len(hits)
+        seq.num_computed = len(hits) * bm.block_size
+        seq.status = SequenceStatus.RUNNING
+        self.running[seq.seq_id] = seq
+        return True
 
-    def _lookup_prefix(self, seq: Sequence) -> None:
-        """Start ``seq`` after its longest cached prefix (whole blocks, leaving at least one
-        prompt token to compute so the last stage has a position to sample from)."""
-        if not self.prefix.enabled:
-            return
-        seq.prompt_hashes = block_hashes(seq.prompt_ids, self.prefix.block_size)
-        usable = seq.prompt_hashes[: (len(seq.prompt_ids) - 1) // self.prefix.block_size]
-        n = self.prefix.match(usable, len(seq.prompt_ids))
-        if n:
-            seq.num_cached_blocks = n
-            seq.num_computed = n * self.prefix.block_size
-            self._prefix_ops.load.append((seq.seq_id, usable[:n]))
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make ``seq``'s blocks hold ``num_tokens``, preempting later-admitted sequences
+        that are not in flight when the pool is full. False: not now (try next step)."""
+        need = self.blocks.blocks_for(num_tokens) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        while self.blocks.num_free < need:
+            order = list(self.running.values())
+            later = order[order.index(seq) + 1:]
+            victim = next((v for v in reversed(later) if not v.in_flight), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        seq.block_ids += self.blocks.allocate(need)
+        return True
 
-    def _cache_prompt_blocks(self, seq: Sequence) -> None:
-        """The prompt's KV now exists on every stage: add its new full blocks to the cache."""
-        ops = self._prefix_ops
-        for i in range(seq.num_cached_blocks, len(seq.prompt_hashes)):
-            evicted = self.prefix.insert(seq.prompt_hashes[i])
-            if evicted is None:
-                continue
-            for h in evicted:
-                pending = [x for x in ops.save if x[2] == h]
-                if pending:  # saved and evicted before any stage saw it: drop the save
-                    ops.save.remove(pending[0])
-                else:
-                    ops.evict.append(h)
-            ops.save.append((seq.seq_id, i, seq.prompt_hashes[i]))
+    def _preempt(self, seq: Sequence) -> None:
+        del self.running[seq.seq_id]
+        self.blocks.release(seq.block_ids)
+        seq.block_ids, seq.num_sent_blocks, seq.num_computed, seq.num_named_blocks = [], 0, 0, 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self._to_preempt.append(seq.seq_id)
 
     @staticmethod
-    def _slice(seq: Sequence, budget: int) -> SeqSlice:
+    def _slice(seq: Sequence, n: int) -> SeqSlice:
         remaining = seq.num_tokens - seq.num_computed
-        n = min(remaining, budget)
         seq.in_flight = True
-        return SeqSlice(seq.seq_id, seq.num_computed, n, sample=n == remaining)
+        new_blocks = tuple(seq.block_ids[seq.num_sent_blocks:])
+        seq.num_sent_blocks = len(seq.block_ids)
+        return SeqSlice(seq.seq_id, seq.num_computed, n, sample=n == remaining, new_blocks=new_blocks)
 
     def postprocess(self, header: StepHeader, result: StepResult) -> StepOutcome:
         out = StepOutcome()
@@ -157,8 +217,7 @@ class Scheduler:
             if seq is not None:
                 seq.num_computed = s.num_computed + s.num_new
                 seq.in_flight = False
-                if seq.prompt_hashes and s.num_computed < len(seq.prompt_ids) <= seq.num_computed:
-                    self._cache_prompt_blocks(seq)
+                self._name_prompt_blocks(seq)
         tops = result.top_logprobs or [[] for _ in result.seq_ids]
         for sid, tok, lp, top in zip(result.seq_ids, result.token_ids, result.logprobs, tops, strict=True):
             seq = self.running.get(sid)
@@ -172,6 +231,13 @@ class Scheduler:
                 self.finish(seq)
                 out.finished.append(Finished(seq, reason))
         return out
+
+    def _name_prompt_blocks(self, seq: Sequence) -> None:
+        """Prompt blocks now written on every stage become reusable under their hashes."""
+        full = min(len(seq.prompt_hashes), seq.num_computed // self.blocks.block_size)
+        for i in range(seq.num_named_blocks, full):
+            self.blocks.register(seq.block_ids[i], seq.prompt_hashes[i])
+        seq.num_named_blocks = max(seq.num_named_blocks, full)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
         p, n = seq.params, len(seq.output_ids)
@@ -187,5 +253,7 @@ class Scheduler:
         seqs = list(self.running.values()) + list(self.waiting)
         for seq in list(self.running.values()):
             self.finish(seq)
+        for seq in self.waiting:
+            self._drop_waiting(seq)
         self.waiting.clear()
         return seqs

@@ -44,17 +44,16 @@ class Sequence:
     finish_reason: str | None = None
     in_flight: bool = False  # part of a step that has not come back yet
     prompt_hashes: list[int] = field(default_factory=list)  # chained hashes of full prompt blocks
-    num_cached_blocks: int = 0  # leading prompt blocks loaded from the prefix cache
+    block_ids: list[int] = field(default_factory=list)  # KV blocks in token order (same ids on every stage)
+    num_sent_blocks: int = 0  # leading block_ids the stages already have in their tables
+    num_named_blocks: int = 0  # leading prompt blocks registered with the prefix cache
+    announced: bool = False  # the last stage has its sampling parameters
+    num_preemptions: int = 0
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def kv_reservation(self) -> int:
-        """Tokens of KV this sequence may need by its end (reserved on admission)."""
-        return len(self.prompt_ids) + self.params.max_tokens
 
     def pending_token_ids(self) -> list[int]:
         return (self.prompt_ids + self.output_ids)[self.num_computed:]

@@ -38,7 +38,8 @@ class StageRuntime:
                 self.sampler.add(ns.seq_id, ns.params)
         started = time.perf_counter()
         try:
-            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate, header.prefix)
+            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate,
+                                        header.preempted_seq_ids)
         except Exception:
             self.stats.step_failures_total += 1
             raise

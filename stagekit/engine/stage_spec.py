@@ -16,10 +16,12 @@ class StageSpec:
     dtype: str = "auto"
     model_name: str | None = None
     kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_fraction: float = 0.0  # > 0: this share of the memory free at start-up instead
     num_threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
     show_progress: bool = True
     # "auto": oneDNN-prepacked fp32 weights on the CPU (stagekit/layers/cpu_packed.py); "dense": F.linear
     linear_kernel: str = "auto"
     max_num_seqs: int = 64  # sequences running at once on the replica (head only)
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
-    prefix_cache_memory_bytes: int = 256 << 20  # per rank; 0 turns automatic prefix caching off
+    block_size: int = 16  # tokens per KV block; the same on every stage of a pipeline
+    prefix_caching: bool = True  # automatic prefix caching (the head decides; any stage can veto)

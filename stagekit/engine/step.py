@@ -1,8 +1,8 @@
 """The step message: what flows down the pipeline each step, and what comes back.
 
-A step header names the sequences of the batch (with how many tokens each adds), the
-sequences to free first, the sampling parameters of sequences that join, and the prefix
-cache commands every stage applies (stagekit/engine/prefix_cache.py). The tensors
+A step header names the sequences of the batch (with how many tokens each adds and the
+KV blocks their tables gain), the sequences to free or preempt first, and the sampling
+parameters of sequences that join. The tensors
 (hidden_states, residual) travel beside it on the data plane. The last stage answers
 with a StepResult carrying one sampled token per sampled sequence.
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.prefix_cache import PrefixOps
 from stagekit.engine.sampling_params import SamplingParams
 
 
@@ -30,7 +29,7 @@ class StepHeader:
     seqs: list[SeqSlice]
     freed_seq_ids: list[int] = field(default_factory=list)
     new_seqs: list[NewSeq] = field(default_factory=list)
-    prefix: PrefixOps = field(default_factory=PrefixOps)
+    preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; recomputed later
 
     @property
     def num_tokens(self) -> int:

@@ -1,5 +1,5 @@
-"""Causal self-attention over each sequence's cached keys/values, with grouped-query
-attention (several query heads share one KV head)."""
+"""Causal self-attention over each sequence's paged KV cache, with grouped-query attention
+(several query heads share one KV head)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagekit.engine.forward_batch import ForwardBatch
+from stagekit.kernels.paged_decode import paged_decode
 
 
 class Attention(nn.Module):
@@ -24,36 +25,30 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]
-        out = torch.empty(q.shape[0], self.num_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        T, D = q.shape[0], self.head_dim
+        k_cache, v_cache = batch.kv_cache.layer(self.layer_idx)  # [NB, BS, Hk, D] each
+        k_rows = k_cache.view(-1, self.num_kv_heads, D)
+        v_rows = v_cache.view(-1, self.num_kv_heads, D)
+        k_rows.index_copy_(0, batch.slot_mapping, k.to(k_rows.dtype))
+        v_rows.index_copy_(0, batch.slot_mapping, v.to(v_rows.dtype))
+        if batch.decode_rows is None:  # every sequence adds one token: the decode kernel does it all
+            return paged_decode(q, k_cache, v_cache, batch.decode_tables, batch.decode_lens, self.scale).view(T, -1)
+        out = torch.empty(T, self.num_heads * D, dtype=q.dtype, device=q.device)
+        if batch.num_decodes:
+            rows = batch.decode_rows
+            out[rows] = paged_decode(q[rows], k_cache, v_cache, batch.decode_tables, batch.decode_lens,
+                                     self.scale).view(rows.numel(), -1)
         gqa = self.num_heads != self.num_kv_heads
-        offset = 0
-        for s in batch.seqs:
-            n = s.num_new
-            kh, vh = batch.kv_cache.append(  # [Hk, L, D] each
-                self.layer_idx, s.seq_id, s.num_computed, k[offset:offset + n], v[offset:offset + n]
-            )
-            if n == 1:
-                out[offset] = self._decode_one(q[offset], kh, vh)
-                offset += 1
-                continue
-            qh = q[offset:offset + n].transpose(0, 1)  # [Hq, n, D]
+        for p in batch.prefills:
+            qh = q[p.offset:p.offset + p.n].transpose(0, 1)        # [Hq, n, D]
+            kh = k_rows[p.context_slots].transpose(0, 1)           # [Hk, L, D]
+            vh = v_rows[p.context_slots].transpose(0, 1)
             mask = None
-            if n > 1 and s.num_computed > 0:
+            if p.num_computed > 0:
                 # query i sits at position num_computed + i and sees keys 0..num_computed + i
-                total = s.num_computed + n
-                mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=s.num_computed)
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask, is_causal=(n > 1 and mask is None), scale=self.scale, enable_gqa=gqa
-            )
-            out[offset:offset + n] = o.transpose(0, 1).reshape(n, -1)
-            offset += n
+                mask = torch.ones(p.n, p.num_computed + p.n, dtype=torch.bool, device=q.device).tril(
+                    diagonal=p.num_computed)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, enable_gqa=gqa)
+            out[p.offset:p.offset + p.n] = o.transpose(0, 1).reshape(p.n, -1)
         return out
-
-    def _decode_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One query token: query heads grouped by their KV head (head h uses KV head
-        h // group, as transformers' repeat_kv does), two batched matmuls, no KV copy."""
-        # q: [Hq, D]; keys, values: [Hk, L, D] -> [Hq * D]
-        qg = q.view(self.num_kv_heads, -1, self.head_dim)  # [Hk, G, D]
-        scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(self.scale)  # [Hk, G, L]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.bmm(probs, values).reshape(-1)  # [Hk, G, D]

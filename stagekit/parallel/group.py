@@ -66,6 +66,14 @@ class GroupCoordinator:
         dist.broadcast_object_list(box, src=self.ranks[src], group=self.cpu_group)
         return box[0]
 
+    def min_int(self, value: int) -> int:
+        """The smallest ``value`` over the group (over the CPU group)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.cpu_group)

@@ -18,7 +18,6 @@ import torch
 
 from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.model_runner import ModelRunner
-from stagekit.engine.prefix_cache import PrefixOps
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.errors import StageUnavailable
 from stagekit.models.stage_model import IntermediateTensors
@@ -67,7 +66,7 @@ class TPExecutor:
 
     def execute(
         self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None, prefix: PrefixOps | None = None,
+        intermediate: IntermediateTensors | None, preempted: list[int] | None = None,
     ) -> IntermediateTensors | torch.Tensor | None:
         meta = None
         if intermediate is not None and seqs:
@@ -75,7 +74,7 @@ class TPExecutor:
             meta = (tuple(h.shape), h.dtype, r is not None)
         for rank, conn in enumerate(self._conns, start=1):
             try:
-                conn.send(("run", seqs, freed, input_ids, meta, prefix))
+                conn.send(("run", seqs, freed, input_ids, meta, preempted))
             except (BrokenPipeError, OSError) as e:
                 raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
         if meta is not None and self._conns:
@@ -84,7 +83,7 @@ class TPExecutor:
             if intermediate.residual is not None:
                 group.broadcast(intermediate.residual.contiguous())
         try:
-            return self.runner.run(seqs, freed, input_ids, intermediate, prefix)
+            return self.runner.run(seqs, freed, input_ids, intermediate, preempted)
         except RuntimeError as e:
             if self._conns and not all(p.is_alive() for p in self._procs):
                 raise StageUnavailable(f"a TP rank of this stage died: {e}") from e

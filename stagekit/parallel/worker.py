@@ -37,7 +37,7 @@ def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> No
             return
         if msg[0] == "stop":
             return
-        _, seqs, freed, input_ids, meta, prefix = msg
+        _, seqs, freed, input_ids, meta, preempted = msg
         intermediate = None
         if meta is not None:
             shape, dtype, has_residual = meta
@@ -45,7 +45,7 @@ def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> No
             residual = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device)) if has_residual else None
             intermediate = IntermediateTensors(hidden, residual)
         try:
-            runner.run(seqs, freed, input_ids, intermediate, prefix)
+            runner.run(seqs, freed, input_ids, intermediate, preempted)
         except Exception:
             traceback.print_exc()
             return

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.prefix_cache import PrefixOps
 from stagekit.engine.sampling_params import SamplingParams
 from stagekit.engine.step import Frame, NewSeq, StepHeader, StepResult
 from stagekit.errors import InvalidRequest
@@ -73,30 +72,22 @@ def _tops_from_proto(rows: list[stage_pb2.TokenLogprobs]) -> list[list[tuple[int
 def header_to_proto(h: StepHeader) -> stage_pb2.StepHeader:
     return stage_pb2.StepHeader(
         step_id=h.step_id,
-        seqs=[stage_pb2.StepSeq(seq_id=s.seq_id, num_computed=s.num_computed, num_new=s.num_new, sample=s.sample)
-              for s in h.seqs],
+        seqs=[stage_pb2.StepSeq(seq_id=s.seq_id, num_computed=s.num_computed, num_new=s.num_new, sample=s.sample,
+                                new_blocks=s.new_blocks) for s in h.seqs],
         freed_seq_ids=h.freed_seq_ids,
         new_seqs=[stage_pb2.NewSeqSampling(seq_id=n.seq_id, sampling=sampling_to_proto(n.params))
                   for n in h.new_seqs],
-        prefix_reset=h.prefix.reset,
-        prefix_evict=h.prefix.evict,
-        prefix_save=[stage_pb2.PrefixSave(seq_id=a, block_index=b, hash=c) for a, b, c in h.prefix.save],
-        prefix_load=[stage_pb2.PrefixLoad(seq_id=a, hashes=b) for a, b in h.prefix.load],
+        preempted_seq_ids=h.preempted_seq_ids,
     )
 
 
 def header_from_proto(p: stage_pb2.StepHeader) -> StepHeader:
     return StepHeader(
         step_id=p.step_id,
-        seqs=[SeqSlice(s.seq_id, s.num_computed, s.num_new, s.sample) for s in p.seqs],
+        seqs=[SeqSlice(s.seq_id, s.num_computed, s.num_new, s.sample, tuple(s.new_blocks)) for s in p.seqs],
         freed_seq_ids=list(p.freed_seq_ids),
         new_seqs=[NewSeq(n.seq_id, sampling_from_proto(n.sampling)) for n in p.new_seqs],
-        prefix=PrefixOps(
-            reset=p.prefix_reset,
-            evict=list(p.prefix_evict),
-            save=[(x.seq_id, x.block_index, x.hash) for x in p.prefix_save],
-            load=[(x.seq_id, list(x.hashes)) for x in p.prefix_load],
-        ),
+        preempted_seq_ids=list(p.preempted_seq_ids),
     )
 
 

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = pick a free one and print it)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--model-name", default=None, help="name served to clients (default: the directory's name)")
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache memory per rank, e.g. 512MiB, 4GiB")
+    p.add_argument("--kv-cache-memory", default="1GiB",
+                   help="KV block pool per rank, e.g. 512MiB, 4GiB, or a share of the memory free at start-up, "
+                   "e.g. 40%% (CUDA: free device memory; CPU: available host memory split over the TP ranks)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
@@ -28,11 +30,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per step (replica head); longer prompts are prefilled in chunks")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve this stage's Prometheus metrics on http://HOST:PORT/metrics (0 = pick a free port)")
-    p.add_argument("--prefix-cache-memory", default="256MiB",
-                   help="memory per rank for automatic prefix caching (0 turns it off)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV block (the same on every stage of a pipeline)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn automatic prefix caching off (cached prompt blocks share the KV pool)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
+
+
+def _kv_memory(text: str) -> dict:
+    """``--kv-cache-memory``: a size, or a percentage of the memory free at start-up."""
+    from stagekit.errors import InvalidRequest
+
+    if text.strip().endswith("%"):
+        try:
+            share = float(text.strip()[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 0.95:
+            raise InvalidRequest(f"--kv-cache-memory {text}: a share must be between 0% and 95%")
+        return {"kv_cache_memory_fraction": share}
+    return {"kv_cache_memory_bytes": parse_bytes(text)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_model_config(args.model, args.model_name)
         start, end = parse_layers(args.layers, cfg.num_layers)
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
+        if not 1 <= args.block_size <= 256:
+            raise InvalidRequest(f"--block-size {args.block_size} must be between 1 and 256 tokens")
         cfg.torch_dtype(args.dtype)
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
-            model_name=args.model_name, kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory),
+            model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            prefix_cache_memory_bytes=parse_bytes(args.prefix_cache_memory),
+            block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -115,9 +115,9 @@ def test_deadline(client: GenerationClient, head: FakeStage) -> None:
     with pytest.raises(DeadlineExceeded):
         client.complete("Hello", max_tokens=100, ignore_eos=True, timeout=0.3)
     # The gateway gave up on the stage requests too.
-    wait_for(lambda: len(head.generate_calls) >= calls + 2)
+    wait_for(lambda: len(head.generate_calls) >= calls + 2, timeout_s=10)
     for call in head.generate_calls[calls:]:
-        wait_for(lambda call=call: call.request_id in head.cancelled)
+        wait_for(lambda call=call: call.request_id in head.cancelled, timeout_s=10)
 
 
 def test_async_client(gw: GatewayThread) -> None:

@@ -67,3 +67,13 @@ def test_missing_tensor(demo: Path, tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "missing tensors" in r.stderr and "model.layers.1.mlp.down_proj.weight" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kv-cache-memory", "120%"], "between 0% and 95%"),
+    (["--kv-cache-memory", "lots"], "cannot read size"),
+    (["--block-size", "0"], "--block-size 0"),
+])
+def test_bad_kv_settings(demo: Path, args: list[str], message: str) -> None:
+    r = _stage("--model", str(demo), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr

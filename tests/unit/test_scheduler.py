@@ -1,5 +1,6 @@
-"""The head's scheduler on its own: admission by KV reservation, chunked prefill within
-the token budget, micro-batches for a pipeline, finish reasons, abort frees KV."""
+"""The head's scheduler on its own: admission by free KV blocks, block tables sent with
+the steps, preemption (recompute) when blocks run out, chunked prefill within the token
+budget, micro-batches for a pipeline, finish reasons, abort frees KV."""
 
 from __future__ import annotations
 
@@ -20,22 +21,80 @@ def _result(header, token: int = 7) -> StepResult:
     return StepResult(header.step_id, ids, [token] * len(ids), [0.0] * len(ids))
 
 
-def test_admission_waits_for_kv_reservation() -> None:
-    sch = Scheduler(kv_capacity_tokens=20, max_model_len=100, eos_token_ids=[0])
-    sch.add(_seq(1, 10, max_tokens=5))  # reserves 15
-    sch.add(_seq(2, 4, max_tokens=4))   # 8 more would exceed 20
+def _sched(num_blocks: int = 1000, block_size: int = 16, **kw) -> Scheduler:
+    kw.setdefault("max_model_len", 1000)
+    return Scheduler(num_blocks, eos_token_ids=[0], block_size=block_size, prefix_caching=False, **kw)
+
+
+def test_admission_waits_for_free_blocks() -> None:
+    sch = _sched(num_blocks=3, block_size=4, max_model_len=100)
+    sch.add(_seq(1, 10, max_tokens=5))  # 3 blocks for its prompt
+    sch.add(_seq(2, 4, max_tokens=4))   # one more block: none left
     h = sch.schedule()
-    assert [s.seq_id for s in h.seqs] == [1]
-    assert len(sch.waiting) == 1
+    assert [(s.seq_id, s.new_blocks) for s in h.seqs] == [(1, (0, 1, 2))]
+    assert len(sch.waiting) == 1 and sch.blocks.num_free == 0
     sch.postprocess(h, _result(h))
-    seq1 = sch.running[1]
-    sch.finish(seq1)  # frees its reservation
+    sch.finish(sch.running[1])  # its blocks come back
     h2 = sch.schedule()
     assert [s.seq_id for s in h2.seqs] == [2] and h2.freed_seq_ids == [1]
+    assert len(h2.seqs[0].new_blocks) == 1
+
+
+def test_decode_sends_a_new_block_only_at_a_block_boundary() -> None:
+    sch = _sched(num_blocks=10, block_size=4)
+    sch.add(_seq(1, 3, max_tokens=9))
+    sent = []
+    for _ in range(6):
+        h = sch.schedule()
+        (s,) = h.seqs
+        sent.append((s.num_computed, s.num_new, s.new_blocks))
+        sch.postprocess(h, _result(h))
+    assert sent == [(0, 3, (0,)), (3, 1, ()), (4, 1, (1,)), (5, 1, ()), (6, 1, ()), (7, 1, ())]
+
+
+def test_a_full_pool_preempts_the_latest_sequence_which_is_recomputed_later() -> None:
+    sch = _sched(num_blocks=4, block_size=4)
+    for i in range(1, 5):
+        sch.add(_seq(i, 4, max_tokens=4))  # one full block each; 2 blocks by their end
+    h = sch.schedule()
+    assert sch.blocks.num_free == 0
+    sch.postprocess(h, _result(h, 5))  # every sequence now needs a second block to decode
+    h = sch.schedule()
+    # seq 1 takes seq 4's block, seq 2 takes seq 3's: the two latest are preempted
+    assert [s.seq_id for s in h.seqs] == [1, 2]
+    assert sorted(h.preempted_seq_ids) == [3, 4] and sch.num_preemptions == 2
+    assert [s.seq_id for s in sch.waiting] == [3, 4]  # back at the front, in their order
+    sch.postprocess(h, _result(h, 6))
+    for _ in range(2):  # seq 1 and 2 run to their end (4 tokens) in their 2 blocks
+        h = sch.schedule()
+        assert not h.preempted_seq_ids
+        out = sch.postprocess(h, _result(h, 6))
+    assert {f.seq.seq_id for f in out.finished} == {1, 2}
+    h = sch.schedule()
+    again = {s.seq_id: s for s in h.seqs}
+    # recomputed from scratch: the prompt and the one token each already had; not re-announced
+    assert again[3].num_computed == 0 and again[3].num_new == 5 and again[3].sample
+    assert h.new_seqs == [] and sorted(h.freed_seq_ids) == [1, 2]
+    out = sch.postprocess(h, _result(h, 7))
+    assert [t for _, t, _, _ in out.emitted] == [7, 7]
+    assert sch.running[3].output_ids == [5, 7]
+
+
+def test_a_sequence_in_flight_is_never_preempted() -> None:
+    sch = _sched(num_blocks=2, block_size=4)
+    sch.add(_seq(1, 4, max_tokens=8))
+    sch.add(_seq(2, 4, max_tokens=8))
+    a = sch.schedule(num_microbatches=2)  # seq 1
+    b = sch.schedule(num_microbatches=2)  # seq 2, now in flight
+    sch.postprocess(a, _result(a))
+    assert sch.schedule(num_microbatches=2) is None  # seq 1 needs a block, seq 2 holds it in flight
+    sch.postprocess(b, _result(b))
+    h = sch.schedule(num_microbatches=2)
+    assert [s.seq_id for s in h.seqs] == [1] and h.preempted_seq_ids == [2]
 
 
 def test_chunked_prefill_splits_a_long_prompt_and_samples_at_the_end() -> None:
-    sch = Scheduler(kv_capacity_tokens=1000, max_model_len=1000, eos_token_ids=[0], max_num_batched_tokens=16)
+    sch = _sched(max_num_batched_tokens=16)
     sch.add(_seq(1, 40))
     chunks = []
     while True:
@@ -53,7 +112,7 @@ def test_chunked_prefill_splits_a_long_prompt_and_samples_at_the_end() -> None:
 
 
 def test_decodes_come_before_new_prompts_in_the_budget() -> None:
-    sch = Scheduler(kv_capacity_tokens=1000, max_model_len=1000, eos_token_ids=[0], max_num_batched_tokens=10)
+    sch = _sched(max_num_batched_tokens=10)
     sch.add(_seq(1, 5))
     h = sch.schedule()
     sch.postprocess(h, _result(h))
@@ -63,7 +122,7 @@ def test_decodes_come_before_new_prompts_in_the_budget() -> None:
 
 
 def test_microbatches_take_disjoint_sequences() -> None:
-    sch = Scheduler(kv_capacity_tokens=1000, max_model_len=1000, eos_token_ids=[0])
+    sch = _sched()
     for i in range(4):
         sch.add(_seq(i, 3))
     a = sch.schedule(num_microbatches=2)
@@ -88,7 +147,7 @@ def test_microbatches_take_disjoint_sequences() -> None:
     ],
 )
 def test_finish_reasons(params, tokens, reason) -> None:
-    sch = Scheduler(kv_capacity_tokens=1000, max_model_len=1000, eos_token_ids=[0])
+    sch = _sched()
     sch.add(Sequence(1, "r", [1, 2], SamplingParams(**params)))
     got = None
     for tok in tokens:
@@ -101,11 +160,11 @@ def test_finish_reasons(params, tokens, reason) -> None:
 
 
 def test_abort_frees_kv_on_the_next_step() -> None:
-    sch = Scheduler(kv_capacity_tokens=100, max_model_len=1000, eos_token_ids=[0])
+    sch = _sched(num_blocks=10)
     sch.add(_seq(1, 10))
     h = sch.schedule()
     assert sch.abort("r1") is not None
-    assert sch.reserved_tokens == 0
+    assert sch.blocks.num_free == 10
     sch.postprocess(h, _result(h))  # the in-flight step comes back: ignored
     h2 = sch.schedule()
     assert h2.seqs == [] and h2.freed_seq_ids == [1]

@@ -1,0 +1,1 @@
+"""Small native kernels for the CPU, compiled on first use (see cpu_build)."""

@@ -1,0 +1,73 @@
+"""A TP1·PP2 replica whose KV pool is far smaller than its load: requests are admitted as
+blocks free up, running ones are preempted and recomputed when blocks run out, and every
+request still gets exactly the tokens it gets alone (greedy and seeded sampling)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from stagekit.demo import write_demo_model
+from stagemesh.launcher import Mesh, MeshSpec
+from tests.helpers.stage_client import generate, generate_many, stage_info, tokens_of, wire
+
+# demo model: 2 layers per stage x K,V x 16 tokens x 2 KV heads x 16 dims x 4 bytes = 8 KiB per block
+BLOCKS = 12
+PROMPTS = [[3, 10 + i, 20 + i, 30, 40 + 2 * i, 50, 60 + i, 7, 8, 9] for i in range(6)]
+MAX_TOKENS = 40  # 50 tokens = 4 blocks per request; 6 requests want 24 of the 12 blocks
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("paged")
+    model = write_demo_model(root / "demo")
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False,
+                         kv_cache_memory=str(BLOCKS * 8192)), root / "logs")
+    try:
+        mesh.start(timeout_s=120)
+        wire(mesh.replicas[0])
+        yield mesh.replicas[0]
+    finally:
+        mesh.stop()
+
+
+def test_pool_size_is_reported(small_pool) -> None:
+    for addr in small_pool:
+        info = stage_info(addr)
+        assert info.kv_capacity_tokens == BLOCKS * 16 and info.kv_block_size == 16
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=11)])
+def test_preempted_requests_get_the_tokens_they_get_alone(small_pool, sampling) -> None:
+    head = small_pool[0]
+    alone = [tokens_of(generate(head, p, max_tokens=MAX_TOKENS, ignore_eos=True, **sampling)) for p in PROMPTS]
+    before = stage_info(head).num_preemptions
+    together = [tokens_of(r) for r in generate_many(head, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                    **sampling)]
+    assert stage_info(head).num_preemptions > before, "the pool was expected to run out"
+    assert together == alone
+    assert all(len(t) == MAX_TOKENS for t in together)
+    assert stage_info(head).kv_used_tokens == 0  # every block came back
+
+
+def test_a_request_larger_than_the_pool_is_refused(small_pool) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        generate(small_pool[0], PROMPTS[0], max_tokens=BLOCKS * 16)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV cache" in err.value.details()
+
+
+def test_a_share_of_free_memory_sizes_the_pool_of_every_rank(tmp_path) -> None:
+    model = write_demo_model(tmp_path / "demo")
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 4)], tp=2, threads=1, gateway=False,
+                         kv_cache_memory="1%"), tmp_path / "logs")
+    try:
+        mesh.start(timeout_s=120)
+        head = mesh.replicas[0][0]
+        blocks = stage_info(head).kv_capacity_tokens // 16
+        # 1% of MemAvailable over 2 ranks at 8 KiB per block (4 layers, 1 KV head per rank): thousands
+        assert blocks > 1000
+        out = generate(head, PROMPTS[0], max_tokens=5, ignore_eos=True)
+        assert len(tokens_of(out)) == 5
+    finally:
+        mesh.stop()
