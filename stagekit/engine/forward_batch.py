@@ -1,9 +1,9 @@
 """What one forward pass of a stage computes: which sequences, how many new tokens each,
 where their KV lives. Passed explicitly to every layer that needs it (no hidden global).
 
-Built once per step and shared by every layer: the KV rows the new tokens are written to
-(``slot_mapping``), and for attention the decode sequences' block tables and lengths (one
-native call per layer for all of them) and, per prefill chunk, the rows of its context.
+Built once per step and shared by every layer: the KV block and row each new token is
+written to, and for attention the decode sequences' block tables and lengths (one native
+call per layer for all of them) and, per prefill chunk, the blocks of its context.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ class SeqSlice:
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
     """A slice with several new tokens: rows ``[offset, offset + n)`` of the batch attend to
-    context rows ``context_slots`` (its first ``num_computed + n`` tokens)."""
+    the sequence's first ``num_computed + n`` tokens, held in ``context_blocks``."""
 
     offset: int
     n: int
     num_computed: int
-    context_slots: torch.Tensor  # [num_computed + n] int64
+    context_blocks: torch.Tensor  # [ceil((num_computed + n) / block_size)] int64
 
 
 @dataclass(slots=True)
@@ -48,7 +48,8 @@ class ForwardBatch:
     seqs: list[SeqSlice]
     positions: torch.Tensor  # [num_tokens] int64
     kv_cache: PagedKVCache
-    slot_mapping: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # [T]
+    write_blocks: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # [T]
+    write_rows: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))    # [T]
     decode_rows: torch.Tensor | None = None  # [Bd] batch rows of one-token slices; None: every row is one
     decode_tables: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0, dtype=torch.int32))  # [Bd, M]
     decode_lens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))  # [Bd]
@@ -56,31 +57,35 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], kv_cache: PagedKVCache, device: torch.device) -> ForwardBatch:
-        positions, slots, prefills = [], [], []
+        positions, w_blocks, w_rows, prefills = [], [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
+        bs = kv_cache.block_size
         offset = 0
         for s in seqs:
             end = s.num_computed + s.num_new
+            table = kv_cache.tables[s.seq_id]
             if s.num_new == 1:
-                table = kv_cache.tables[s.seq_id]
-                bs = kv_cache.block_size
-                slots.append(table[s.num_computed // bs] * bs + s.num_computed % bs)
+                w_blocks.append(table[s.num_computed // bs])
+                w_rows.append(s.num_computed % bs)
                 positions.append(s.num_computed)
                 dec_rows.append(offset)
                 dec_tables.append(table)
                 dec_lens.append(end)
             else:
-                ctx = kv_cache.slots(s.seq_id, 0, end)
-                slots.extend(ctx[s.num_computed:].tolist())
+                blocks, rows = kv_cache.where(s.seq_id, s.num_computed, end)
+                w_blocks.extend(blocks.tolist())
+                w_rows.extend(rows.tolist())
                 positions.extend(range(s.num_computed, end))
-                prefills.append(PrefillChunk(offset, s.num_new, s.num_computed, ctx.to(device)))
+                ctx = torch.tensor(table[: -(-end // bs)], dtype=torch.int64, device=device)
+                prefills.append(PrefillChunk(offset, s.num_new, s.num_computed, ctx))
             offset += s.num_new
         width = max((len(t) for t in dec_tables), default=0)
         batch = cls(
             seqs=seqs,
             positions=torch.tensor(positions, dtype=torch.int64, device=device),
             kv_cache=kv_cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            write_blocks=torch.tensor(w_blocks, dtype=torch.int64, device=device),
+            write_rows=torch.tensor(w_rows, dtype=torch.int64, device=device),
             decode_rows=None if len(dec_rows) == offset else torch.tensor(dec_rows, dtype=torch.int64, device=device),
             decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int32,
                                        device=device).view(len(dec_tables), width),

@@ -1,8 +1,9 @@
 /* Decode attention over a paged KV cache, fp32, for the CPU.
  *
- * One query token per sequence. The cache of one layer is [num_blocks, block_size,
- * kv_heads, head_dim]; a sequence's token t lives in block tables[b][t / block_size] at
- * offset t % block_size. Work item = (sequence, KV head): the G = q_heads / kv_heads query
+ * One query token per sequence. The cache of one layer is [num_blocks, kv_heads,
+ * block_size, head_dim]: a block holds each KV head's rows contiguously, so a work item
+ * streams whole 4 KiB runs instead of every kv_heads-th row. A sequence's token t lives
+ * in block tables[b][t / block_size] at row t % block_size. Work item = (sequence, KV head): the G = q_heads / kv_heads query
  * heads that share a KV head are done together, so each key and value row is read once.
  * Softmax is computed online, one block at a time (running max and sum), so no score
  * buffer longer than a block is needed and the cache is read exactly once.
@@ -23,15 +24,14 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
 
 /* Returns 0, or -1 when the shapes exceed the kernel's fixed bounds (caller falls back). */
 int paged_decode_f32(const float *q,        /* [B, Hq, D] */
-                     const float *k_cache,  /* [NB, BS, Hk, D] */
-                     const float *v_cache,  /* [NB, BS, Hk, D] */
+                     const float *k_cache,  /* [NB, Hk, BS, D] */
+                     const float *v_cache,  /* [NB, Hk, BS, D] */
                      const int32_t *tables, /* [B, max_blocks] */
                      const int32_t *lens,   /* [B] */
                      int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale,
                      int num_threads, float *out /* [B, Hq, D] */) {
     const int G = Hq / Hk;
     if (G > MAX_GROUP || BS > MAX_BLOCK || D > 1024) return -1;
-    const long tok_stride = (long)Hk * D;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
     for (int b = 0; b < B; b++) {
         for (int g = 0; g < Hk; g++) {
@@ -44,10 +44,10 @@ int paged_decode_f32(const float *q,        /* [B, Hq, D] */
             const int nblocks = (L + BS - 1) / BS;
             for (int i = 0; i < nblocks; i++) {
                 const int n = (i + 1) * BS <= L ? BS : L - i * BS;
-                const long base = ((long)tables[(long)b * max_blocks + i] * BS) * tok_stride + (long)g * D;
+                const long base = (((long)tables[(long)b * max_blocks + i] * Hk + g) * BS) * D;
                 const float *kb = k_cache + base, *vb = v_cache + base;
                 for (int t = 0; t < n; t++)
-                    for (int h = 0; h < G; h++) s[h][t] = dot(qg + (long)h * D, kb + t * tok_stride, D) * scale;
+                    for (int h = 0; h < G; h++) s[h][t] = dot(qg + (long)h * D, kb + (long)t * D, D) * scale;
                 for (int h = 0; h < G; h++) {
                     float mb = m[h];
                     for (int t = 0; t < n; t++) mb = s[h][t] > mb ? s[h][t] : mb;
@@ -61,7 +61,7 @@ int paged_decode_f32(const float *q,        /* [B, Hq, D] */
                     m[h] = mb;
                     for (int t = 0; t < n; t++) {
                         const float p = expf(s[h][t] - mb);
-                        const float *vt = vb + t * tok_stride;
+                        const float *vt = vb + (long)t * D;
                         l[h] += p;
 #pragma omp simd
                         for (int d = 0; d < D; d++) oh[d] += p * vt[d];

@@ -26,11 +26,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]
         T, D = q.shape[0], self.head_dim
-        k_cache, v_cache = batch.kv_cache.layer(self.layer_idx)  # [NB, BS, Hk, D] each
-        k_rows = k_cache.view(-1, self.num_kv_heads, D)
-        v_rows = v_cache.view(-1, self.num_kv_heads, D)
-        k_rows.index_copy_(0, batch.slot_mapping, k.to(k_rows.dtype))
-        v_rows.index_copy_(0, batch.slot_mapping, v.to(v_rows.dtype))
+        k_cache, v_cache = batch.kv_cache.layer(self.layer_idx)  # [NB, Hk, BS, D] each
+        k_cache[batch.write_blocks, :, batch.write_rows] = k.to(k_cache.dtype)  # [T, Hk, D] into place
+        v_cache[batch.write_blocks, :, batch.write_rows] = v.to(v_cache.dtype)
         if batch.decode_rows is None:  # every sequence adds one token: the decode kernel does it all
             return paged_decode(q, k_cache, v_cache, batch.decode_tables, batch.decode_lens, self.scale).view(T, -1)
         out = torch.empty(T, self.num_heads * D, dtype=q.dtype, device=q.device)
@@ -40,9 +38,10 @@ class Attention(nn.Module):
                                      self.scale).view(rows.numel(), -1)
         gqa = self.num_heads != self.num_kv_heads
         for p in batch.prefills:
-            qh = q[p.offset:p.offset + p.n].transpose(0, 1)        # [Hq, n, D]
-            kh = k_rows[p.context_slots].transpose(0, 1)           # [Hk, L, D]
-            vh = v_rows[p.context_slots].transpose(0, 1)
+            total = p.num_computed + p.n
+            qh = q[p.offset:p.offset + p.n].transpose(0, 1)                                # [Hq, n, D]
+            kh = k_cache[p.context_blocks].transpose(0, 1).reshape(self.num_kv_heads, -1, D)[:, :total]
+            vh = v_cache[p.context_blocks].transpose(0, 1).reshape(self.num_kv_heads, -1, D)[:, :total]
             mask = None
             if p.num_computed > 0:
                 # query i sits at position num_computed + i and sees keys 0..num_computed + i
