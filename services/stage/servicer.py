@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from services.stage import kv_transfer
 from services.stage.node import StageNode
 from stagekit.errors import InvalidRequest
 from stagekit.rpc import codec
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
-from stagekit.rpc.status import stream_errors, unary_errors
+from stagekit.rpc.status import status_for, stream_errors, unary_errors
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -92,6 +93,42 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def Abort(self, request: stage_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> stage_pb2.AbortResponse:
         return stage_pb2.AbortResponse(found=self._engine().abort(request.request_id))
+
+    @unary_errors
+    async def ExportKv(self, request: stage_pb2.ExportKvRequest,
+                       context: grpc.aio.ServicerContext) -> stage_pb2.ExportKvResponse:
+        return await kv_transfer.export_kv(self.node, list(request.token_ids), list(request.destination))
+
+    @unary_errors
+    async def ReserveKvBlocks(self, request: stage_pb2.ReserveKvBlocksRequest,
+                              context: grpc.aio.ServicerContext) -> stage_pb2.ReserveKvBlocksResponse:
+        engine = self._engine()
+        sch = engine.scheduler
+        import_id, present, blocks = engine.kv_imports.reserve(sch.blocks, list(request.hashes), request.block_size,
+                                                               headroom=sch.watermark_blocks)
+        return stage_pb2.ReserveKvBlocksResponse(import_id=import_id, num_present=present, blocks=blocks)
+
+    @unary_errors
+    async def CommitKvBlocks(self, request: stage_pb2.CommitKvBlocksRequest,
+                             context: grpc.aio.ServicerContext) -> stage_pb2.CommitKvBlocksResponse:
+        engine = self._engine()
+        engine.kv_imports.commit(engine.scheduler.blocks, request.import_id, request.ok)
+        return stage_pb2.CommitKvBlocksResponse()
+
+    @unary_errors
+    async def SendKvBlocks(self, request: stage_pb2.SendKvBlocksRequest,
+                           context: grpc.aio.ServicerContext) -> stage_pb2.SendKvBlocksResponse:
+        sent = await kv_transfer.send_blocks(self.node, list(request.blocks), request.destination,
+                                             list(request.destination_blocks))
+        return stage_pb2.SendKvBlocksResponse(bytes_sent=sent, transport="grpc")
+
+    async def PushKvBlocks(self, request_iterator: AsyncIterator[stage_pb2.KvBlocksChunk],
+                           context: grpc.aio.ServicerContext) -> stage_pb2.PushKvBlocksResponse:
+        try:
+            got = await kv_transfer.receive_blocks(self.node, request_iterator)
+        except Exception as e:
+            await context.abort(status_for(e), str(e) or type(e).__name__)
+        return stage_pb2.PushKvBlocksResponse(bytes_received=got)
 
     async def PushFrames(self, request_iterator: AsyncIterator[stage_pb2.Frame],
                          context: grpc.aio.ServicerContext) -> stage_pb2.PushFramesResponse:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from stagekit.engine.kv_imports import KvImports
 from stagekit.engine.sampling_params import SamplingParams
 from stagekit.engine.scheduler import Scheduler, StepOutcome
 from stagekit.engine.sequence import Sequence, SequenceStatus, TokenOutput
@@ -42,6 +43,7 @@ class Engine:
         self.scheduler = Scheduler(kv.num_blocks, self.max_model_len, cfg.eos_token_ids, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, block_size=kv.block_size,
                                    prefix_caching=spec.prefix_caching)
+        self.kv_imports = KvImports()  # blocks reserved for KV arriving from another replica
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
@@ -70,6 +72,8 @@ class Engine:
             for seq in list(self.scheduler.running.values()):
                 self.scheduler.finish(seq)
                 seq.outputs.put_nowait(TokenOutput([], [], error=err))
+        if num_blocks != self.scheduler.blocks.num_blocks:
+            self.kv_imports.forget()
         self.scheduler.reset_blocks(num_blocks, prefix_caching)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

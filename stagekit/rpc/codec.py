@@ -24,6 +24,16 @@ _DTYPES = {
 _FROM_PROTO = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_to_proto(dtype: torch.dtype) -> int:
+    return _DTYPES[dtype]
+
+
+def dtype_from_proto(value: int) -> torch.dtype:
+    if value not in _FROM_PROTO:
+        raise InvalidRequest(f"unsupported tensor dtype {value}")
+    return _FROM_PROTO[value]
+
+
 def tensor_to_proto(t: torch.Tensor) -> common_pb2.Tensor:
     t = t.detach().contiguous().cpu()
     raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
