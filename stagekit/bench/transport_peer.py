@@ -4,7 +4,9 @@
 
 It hosts a transport (see transport_host), links it to the transport hosted at
 ``--connect`` (if given), prints ``PEER READY <its address>`` and then plays its role
-until killed or until stdin closes:
+until killed, until stdin closes, until its host (``--parent-pid``, by default the
+process that started it) exits, or until no frame moved for ``--idle-timeout`` seconds
+(see peer_watchdog; an orderly stop that hangs is cut short too):
 
 - ``echo``: send every frame received straight back.
 - ``sink``: drop step frames, send result frames and steps with a negative ``step_id``
@@ -22,11 +24,13 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
 import torch
 
+from stagekit.bench.peer_watchdog import PeerWatchdog
 from stagekit.bench.transport_host import TransportHost
 from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.step import Frame, StepHeader
@@ -51,12 +55,13 @@ def frame_ok(frame: Frame) -> bool:
     return bool((t == pattern(frame.step.step_id)).all())
 
 
-async def _role(role: str, host: TransportHost, nbytes: int, interval_s: float) -> None:
+async def _role(role: str, host: TransportHost, nbytes: int, interval_s: float, watchdog: PeerWatchdog) -> None:
     tr = host.transport
     if role == "source":
         i = 0
         while True:
             await tr.send(step_frame(i, nbytes))
+            watchdog.touch()
             i += 1
             await asyncio.sleep(interval_s)  # the gRPC fallback queues sends without bound: pace it
     while True:
@@ -69,28 +74,32 @@ async def _role(role: str, host: TransportHost, nbytes: int, interval_s: float) 
                     print(f"LOST {lost}", flush=True)
                     return
                 continue
+            watchdog.touch()
             print(f"FRAME {frame.step.step_id if frame.step else -1} {'ok' if frame_ok(frame) else 'bad'}",
                   flush=True)
             continue
         frame = await tr.recv()
+        watchdog.touch()
         if role == "echo" or frame.result is not None or (frame.step is not None and frame.step.step_id < 0):
             await tr.send(frame)
 
 
-async def _main(args: argparse.Namespace) -> None:
+async def _main(args: argparse.Namespace, watchdog: PeerWatchdog) -> None:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.read(1) or stop.set())
     host = TransportHost(make_transport(args.transport))
     addr = await host.start()
     if args.connect:
         await host.link(args.connect)
     print(f"PEER READY {addr}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_reader(sys.stdin.fileno(), lambda: sys.stdin.read(1) or stop.set())
-    role = asyncio.create_task(_role(args.role, host, args.nbytes, args.interval))
+    watchdog.touch()
+    role = asyncio.create_task(_role(args.role, host, args.nbytes, args.interval, watchdog))
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({role, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    watchdog.stopping()
     for t in (role, stopped):
         t.cancel()
         with contextlib.suppress(BaseException):
@@ -108,10 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--role", choices=["echo", "sink", "source", "report"], default="echo")
     p.add_argument("--nbytes", type=int, default=1 << 20, help="tensor bytes per frame (source)")
     p.add_argument("--interval", type=float, default=0.0, help="seconds between frames (source)")
+    p.add_argument("--parent-pid", type=int, default=os.getppid(),
+                   help="exit when this process exits (default: the process that started this one)")
+    p.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="exit after this many seconds without a frame sent or received")
     args = p.parse_args(argv)
+    watchdog = PeerWatchdog(args.parent_pid, args.idle_timeout).start()
     torch.set_num_threads(1)  # idle OpenMP workers spin and steal the other side's core on small machines
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    asyncio.run(_main(args))
+    asyncio.run(_main(args, watchdog))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
 """The gRPC fallback data plane: the upstream stage opens one long-lived client stream
 (``Stage.PushFrames``) to its downstream neighbour and writes frames into it; tensors are
-serialised as dtype + shape + bytes. Works anywhere gRPC does; costs a copy per hop."""
+serialised as dtype + shape + bytes. Works anywhere gRPC does; costs a copy per hop.
+
+Failure behaviour (as on UCX): when the stream to the next stage fails, or the stream from
+upstream ends without the sender closing it, the steps this stage originated (the replica
+head's) that still wait for results come back at once as error results, so the engine fails
+exactly their requests with the reason; later sends on a failed link raise
+StageUnavailable until the stage is re-wired, and so do steps this stage would originate
+while the stream from upstream is down (their results could not come back). A sender says
+``hello`` when it opens a stream and ``bye`` before it closes one (see grpc_control), which
+is how a receiver tells a re-wire from a dead neighbour: either way its stream just ends.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,10 @@ from stagekit.engine.step import Frame
 from stagekit.errors import StageUnavailable
 from stagekit.rpc import codec
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagekit.transport import grpc_control
 from stagekit.transport.base import Transport
+from stagekit.transport.grpc_control import BYE, HELLO
+from stagekit.transport.origin_steps import OriginSteps
 
 log = logging.getLogger(__name__)
 
@@ -23,44 +36,75 @@ _CLOSE = object()
 
 
 class GrpcTransport(Transport):
+    """Invariant: ``recv`` yields the frames of the upstream streams in arrival order, plus
+    one error result per originated step when a link is lost; control frames never reach it."""
+
     name = "grpc"
 
     def __init__(self) -> None:
         self._inbound: asyncio.Queue[Frame] = asyncio.Queue()
+        self._origin = OriginSteps()
         self._channel: grpc.aio.Channel | None = None
         self._outbox: asyncio.Queue | None = None
         self._call_task: asyncio.Task | None = None
         self._peer = ""
         self._error: str = ""
+        self._streams = grpc_control.InboundStreams(self._inbound_lost)
+        self.inbound_lost = ""    # why the stream from upstream failed (until an upstream says hello)
 
     async def deliver(self, frame: stage_pb2.Frame) -> None:
-        """Called by the stage's PushFrames handler for every frame it receives."""
-        await self._inbound.put(codec.frame_from_proto(frame))
+        """Called by the stage's PushFrames handler for every frame it receives, inside the
+        handler's task: that task ending is how this side learns the stream ended."""
+        control = grpc_control.control_of(frame)
+        stream = asyncio.current_task()
+        if control == HELLO:
+            self.inbound_lost = ""
+        if control is not None:
+            self._streams.seen(stream, closing=control == BYE)
+            return
+        self._streams.seen(stream)
+        f = codec.frame_from_proto(frame)
+        self._origin.received(f)
+        await self._inbound.put(f)
 
     async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
         await self._close_outbound()
         self._peer, self._error = peer_address, ""
         self._channel = grpc.aio.insecure_channel(peer_address, options=_OPTIONS)
         self._outbox = asyncio.Queue()
+        self._outbox.put_nowait(grpc_control.control_frame(HELLO))
         stub = stage_pb2_grpc.StageStub(self._channel)
         self._call_task = asyncio.create_task(self._pump(stub, self._outbox))
 
     async def _pump(self, stub: stage_pb2_grpc.StageStub, outbox: asyncio.Queue) -> None:
+        closing = False
+
         async def frames() -> AsyncIterator[stage_pb2.Frame]:
+            nonlocal closing
             while (item := await outbox.get()) is not _CLOSE:
                 yield item
+            closing = True
+            yield grpc_control.control_frame(BYE)
 
         try:
             await stub.PushFrames(frames())
         except grpc.aio.AioRpcError as e:
             self._error = f"{e.code().name}: {e.details()}"
-            log.warning("data-plane stream to %s ended: %s", self._peer, self._error)
+        else:
+            self._error = "the stage closed the stream"
+        if closing:
+            return
+        log.error("data-plane stream to %s ended: %s", self._peer, self._error)
+        self._fail_origin(f"data-plane link to {self._peer} lost: {self._error}")
 
     async def send(self, frame: Frame) -> None:
         if self._outbox is None or self._call_task is None:
             raise StageUnavailable("data plane is not connected (stage not wired)")
+        if self.inbound_lost and self._origin.originates(frame):
+            raise StageUnavailable(f"results cannot come back: the link from upstream is down ({self.inbound_lost})")
         if self._call_task.done():
             raise StageUnavailable(f"data-plane link to {self._peer} is down ({self._error or 'closed'})")
+        self._origin.sent(frame)
         await self._outbox.put(codec.frame_to_proto(frame))
 
     async def recv(self) -> Frame:
@@ -79,4 +123,14 @@ class GrpcTransport(Transport):
         self._channel = self._outbox = self._call_task = None
 
     async def close(self) -> None:
+        self._streams.close()
         await self._close_outbound()
+
+    def _fail_origin(self, reason: str) -> None:
+        for f in self._origin.fail_all(reason):
+            self._inbound.put_nowait(f)
+
+    def _inbound_lost(self, reason: str) -> None:
+        self.inbound_lost = reason
+        log.error("data-plane stream from upstream lost: %s", reason)
+        self._fail_origin(f"data-plane link from upstream lost: {reason}")

@@ -63,6 +63,32 @@ def ucx_tls(settings: UcxSettings) -> str:
     return tls
 
 
+def _skip_endpoint_finalizers_at_exit() -> None:
+    """At interpreter exit ucxx's endpoint finalizers close every endpoint still referenced
+    with ``close_blocking``, which was seen to spin for minutes on endpoints of a peer that
+    had died (a test run hung at exit). The process is ending anyway: an exit hook that runs
+    before the finalizers detaches them."""
+    import atexit
+    import weakref
+
+    from ucxx._lib_async import endpoint as endpoint_mod
+
+    finalizer = getattr(endpoint_mod, "_finalizer", None)
+    registry = getattr(weakref.finalize, "_registry", None)
+    if finalizer is None or registry is None:
+        return
+
+    def detach() -> None:
+        for f, info in list(registry.items()):
+            if getattr(info, "func", None) is finalizer:
+                f.detach()
+
+    # weakref.finalize hooks itself into atexit on first use; make sure that happened, so
+    # that this hook (registered after it) runs before it
+    weakref.finalize(detach, lambda: None)
+    atexit.register(detach)
+
+
 class UcxRuntime:
     """Invariant: one per process; ``progress`` drives the worker on the loop it was made on,
     ``recv_pool`` lends host memory to received tensors."""
@@ -95,6 +121,7 @@ class UcxRuntime:
         ucxx.init(options={"TLS": tls}, env_takes_precedence=True, progress_mode="blocking")
         rt = cls(ucxx, settings, loop)
         _state["runtime"] = rt
+        _skip_endpoint_finalizers_at_exit()
         log.info("UCX %s initialised: UCX_TLS=%s", ucxx.__ucx_version__, tls)
         return rt
 

@@ -1,18 +1,29 @@
 """``stagemesh bench serve``: a mesh on this machine driven through the gateway with N
 concurrent greedy requests of fixed prompt/output length, against transformers' generate
-on the same checkpoint in the same invocation (``--baseline hf``)."""
+on the same checkpoint in the same invocation (``--baseline hf``).
+
+``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout) and
+measures them in alternating rounds (``--rounds``, ABBA order), so that the load other
+processes put on the machine falls on both alike; figures are medians over rounds."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
+import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stagemesh.bench.rss import tree_rss_mib
+
+if TYPE_CHECKING:
+    from stagemesh.bench.load import LoadResult
+    from stagemesh.launcher import Mesh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,10 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="demo model size when --model is not given (small: ~125M Llama)")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--transport", default="",
+                   help="comma-separated data planes between stages, e.g. ucx,grpc (or ucx:shm, ucx:tcp...): one "
+                        "mesh each, measured in alternating rounds (default: the stages' own default)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds over the meshes; figures are medians (default 1)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch threads per rank (and for the baseline)")
+    p.add_argument("--kv-cache-memory", default="4GiB", help="KV cache per stage rank")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
@@ -48,29 +64,32 @@ def _model_dir(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
-    from stagekit.parallel.tp_executor import free_port
-    from stagemesh.bench.load import LoadResult, run_load  # httpx: only needed to run it
-    from stagemesh.launcher import Mesh, MeshSpec, split_layers
+    from stagemesh.bench.load import run_load  # httpx: only needed to run it
 
     model = _model_dir(args)
     cfg = load_model_config(model)
     batches = [int(b) for b in args.batch.split(",")]
-    spec = MeshSpec(model=model, layer_splits=split_layers(cfg.num_layers, args.pp), tp=args.tp,
-                    threads=args.threads, port=free_port(), kv_cache_memory="4GiB")
-    mesh = Mesh(spec, tempfile.mkdtemp(prefix="stagemesh-bench-"))
-    results: dict[int, LoadResult] = {}
+    planes = [t for t in args.transport.split(",") if t] or [""]
+    load_start = os.getloadavg()
+    meshes: dict[str, Mesh] = {}
+    results: dict[str, dict[int, list[LoadResult]]] = {t: {b: [] for b in batches} for t in planes}
+    rss: dict[str, dict[str, float]] = {}
     try:
-        mesh.start(timeout_s=600)
-        stage_pids = [p.pid for name, p in mesh.procs if name.startswith("stage")]
-        rss_start = sum(tree_rss_mib(p) for p in stage_pids)
-        asyncio.run(run_load(mesh.url, cfg.name, _prompts(1, 16, cfg.vocab_size, 99), 4))  # warm-up
-        for b in batches:
-            results[b] = asyncio.run(run_load(mesh.url, cfg.name, _prompts(b, args.prompt_len, cfg.vocab_size,
-                                                                         args.seed), args.output_len))
-        rss_end = sum(tree_rss_mib(p) for p in stage_pids)
-        rss_peak = sum(tree_rss_mib(p, peak=True) for p in stage_pids)
+        for t in planes:
+            meshes[t] = _start_mesh(args, model, cfg.num_layers, t)
+            asyncio.run(run_load(meshes[t].url, cfg.name, _prompts(1, 16, cfg.vocab_size, 99), 4))  # warm-up
+        for r in range(max(1, args.rounds)):
+            for t in (planes if r % 2 == 0 else planes[::-1]):
+                for b in batches:
+                    prompts = _prompts(b, args.prompt_len, cfg.vocab_size, args.seed)
+                    results[t][b].append(asyncio.run(run_load(meshes[t].url, cfg.name, prompts, args.output_len)))
+        for t, mesh in meshes.items():
+            pids = [p.pid for name, p in mesh.procs if name.startswith("stage")]
+            rss[t] = {"end": round(sum(tree_rss_mib(p) for p in pids), 1),
+                      "peak": round(sum(tree_rss_mib(p, peak=True) for p in pids), 1)}
     finally:
-        mesh.stop()
+        for mesh in meshes.values():
+            mesh.stop()
     baseline = {}
     if args.baseline == "hf":
         from stagemesh.bench.hf_baseline import run_hf
@@ -79,20 +98,22 @@ def run(args: argparse.Namespace) -> int:
             baseline[b] = run_hf(model, _prompts(b, args.prompt_len, cfg.vocab_size, args.seed), args.output_len,
                                  args.threads)
     report = {
-        "model": model, "pp": args.pp, "tp": args.tp, "threads": args.threads,
+        "model": model, "pp": args.pp, "tp": args.tp, "threads": args.threads, "rounds": max(1, args.rounds),
         "prompt_len": args.prompt_len, "output_len": args.output_len,
-        "stage_rss_mib": {"start": round(rss_start, 1), "end": round(rss_end, 1), "peak": round(rss_peak, 1)},
-        "runs": [],
+        "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "stage_rss_mib": rss, "runs": [],
     }
-    for b, r in results.items():
-        row = {"batch": b, "output_tok_s": round(r.output_tok_s, 2), "ttft_p50_s": round(r.ttft(0.5), 4),
-               "ttft_p90_s": round(r.ttft(0.9), 4), "itl_p50_s": round(r.itl(0.5), 5),
-               "itl_p90_s": round(r.itl(0.9), 5)}
-        if b in baseline:
-            row["hf_output_tok_s"] = round(baseline[b].output_tok_s, 2)
-            row["hf_ttft_s"] = round(baseline[b].ttft_s, 4)
-            row["ratio_vs_hf"] = round(r.output_tok_s / baseline[b].output_tok_s, 3)
-        report["runs"].append(row)
+    for t in planes:
+        for b in batches:
+            row = _row(t, b, results[t][b])
+            if len(planes) > 1 and t != planes[-1]:
+                ref = statistics.median(r.output_tok_s for r in results[planes[-1]][b])
+                row[f"ratio_vs_{planes[-1]}"] = round(row["output_tok_s"] / ref, 3)
+            if b in baseline:
+                row["hf_output_tok_s"] = round(baseline[b].output_tok_s, 2)
+                row["hf_ttft_s"] = round(baseline[b].ttft_s, 4)
+                row["ratio_vs_hf"] = round(row["output_tok_s"] / baseline[b].output_tok_s, 3)
+            report["runs"].append(row)
     if args.json:
         print(json.dumps(report))
     else:
@@ -100,15 +121,48 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, transport: str) -> Mesh:
+    from stagekit.parallel.tp_executor import free_port
+    from stagemesh.launcher import Mesh, MeshSpec, split_layers
+
+    spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=args.tp, threads=args.threads,
+                    port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None)
+    mesh = Mesh(spec, tempfile.mkdtemp(prefix=f"stagemesh-bench-{transport.replace(':', '-') or 'default'}-"))
+    try:
+        mesh.start(timeout_s=600)
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh
+
+
+def _row(transport: str, batch: int, rounds: list[LoadResult]) -> dict:
+    """Median tokens/s over rounds; latency quantiles over every request of every round."""
+    from stagemesh.bench.load import LoadResult
+
+    pooled = LoadResult(batch, sum(r.wall_s for r in rounds), sum(r.output_tokens for r in rounds),
+                        [t for r in rounds for t in r.timings])
+    return {"transport": transport or "default", "batch": batch,
+            "output_tok_s": round(statistics.median(r.output_tok_s for r in rounds), 2),
+            "rounds_tok_s": [round(r.output_tok_s, 2) for r in rounds],
+            "ttft_p50_s": round(pooled.ttft(0.5), 4), "ttft_p90_s": round(pooled.ttft(0.9), 4),
+            "itl_p50_s": round(pooled.itl(0.5), 5), "itl_p90_s": round(pooled.itl(0.9), 5)}
+
+
 def _print_table(report: dict) -> None:
     out = sys.stdout
     out.write(f"model {report['model']}  pp={report['pp']} tp={report['tp']} threads={report['threads']}  "
-              f"prompt {report['prompt_len']} -> {report['output_len']} tokens\n")
-    out.write(f"{'batch':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>9} {'ITL p90':>9}"
-              f" {'HF tok/s':>9} {'ratio':>6}\n")
+              f"prompt {report['prompt_len']} -> {report['output_len']} tokens  "
+              f"median of {report['rounds']} round(s)\n")
+    ratio = next((k for r in report["runs"] for k in r if k.startswith("ratio_vs_") and k != "ratio_vs_hf"), "")
+    out.write(f"{'transport':>10} {'batch':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>9}"
+              f" {'ITL p90':>9} {ratio.removeprefix('ratio_'):>10} {'HF tok/s':>9} {'vs HF':>6}  rounds tok/s\n")
     for r in report["runs"]:
-        out.write(f"{r['batch']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_s']:>9.3f} {r['ttft_p90_s']:>9.3f}"
-                  f" {r['itl_p50_s']:>9.4f} {r['itl_p90_s']:>9.4f} {r.get('hf_output_tok_s', float('nan')):>9.1f}"
-                  f" {r.get('ratio_vs_hf', float('nan')):>6.2f}\n")
-    rss = report["stage_rss_mib"]
-    out.write(f"stage RSS MiB: start {rss['start']}, end {rss['end']}, peak {rss['peak']}\n")
+        out.write(f"{r['transport']:>10} {r['batch']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_s']:>9.3f}"
+                  f" {r['ttft_p90_s']:>9.3f} {r['itl_p50_s']:>9.4f} {r['itl_p90_s']:>9.4f}"
+                  f" {r.get(ratio, float('nan')):>10.3f} {r.get('hf_output_tok_s', float('nan')):>9.1f}"
+                  f" {r.get('ratio_vs_hf', float('nan')):>6.2f}  {r['rounds_tok_s']}\n")
+    for t, rss in report["stage_rss_mib"].items():
+        out.write(f"stage RSS MiB ({t or 'default'}): end {rss['end']}, peak {rss['peak']}\n")
+    la = report["load_average"]
+    out.write(f"load average: start {la['start']}, end {la['end']}\n")

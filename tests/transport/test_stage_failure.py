@@ -1,6 +1,9 @@
-"""A real pipeline on the UCX data plane loses its last stage: the replica head fails the
-requests that needed it at once, with the reason, instead of waiting out its 120 s step
-timeout (the transport turns the steps it originated into error results)."""
+"""A real pipeline loses a stage: the replica head fails the requests that needed it at
+once, with the reason, instead of waiting out its 120 s step timeout, on both data planes
+and whichever stage of the ring dies. The head hears of it directly: a dead next stage
+breaks its outbound link, a dead last stage its inbound one (on UCX a pidfd or the
+endpoint's error; on gRPC the stream failing or ending without a goodbye), and the
+transport turns the steps the head originated into error results."""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import pytest
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.helpers.stage_client import generate, wire
-from tests.transport.conftest import needs_ucx
+from tests.transport.conftest import transport_params
+
+PLANES = transport_params(["grpc", "ucx"])
+REPORT_S = 10.0
 
 
 def _stream(head: str, max_tokens: int) -> tuple[grpc.Channel, object]:
@@ -24,12 +30,13 @@ def _stream(head: str, max_tokens: int) -> tuple[grpc.Channel, object]:
     return ch, stage_pb2_grpc.StageStub(ch).Generate(req, timeout=60)
 
 
-@needs_ucx
-@pytest.mark.slow
-def test_head_fails_requests_at_once_when_the_last_stage_dies(hf_checkpoints: dict, tmp_path) -> None:
-    ref = hf_checkpoints["llama"]
-    mesh = Mesh(MeshSpec(model=ref.path, layer_splits=split_layers(5, 2), tp=1, threads=1, gateway=False,
-                         transport="ucx"), tmp_path)
+def _kill_stage_mid_request(ref_path: str, tmp_path: object, transport: str, pp: int,
+                            victim: int) -> tuple[list[grpc.RpcError], float]:
+    """Start a TP1 mesh of ``pp`` stages, start a long request, SIGKILL stage ``victim``'s
+    process group; the running request's error, a later request's error, and the seconds
+    from the kill until both had failed."""
+    mesh = Mesh(MeshSpec(model=ref_path, layer_splits=split_layers(5, pp), tp=1, threads=1, gateway=False,
+                         transport=transport), tmp_path)
     try:
         mesh.start(timeout_s=240)
         head = mesh.replicas[0][0]
@@ -37,8 +44,8 @@ def test_head_fails_requests_at_once_when_the_last_stage_dies(hf_checkpoints: di
         assert generate(head, [5, 6, 7], max_tokens=4, ignore_eos=True)[-1].completion_tokens == 4
         ch, stream = _stream(head, max_tokens=240)
         next(iter(stream))                                   # tokens are flowing
-        last = next(p for name, p in mesh.procs if name == "stage-r0-s1")
-        os.killpg(last.pid, signal.SIGKILL)
+        proc = next(p for name, p in mesh.procs if name == f"stage-r0-s{victim}")
+        os.killpg(proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         with pytest.raises(grpc.RpcError) as running:
             for _ in stream:
@@ -49,7 +56,30 @@ def test_head_fails_requests_at_once_when_the_last_stage_dies(hf_checkpoints: di
         took = time.monotonic() - killed
     finally:
         mesh.stop()
-    for err in (running.value, later.value):
+    return [running.value, later.value], took
+
+
+def _check(errors: list[grpc.RpcError], took: float, transport: str) -> None:
+    for err in errors:
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-        assert "link" in err.details() and "exited" in err.details(), err.details()
-    assert took < 10, f"the head took {took:.1f}s to fail requests after its last stage died"
+        assert "link" in err.details(), err.details()
+        if transport == "ucx":   # the head's transport watches same-host neighbours by pid
+            assert "exited" in err.details(), err.details()
+    assert took < REPORT_S, f"the head took {took:.1f}s to fail requests after the stage died"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", PLANES)
+def test_head_fails_requests_at_once_when_the_last_stage_dies(transport: str, hf_checkpoints: dict,
+                                                               tmp_path) -> None:
+    errors, took = _kill_stage_mid_request(hf_checkpoints["llama"].path, tmp_path, transport, pp=2, victim=1)
+    _check(errors, took, transport)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 2], ids=["middle", "last"])
+@pytest.mark.parametrize("transport", PLANES)
+def test_head_fails_requests_at_once_when_a_stage_of_three_dies(transport: str, victim: int,
+                                                                 hf_checkpoints: dict, tmp_path) -> None:
+    errors, took = _kill_stage_mid_request(hf_checkpoints["llama"].path, tmp_path, transport, pp=3, victim=victim)
+    _check(errors, took, transport)
