@@ -10,7 +10,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     serving.add_arguments(s)
     s.set_defaults(func=serving.run)
+    x = which.add_parser("prefix", help="shared-prefix workload: prefix caching on/off, DP prefix vs round-robin "
+                                        "routing",
+                         description="Groups of requests sharing a long prefix through the gateway: one replica "
+                                     "with prefix caching on vs off, then two replicas with prefix-aware vs "
+                                     "round-robin routing, in the same invocation.")
+    from stagemesh.bench import prefix_workload
+
+    prefix_workload.add_arguments(x)
+    x.set_defaults(func=prefix_workload.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:
