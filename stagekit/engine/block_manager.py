@@ -11,7 +11,7 @@ such blocks are reclaimed least recently used first.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 
 class BlockManager:
@@ -23,7 +23,9 @@ class BlockManager:
         self.block_size = block_size
         self.prefix_caching = prefix_caching and num_blocks > 0
         self.refs = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # a stack: the most recently released block is reused first (warm in cache, and the
+        # pool's untouched pages stay untouched: resident memory follows peak use, not time)
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._cached: OrderedDict[int, None] = OrderedDict()
         self._hash_of: dict[int, int] = {}     # block -> hash
         self._block_of: dict[int, int] = {}    # hash -> block
@@ -83,7 +85,7 @@ class BlockManager:
         out = []
         for _ in range(n):
             if self._free:
-                b = self._free.popleft()
+                b = self._free.pop()
             else:
                 b, _ = self._cached.popitem(last=False)
                 del self._block_of[self._hash_of.pop(b)]
