@@ -33,11 +33,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--kv-cache-memory", default="64MiB")
     p.add_argument("--transport", default=None, help="ucx or grpc (default: the stages' default)")
+    p.add_argument("--pp", type=int, default=2, choices=[1, 2])
+    p.add_argument("--stage-args", default="", help="extra stage options, e.g. --no-prefix-caching")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="stagemesh-soak-"))
     model = write_demo_model(root / "demo")
-    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False,
-                         kv_cache_memory=args.kv_cache_memory, transport=args.transport), root / "logs")
+    splits = [(0, 2), (2, 4)] if args.pp == 2 else [(0, 4)]
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=splits, threads=1, gateway=False,
+                         kv_cache_memory=args.kv_cache_memory, transport=args.transport,
+                         extra_stage_args=args.stage_args.split()), root / "logs")
     rng = random.Random(0)
     shared = [[rng.randrange(10, 1000) for _ in range(32)] for _ in range(4)]
 
