@@ -1,11 +1,11 @@
 """Decode attention (one query token per sequence) straight from a paged KV cache.
 
-On the CPU in fp32 the native kernel (paged_decode.c) reads each sequence's blocks in
-place, once, for all its query heads. Elsewhere torch versions copy the context first: on
-CUDA one gather of the whole batch into a padded tensor and two batched matmuls (no
-per-sequence launches); on the CPU (fp16/bf16, or no compiler) per sequence, a gather of
-its whole blocks and two small matmuls, about 3x the native kernel's time at batch 32
-(a padded batch gather was 9x: the CPU pays for every copied byte).
+On the CPU the native kernel (paged_decode.c; fp32, bf16 or fp16 cache, fp32 arithmetic)
+reads each sequence's blocks in place, once, for all its query heads. Elsewhere torch
+versions copy the context first: on CUDA one gather of the whole batch into a padded
+tensor and two batched matmuls (no per-sequence launches); on the CPU without a compiler,
+per sequence, a gather of its whole blocks and two small matmuls, about 3x the native
+kernel's time at batch 32 (a padded batch gather was 9x: the CPU pays for every copied byte).
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ _c_float_p = ctypes.POINTER(ctypes.c_float)
 _c_int_p = ctypes.POINTER(ctypes.c_int32)
 
 
+_KERNELS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16", torch.float16: "paged_decode_f16"}
+
+
 def _lib() -> ctypes.CDLL | None:
     lib = cpu_build.load("paged_decode")
     if lib is not None and not getattr(lib, "_stagemesh_typed", False):
-        f = lib.paged_decode_f32
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+        for name in _KERNELS.values():
+            f = getattr(lib, name)
+            f.restype = ctypes.c_int
+            f.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
         lib._stagemesh_typed = True
     return lib
 
@@ -40,23 +44,24 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
     q: [B, Hq, D]; k_cache, v_cache: [num_blocks, Hk, block_size, D]; tables: [B, max_blocks]
     int32 (entries past a sequence's blocks are ignored); lens: [B] int32 context lengths
-    (>= 1). Returns [B, Hq, D]; query head h uses KV head h // (Hq // Hk).
+    (>= 1). Returns [B, Hq, D] in q's dtype; query head h uses KV head h // (Hq // Hk).
     """
     B, Hq, D = q.shape
     NB, Hk, BS, _ = k_cache.shape
-    if use_native and q.device.type == "cpu" and q.dtype == torch.float32 and B > 0:
+    kernel = _KERNELS.get(k_cache.dtype)
+    if use_native and q.device.type == "cpu" and kernel is not None and B > 0:
         lib = _lib()
         if lib is not None:
-            q = q.contiguous()
+            qf = q.float().contiguous()  # fp32 arithmetic whatever the cache holds
             tables = tables.to(torch.int32).contiguous()
             lens = lens.to(torch.int32).contiguous()
-            assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == torch.float32
-            out = torch.empty_like(q)
-            rc = lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            assert k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.dtype == k_cache.dtype
+            out = torch.empty_like(qf)
+            rc = getattr(lib, kernel)(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                       lens.data_ptr(), B, Hq, Hk, D, BS, tables.shape[1], scale,
                                       torch.get_num_threads(), out.data_ptr())
             if rc == 0:
-                return out
+                return out.to(q.dtype)
     if q.device.type == "cpu":
         return _per_sequence(q, k_cache, v_cache, tables, lens, scale)
     return _batched(q, k_cache, v_cache, tables, lens, scale)

@@ -44,13 +44,15 @@ def test_native_kernel_builds_where_a_compiler_is_present() -> None:
     assert native_available()
 
 
-def test_half_precision_uses_the_torch_version() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_caches(dtype: torch.dtype, native: bool) -> None:
     g = torch.Generator().manual_seed(1)
-    kc, vc = torch.randn(8, 2, 4, 8, generator=g), torch.randn(8, 2, 4, 8, generator=g)
-    q = torch.randn(2, 4, 8, generator=g)
+    kc, vc = torch.randn(8, 2, 4, 8, generator=g).to(dtype), torch.randn(8, 2, 4, 8, generator=g).to(dtype)
+    q = torch.randn(2, 4, 8, generator=g).to(dtype)
     tables = torch.tensor([[3, 1], [0, 7]], dtype=torch.int32)
     lens = torch.tensor([6, 8], dtype=torch.int32)
-    ref = _reference(q, kc, vc, tables, lens, 0.3)
-    got = paged_decode(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), tables, lens, 0.3)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
+    ref = _reference(q.float(), kc.float(), vc.float(), tables, lens, 0.3)  # same inputs, fp32 math
+    got = paged_decode(q, kc, vc, tables, lens, 0.3, use_native=native)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=1e-2)
