@@ -9,48 +9,37 @@ with those tokens takes the blocks as a prefix-cache hit and prefills only the r
 Blocks move outside of steps: the source blocks are pinned and the destination blocks
 are reserved, so no step reads or writes them meanwhile.
 
-Data path: a client stream of chunks (1 MiB; STAGEMESH_KV_CHUNK_BYTES) on the receiving
-stage's gRPC port.
+Data path, per stage: one UCX bulk transfer straight from the pool's memory when both
+stages run the UCX data plane (kv_push_ucx), else a gRPC client stream of chunks
+(kv_push_grpc).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
+from services.stage import kv_blocks, kv_push_grpc
 from stagekit.engine.prefix_cache import block_hashes
 from stagekit.errors import InvalidRequest, NotFound, StageUnavailable
-from stagekit.rpc import codec
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.rpc.status import error_for
 
 if TYPE_CHECKING:
     from services.stage.node import StageNode
+    from stagekit.transport.ucx_transport import UcxTransport
 
 log = logging.getLogger(__name__)
-
-
-
-def _chunk_bytes() -> int:
-    return max(4096, int(os.environ.get("STAGEMESH_KV_CHUNK_BYTES", 1 << 20)))
-
-
-def _check_tp1(node: StageNode) -> None:
-    if node.layout.tp_size != 1:
-        raise InvalidRequest(f"KV transfer needs TP=1 stages; this stage runs TP={node.layout.tp_size}")
 
 
 async def _call(address: str, method: str, request: object, timeout: float = 120.0) -> object:
     """A unary Stage call to another stage; its failure as our typed error."""
     try:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with grpc.aio.insecure_channel(address, options=kv_push_grpc.CHANNEL_OPTIONS) as ch:
             return await getattr(stage_pb2_grpc.StageStub(ch), method)(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise error_for(e.code(), f"stage {address}: {e.details()}") from None
@@ -60,7 +49,7 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
     engine = node.engine
     if engine is None:
         raise InvalidRequest("ExportKv goes to the replica head (the stage holding layer 0)")
-    _check_tp1(node)
+    kv_blocks.check_tp1(node)
     pipeline = node.pipeline or [""]  # a one-stage replica needs no wiring
     if len(destination) != len(pipeline):
         raise InvalidRequest(f"the destination has {len(destination)} stage(s), this replica {len(pipeline)}: "
@@ -77,7 +66,7 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
         reply = await _call(destination[0], "ReserveKvBlocks", stage_pb2.ReserveKvBlocksRequest(
             hashes=hashes[:len(blocks)], block_size=bm.block_size))
         src = blocks[reply.num_present:]
-        sent = 0
+        sent, paths = 0, set()
         try:
             if src:
                 sends = [send_blocks(node, src, destination[0], list(reply.blocks))]
@@ -85,7 +74,8 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
                     blocks=src, destination=dest, destination_blocks=list(reply.blocks)))
                     for addr, dest in zip(pipeline[1:], destination[1:], strict=True)]
                 results = await asyncio.gather(*sends)
-                sent = results[0] + sum(r.bytes_sent for r in results[1:])
+                sent = results[0][0] + sum(r.bytes_sent for r in results[1:])
+                paths = {results[0][1], *(r.transport for r in results[1:])}
         except BaseException:
             await _abandon(destination[0], reply.import_id)
             raise
@@ -93,11 +83,12 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
             import_id=reply.import_id, ok=True))
     finally:
         bm.release(blocks)
-    log.info("exported the KV of %d tokens to %s: %d of %d blocks sent (%.1f MB) in %.3f s",
+    transport = ",".join(sorted(paths))
+    log.info("exported the KV of %d tokens to %s: %d of %d blocks sent (%.1f MB over %s) in %.3f s",
              len(blocks) * bm.block_size, destination[0], len(src), len(blocks), sent / 1e6,
-             time.perf_counter() - started)
+             transport or "-", time.perf_counter() - started)
     return stage_pb2.ExportKvResponse(num_tokens=len(blocks) * bm.block_size, num_blocks_sent=len(src),
-                                      bytes_sent=sent)
+                                      bytes_sent=sent, transport=transport)
 
 
 async def _abandon(head: str, import_id: str) -> None:
@@ -107,76 +98,71 @@ async def _abandon(head: str, import_id: str) -> None:
         log.warning("could not release KV import %s on %s: %s", import_id, head, e)
 
 
-def _read(node: StageNode, blocks: list[int]) -> torch.Tensor:
-    kv = node.runtime.kv_cache
-    return kv.kv[:, :, torch.tensor(blocks, dtype=torch.int64, device=kv.device)].cpu().contiguous()
-
-
-async def send_blocks(node: StageNode, blocks: list[int], destination: str, dest_blocks: list[int]) -> int:
-    """Push this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``."""
-    _check_tp1(node)
-    kv = node.runtime.kv_cache
+async def send_blocks(node: StageNode, blocks: list[int], destination: str,
+                      dest_blocks: list[int]) -> tuple[int, str]:
+    """Push this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``:
+    over UCX when both stages run the UCX data plane, else over gRPC. Returns the bytes sent
+    and the path taken ("ucx" / "grpc")."""
+    kv_blocks.check_tp1(node)
     if len(blocks) != len(dest_blocks):
         raise InvalidRequest(f"{len(blocks)} blocks to send into {len(dest_blocks)} destination blocks")
-    bad = [b for b in blocks if not 0 <= b < kv.num_blocks]
-    if bad:
-        raise InvalidRequest(f"block {bad[0]} is outside this stage's pool of {kv.num_blocks}")
-    data = await asyncio.to_thread(_read, node, blocks)  # [layers, 2, n, kv_heads, block_size, head_dim]
-    raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().view("uint8").reshape(-1)
-    lay = node.layout
-
-    async def chunks() -> AsyncIterator[stage_pb2.KvBlocksChunk]:
-        yield stage_pb2.KvBlocksChunk(blocks=dest_blocks, start_layer=lay.start_layer, end_layer=lay.end_layer,
-                                      tp_size=lay.tp_size, dtype=codec.dtype_to_proto(data.dtype),
-                                      shape=list(data.shape))
-        step = _chunk_bytes()
-        for i in range(0, raw.size, step):
-            yield stage_pb2.KvBlocksChunk(data=raw[i:i + step].tobytes())
-
+    started = time.perf_counter()
+    kv_blocks.check_blocks(node, blocks)
     try:
-        async with grpc.aio.insecure_channel(destination) as ch:
-            reply = await stage_pb2_grpc.StageStub(ch).PushKvBlocks(chunks(), timeout=300)
-    except grpc.aio.AioRpcError as e:
-        raise error_for(e.code(), f"stage {destination}: {e.details()}") from None
-    if reply.bytes_received != raw.size:
-        raise StageUnavailable(f"stage {destination} received {reply.bytes_received} of {raw.size} bytes")
-    return int(raw.size)
+        sent, path = await _push_to(node, blocks, destination, dest_blocks)
+    except Exception as e:
+        log.warning("sending %d KV blocks to %s failed: %s", len(blocks), destination, e)
+        raise
+    took = time.perf_counter() - started
+    log.info("sent %d KV blocks (%.1f MB) to %s over %s in %.3f s (%.2f GB/s)", len(blocks), sent / 1e6,
+             destination, path, took, sent / took / 1e9)
+    return sent, path
 
 
-async def receive_blocks(node: StageNode, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) -> int:
-    """Write pushed blocks into this stage's pool; returns the bytes received."""
-    _check_tp1(node)
-    kv, lay = node.runtime.kv_cache, node.layout
-    it = chunks.__aiter__()
+async def _push_to(node: StageNode, blocks: list[int], destination: str,
+                   dest_blocks: list[int]) -> tuple[int, str]:
+    """Push on the path the destination's data plane allows; a remembered plane that fails is
+    asked for again once (the stage may have been replaced since), else its error stands."""
+    plane = node.kv_destinations.get(destination)
+    if plane is not None:
+        try:
+            return await _push(node, blocks, destination, plane, dest_blocks)
+        except StageUnavailable as e:
+            node.kv_destinations.pop(destination, None)
+            try:
+                plane = await _plane_of(node, destination)
+            except StageUnavailable:
+                raise e from None
+    else:
+        plane = await _plane_of(node, destination)
     try:
-        head = await it.__anext__()
-    except StopAsyncIteration:
-        raise InvalidRequest("an empty KV push") from None
-    if (head.start_layer, head.end_layer) != (lay.start_layer, lay.end_layer):
-        raise InvalidRequest(f"KV of layers {head.start_layer}:{head.end_layer} cannot go into a stage holding "
-                             f"layers {lay.start_layer}:{lay.end_layer}")
-    dtype = codec.dtype_from_proto(head.dtype)
-    blocks = list(head.blocks)
-    want = (kv.num_layers, 2, len(blocks), kv.num_kv_heads, kv.block_size, kv.head_dim)
-    if dtype != kv.dtype or tuple(head.shape) != want:
-        raise InvalidRequest(f"KV of {dtype} {tuple(head.shape)} does not fit this stage's pool "
-                             f"({kv.dtype}, blocks of {want[:2] + want[3:]})")
-    if any(not 0 <= b < kv.num_blocks for b in blocks):
-        raise InvalidRequest(f"destination blocks outside this stage's pool of {kv.num_blocks}")
-    buf = torch.empty(int(torch.Size(want).numel()) * dtype.itemsize, dtype=torch.uint8)
-    got = 0
-    async for c in it:
-        n = len(c.data)
-        if got + n > buf.numel():
-            raise InvalidRequest(f"more KV data than the {buf.numel()} bytes announced")
-        buf[got:got + n] = torch.frombuffer(bytearray(c.data), dtype=torch.uint8)
-        got += n
-    if got != buf.numel():
-        raise InvalidRequest(f"KV push ended after {got} of {buf.numel()} bytes")
-    data = buf.view(dtype).view(want)
+        return await _push(node, blocks, destination, plane, dest_blocks)
+    except StageUnavailable:
+        node.kv_destinations.pop(destination, None)
+        raise
 
-    def write() -> None:
-        kv.kv[:, :, torch.tensor(blocks, dtype=torch.int64, device=kv.device)] = data.to(kv.device)
 
-    await asyncio.to_thread(write)
-    return got
+async def _plane_of(node: StageNode, destination: str) -> tuple[str, bytes]:
+    """The destination's data plane and its published address (remembered per destination)."""
+    info = await _call(destination, "GetInfo", stage_pb2.GetInfoRequest(), timeout=10)
+    node.kv_destinations[destination] = plane = (info.transport, info.transport_address)
+    return plane
+
+
+async def _push(node: StageNode, blocks: list[int], destination: str, plane: tuple[str, bytes],
+                dest_blocks: list[int]) -> tuple[int, str]:
+    ucx = _ucx_transport(node)
+    if ucx is not None and plane[0] == "ucx" and plane[1]:
+        from services.stage import kv_push_ucx
+
+        return await kv_push_ucx.push(ucx, node, blocks, destination, plane[1], dest_blocks), "ucx"
+    return await kv_push_grpc.push(node, blocks, destination, dest_blocks), "grpc"
+
+
+def _ucx_transport(node: StageNode) -> UcxTransport | None:
+    """This stage's transport if it is the UCX data plane (imported only then: it needs numpy)."""
+    if node.transport.name != "ucx":
+        return None
+    from stagekit.transport.ucx_transport import UcxTransport
+
+    return node.transport if isinstance(node.transport, UcxTransport) else None

@@ -44,12 +44,18 @@ class StageNode:
         self.engine: Engine | None = None
         self.relay: StageRelay | None = None
         self.pipeline: list[str] = []
+        # KV transfer destinations: gRPC address -> (data plane, published address), asked once
+        self.kv_destinations: dict[str, tuple[str, bytes]] = {}
         if self.layout.is_first:
             spec = runtime.executor.spec
             self.engine = Engine(runtime, transport, pool, max_num_seqs=spec.max_num_seqs,
                                  max_num_batched_tokens=spec.max_num_batched_tokens)
         else:
             self.relay = StageRelay(runtime, transport, pool)
+        if transport.name == "ucx":  # KV blocks pushed by other replicas' stages over UCX
+            from services.stage import kv_push_ucx
+
+            transport.serve_bulk(kv_push_ucx.handler(self))  # type: ignore[attr-defined]
 
     def start(self) -> None:
         (self.engine or self.relay).start()
@@ -78,6 +84,7 @@ class StageNode:
                 f"this stage holds layers {self.layout.start_layer}:{self.layout.end_layer} of "
                 f"{self.layout.num_layers}; it cannot sit at position {index} of a {len(pipeline)}-stage pipeline"
             )
+        self.transport.local_name = pipeline[index]
         if len(pipeline) > 1:
             peer = await _peer_info(pipeline[(index + 1) % len(pipeline)])
             await self.transport.connect(peer.address, peer.transport_address)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.stage import kv_transfer
+from services.stage import kv_push_grpc, kv_transfer
 from services.stage.node import StageNode
 from stagekit.errors import InvalidRequest
 from stagekit.rpc import codec
@@ -118,14 +118,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @unary_errors
     async def SendKvBlocks(self, request: stage_pb2.SendKvBlocksRequest,
                            context: grpc.aio.ServicerContext) -> stage_pb2.SendKvBlocksResponse:
-        sent = await kv_transfer.send_blocks(self.node, list(request.blocks), request.destination,
-                                             list(request.destination_blocks))
-        return stage_pb2.SendKvBlocksResponse(bytes_sent=sent, transport="grpc")
+        sent, path = await kv_transfer.send_blocks(self.node, list(request.blocks), request.destination,
+                                                   list(request.destination_blocks))
+        return stage_pb2.SendKvBlocksResponse(bytes_sent=sent, transport=path)
 
     async def PushKvBlocks(self, request_iterator: AsyncIterator[stage_pb2.KvBlocksChunk],
                            context: grpc.aio.ServicerContext) -> stage_pb2.PushKvBlocksResponse:
         try:
-            got = await kv_transfer.receive_blocks(self.node, request_iterator)
+            got = await kv_push_grpc.receive(self.node, request_iterator)
         except Exception as e:
             await context.abort(status_for(e), str(e) or type(e).__name__)
         return stage_pb2.PushKvBlocksResponse(bytes_received=got)

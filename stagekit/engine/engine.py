@@ -183,7 +183,9 @@ class Engine:
         while True:
             frame = await self.transport.recv()
             r = frame.result
-            fut = self._pending.get(r.step_id) if r is not None else None
+            if r is None or r.link_lost:   # notices are the transport's business (it failed our steps)
+                continue
+            fut = self._pending.get(r.step_id)
             if fut is None or fut.done():
                 continue
             if r.error:

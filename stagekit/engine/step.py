@@ -44,6 +44,7 @@ class StepResult:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     error: str = ""
+    link_lost: bool = False   # a notice, not a result: the ring is broken (see origin_steps)
 
 
 @dataclass(slots=True)

@@ -104,14 +104,14 @@ def header_from_proto(p: stage_pb2.StepHeader) -> StepHeader:
 def result_to_proto(r: StepResult) -> stage_pb2.StepResult:
     return stage_pb2.StepResult(
         step_id=r.step_id, seq_ids=r.seq_ids, token_ids=r.token_ids, logprobs=r.logprobs,
-        top_logprobs=_tops_to_proto(r.top_logprobs), error=r.error,
+        top_logprobs=_tops_to_proto(r.top_logprobs), error=r.error, link_lost=r.link_lost,
     )
 
 
 def result_from_proto(p: stage_pb2.StepResult) -> StepResult:
     return StepResult(
         step_id=p.step_id, seq_ids=list(p.seq_ids), token_ids=list(p.token_ids), logprobs=list(p.logprobs),
-        top_logprobs=_tops_from_proto(list(p.top_logprobs)), error=p.error,
+        top_logprobs=_tops_from_proto(list(p.top_logprobs)), error=p.error, link_lost=p.link_lost,
     )
 
 

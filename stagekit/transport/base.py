@@ -14,9 +14,12 @@ from stagekit.engine.step import Frame
 
 class Transport(abc.ABC):
     """Invariant: ``recv`` yields every frame delivered to this stage exactly once, in
-    arrival order; ``send`` fails with StageUnavailable when the outbound peer is gone."""
+    arrival order (plus error results for steps this stage originated, and a link-lost
+    notice, when a link is lost: see origin_steps); ``send`` fails with StageUnavailable
+    when the outbound peer is gone."""
 
     name: str = "abstract"
+    local_name: str = ""   # this stage's gRPC address once wired (names it in link-lost notices)
 
     def local_address(self) -> bytes:
         """What a peer needs to reach this stage's inbound side on this data plane,

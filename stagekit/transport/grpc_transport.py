@@ -7,7 +7,8 @@ upstream ends without the sender closing it, the steps this stage originated (th
 head's) that still wait for results come back at once as error results, so the engine fails
 exactly their requests with the reason; later sends on a failed link raise
 StageUnavailable until the stage is re-wired, and so do steps this stage would originate
-while the stream from upstream is down (their results could not come back). A sender says
+while the stream from upstream is down (their results could not come back); a lost stream
+from upstream is reported on toward the head as a link-lost notice (origin_steps). A sender says
 ``hello`` when it opens a stream and ``bye`` before it closes one (see grpc_control), which
 is how a receiver tells a re-wire from a dead neighbour: either way its stream just ends.
 """
@@ -27,7 +28,7 @@ from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport import grpc_control
 from stagekit.transport.base import Transport
 from stagekit.transport.grpc_control import BYE, HELLO
-from stagekit.transport.origin_steps import OriginSteps
+from stagekit.transport.origin_steps import OriginSteps, lost_notice, refusal
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class GrpcTransport(Transport):
         self._error: str = ""
         self._streams = grpc_control.InboundStreams(self._inbound_lost)
         self.inbound_lost = ""    # why the stream from upstream failed (until an upstream says hello)
+        self.ring_broken = ""     # a link-lost notice came back (until this stage is re-wired)
 
     async def deliver(self, frame: stage_pb2.Frame) -> None:
         """Called by the stage's PushFrames handler for every frame it receives, inside the
@@ -64,12 +66,16 @@ class GrpcTransport(Transport):
             return
         self._streams.seen(stream)
         f = codec.frame_from_proto(frame)
+        if f.result is not None and f.result.link_lost:
+            self.ring_broken = f.result.error
+            log.error("link-lost notice from downstream: %s", f.result.error)
+            self._fail_origin(f"the ring is broken: {f.result.error}")
         self._origin.received(f)
         await self._inbound.put(f)
 
     async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
         await self._close_outbound()
-        self._peer, self._error = peer_address, ""
+        self._peer, self._error, self.ring_broken = peer_address, "", ""
         self._channel = grpc.aio.insecure_channel(peer_address, options=_OPTIONS)
         self._outbox = asyncio.Queue()
         self._outbox.put_nowait(grpc_control.control_frame(HELLO))
@@ -100,8 +106,8 @@ class GrpcTransport(Transport):
     async def send(self, frame: Frame) -> None:
         if self._outbox is None or self._call_task is None:
             raise StageUnavailable("data plane is not connected (stage not wired)")
-        if self.inbound_lost and self._origin.originates(frame):
-            raise StageUnavailable(f"results cannot come back: the link from upstream is down ({self.inbound_lost})")
+        if (self.inbound_lost or self.ring_broken) and self._origin.originates(frame):
+            raise StageUnavailable(refusal(self.inbound_lost, self.ring_broken))
         if self._call_task.done():
             raise StageUnavailable(f"data-plane link to {self._peer} is down ({self._error or 'closed'})")
         self._origin.sent(frame)
@@ -134,3 +140,4 @@ class GrpcTransport(Transport):
         self.inbound_lost = reason
         log.error("data-plane stream from upstream lost: %s", reason)
         self._fail_origin(f"data-plane link from upstream lost: {reason}")
+        self._inbound.put_nowait(OriginSteps.notice(lost_notice(self.local_name, reason)))

@@ -9,9 +9,11 @@ StageUnavailable, and so does every later send on it until the stage is re-wired
 the link from upstream is down, so does every step this stage would originate (its
 results could not come back). Steps this stage originated (the replica head's) that are
 still waiting come back at once as error results, so the engine fails exactly their
-requests, with the reason. Frames are delivered whole or not at all. With the ``cma``
-profile a neighbour dying while this process copies out of its memory makes UCX abort
-this process instead (see ucx_settings).
+requests, with the reason. A lost link from upstream is also reported on toward the head
+as a link-lost notice (origin_steps), which the head treats the same way, so a ring of
+four or more stages learns of a dead stage that is not the head's neighbour. Frames are
+delivered whole or not at all. With the ``cma`` profile a neighbour dying while this
+process copies out of its memory makes UCX abort this process instead (see ucx_settings).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import logging
 import os
 import secrets
 
+import torch
+
 from stagekit.engine.step import Frame
 from stagekit.errors import StageUnavailable
-from stagekit.transport import ucx_wire
+from stagekit.transport import ucx_bulk, ucx_wire
 from stagekit.transport.base import Transport
-from stagekit.transport.origin_steps import OriginSteps
+from stagekit.transport.origin_steps import OriginSteps, lost_notice, refusal
+from stagekit.transport.ucx_bulk_inbox import BulkHandler, BulkInbox
 from stagekit.transport.ucx_inbound import InboundLink, Inbox
 from stagekit.transport.ucx_outbound import OutboundLink
 from stagekit.transport.ucx_runtime import UcxRuntime
@@ -52,7 +57,10 @@ class UcxTransport(Transport):
         self._inbox: Inbox | None = None
         self._out: OutboundLink | None = None
         self._me: ucx_wire.PeerAddress | None = None
+        self._bulk_handler: BulkHandler | None = None
+        self._bulk_inbox: BulkInbox | None = None
         self.inbound_lost = ""    # why the upstream link failed (until an upstream connects again)
+        self.ring_broken = ""     # a link-lost notice came back (until this stage is re-wired)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -66,8 +74,31 @@ class UcxTransport(Transport):
             self._me = ucx_wire.PeerAddress(rt.worker_address(), inbox, os.getpid(), ucx_wire.this_host())
             self._inbox = Inbox(rt, inbox, self._deliver, self._linked, self._inbound_lost)
             self._rt = rt
+            if self._bulk_handler is not None:
+                self._bulk_inbox = BulkInbox(rt, inbox, self._bulk_handler)
             log.info("UCX data plane ready (%s)", self.settings.describe())
         return self._rt
+
+    def serve_bulk(self, handler: BulkHandler) -> None:
+        """Accept one-off bulk transfers (header + payload; see ucx_bulk) on this stage's inbox,
+        each handed to ``handler``. Call once, before or after the transport started."""
+        self._bulk_handler = handler
+        if self._rt is not None and self._bulk_inbox is None:
+            assert self._me is not None
+            self._bulk_inbox = BulkInbox(self._rt, self._me.inbox, handler)
+
+    async def send_bulk(self, peer_name: str, peer_transport_address: bytes, header: bytes,
+                        parts: list[torch.Tensor]) -> None:
+        """Send ``header`` + the payload ``parts`` (contiguous host tensors, sent from their memory)
+        to the bulk handler of the stage at ``peer_name`` (its gRPC address), whose data plane
+        published ``peer_transport_address``; its errors raised here."""
+        rt = self._start()
+        try:
+            peer = ucx_wire.PeerAddress.unpack(peer_transport_address)
+        except ValueError as e:
+            raise StageUnavailable(f"stage {peer_name}: {e}") from None
+        assert self._me is not None
+        await ucx_bulk.send_bulk(rt, self._me, peer_name, peer, header, parts)
 
     @property
     def description(self) -> str:
@@ -80,6 +111,7 @@ class UcxTransport(Transport):
 
     async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
         rt = self._start()
+        self.ring_broken = ""
         if not peer_transport_address:
             raise StageUnavailable(f"stage {peer_address} publishes no UCX address: it runs another data plane")
         try:
@@ -104,8 +136,8 @@ class UcxTransport(Transport):
         out = self._out
         if out is None:
             raise StageUnavailable("data plane is not connected (stage not wired)")
-        if self.inbound_lost and self._origin.originates(frame):
-            raise StageUnavailable(f"results cannot come back: the link from upstream is down ({self.inbound_lost})")
+        if (self.inbound_lost or self.ring_broken) and self._origin.originates(frame):
+            raise StageUnavailable(refusal(self.inbound_lost, self.ring_broken))
         self._origin.sent(frame)   # before the await: a loss during the send must fail this step too
         try:
             await out.send(frame)
@@ -119,6 +151,10 @@ class UcxTransport(Transport):
 
     async def close(self) -> None:
         self._close_outbound()
+        if self._bulk_inbox is not None:
+            self._bulk_inbox.close()
+            _RETIRED.append(self._bulk_inbox)
+            self._bulk_inbox = None
         if self._inbox is not None:
             self._inbox.close()
             _RETIRED.append(self._inbox)
@@ -131,6 +167,10 @@ class UcxTransport(Transport):
             self._out = None
 
     def _deliver(self, frame: Frame) -> None:
+        if frame.result is not None and frame.result.link_lost:
+            self.ring_broken = frame.result.error
+            log.error("link-lost notice from downstream: %s", frame.result.error)
+            self._fail_origin(f"the ring is broken: {frame.result.error}")
         self._origin.received(frame)
         self._inbound.put_nowait(frame)
 
@@ -147,3 +187,4 @@ class UcxTransport(Transport):
     def _inbound_lost(self, reason: str) -> None:
         self.inbound_lost = reason
         self._fail_origin(f"data-plane link from upstream lost: {reason}")
+        self._inbound.put_nowait(OriginSteps.notice(lost_notice(self.local_name, reason)))

@@ -7,7 +7,9 @@ is one sender->receiver connection (a fresh random id per ``connect``); ``seq`` 
 frames, so the receiver posts exactly the next frame's tags and frames on a link can only
 be read in order (seq wraps at 2**24: far more frames than can ever be in flight).
 Control messages set the top bit: ``hello`` carries the receiver's inbox id, ``welcome``
-the link id.
+the link id. One-off bulk transfers (KV blocks between replicas, see ucx_bulk) have kinds
+of their own, so they never touch the step links: a ``bulk hello`` on the inbox id, then
+the receiver's verdict, the data and its done status on the transfer's id.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 _CONTROL = 1 << 63
 _HELLO, _WELCOME = 1 << 56, 2 << 56
+_BULK_HELLO, BULK_VERDICT, BULK_DATA, BULK_DONE = 3 << 56, 4 << 56, 5 << 56, 6 << 56
 PART_ENVELOPE, PART_HEADER, PART_TENSOR0 = 0, 1, 2
 HELLO_BYTES = 64 << 10
 WELCOME_OK = 0
@@ -44,6 +47,15 @@ def hello_tag(inbox: int) -> int:
 
 def welcome_tag(link_id: int) -> int:
     return _CONTROL | _WELCOME | link_id
+
+
+def bulk_hello_tag(inbox: int) -> int:
+    return _CONTROL | _BULK_HELLO | inbox
+
+
+def bulk_tag(kind: int, transfer_id: int, part: int = 0) -> int:
+    """A bulk transfer's verdict, data part or done message (``kind`` is BULK_*; parts < 2**24)."""
+    return _CONTROL | kind | ((part & 0xFFFFFF) << 32) | (transfer_id & 0xFFFFFFFF)
 
 
 @functools.cache

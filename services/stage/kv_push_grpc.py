@@ -1,0 +1,75 @@
+"""The gRPC data path of a KV transfer (the fallback when either stage is not on the UCX
+data plane): a client stream on the receiving stage's gRPC port, the announcement first,
+then the bytes in chunks (1 MiB; STAGEMESH_KV_CHUNK_BYTES). Each chunk is a copy on either
+side (serialisation), which the UCX path avoids."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from services.stage import kv_blocks
+from stagekit.errors import InvalidRequest, StageUnavailable
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagekit.rpc.status import error_for
+
+if TYPE_CHECKING:
+    from services.stage.node import StageNode
+
+PUSH_TIMEOUT_S = 300.0
+# One-off channels get a connection of their own: gRPC's shared subchannels would keep the
+# reconnect back-off of an earlier failure (a replaced stage refused for seconds after it is back).
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def _chunk_bytes() -> int:
+    return max(4096, int(os.environ.get("STAGEMESH_KV_CHUNK_BYTES", 1 << 20)))
+
+
+async def push(node: StageNode, blocks: list[int], destination: str, dest_blocks: list[int]) -> int:
+    """Stream this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at
+    ``destination``; returns the bytes sent."""
+    data = await asyncio.to_thread(kv_blocks.read, node, blocks)  # [layers, 2, n, kv_heads, block_size, head_dim]
+    raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().view("uint8").reshape(-1)
+
+    async def chunks() -> AsyncIterator[stage_pb2.KvBlocksChunk]:
+        yield kv_blocks.announce(node, dest_blocks)
+        step = _chunk_bytes()
+        for i in range(0, raw.size, step):
+            yield stage_pb2.KvBlocksChunk(data=raw[i:i + step].tobytes())
+
+    try:
+        async with grpc.aio.insecure_channel(destination, options=CHANNEL_OPTIONS) as ch:
+            reply = await stage_pb2_grpc.StageStub(ch).PushKvBlocks(chunks(), timeout=PUSH_TIMEOUT_S)
+    except grpc.aio.AioRpcError as e:
+        raise error_for(e.code(), f"stage {destination}: {e.details()}") from None
+    if reply.bytes_received != raw.size:
+        raise StageUnavailable(f"stage {destination} received {reply.bytes_received} of {raw.size} bytes")
+    return int(raw.size)
+
+
+async def receive(node: StageNode, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) -> int:
+    """Write pushed blocks into this stage's pool; returns the bytes received."""
+    it = chunks.__aiter__()
+    try:
+        head = await it.__anext__()
+    except StopAsyncIteration:
+        raise InvalidRequest("an empty KV push") from None
+    incoming = kv_blocks.check(node, head)
+    buf = torch.empty(incoming.nbytes, dtype=torch.uint8)
+    got = 0
+    async for c in it:
+        n = len(c.data)
+        if got + n > buf.numel():
+            raise InvalidRequest(f"more KV data than the {buf.numel()} bytes announced")
+        buf[got:got + n] = torch.frombuffer(bytearray(c.data), dtype=torch.uint8)
+        got += n
+    if got != buf.numel():
+        raise InvalidRequest(f"KV push ended after {got} of {buf.numel()} bytes")
+    await kv_blocks.write(node, incoming.blocks, buf.view(incoming.dtype).view(incoming.shape))
+    return got

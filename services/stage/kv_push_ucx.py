@@ -1,0 +1,52 @@
+"""The UCX data path of a KV transfer, taken when both stages run the UCX data plane: one
+bulk transfer (stagekit.transport.ucx_bulk) from the sending stage's worker to the
+receiving stage's, outside the step links. The header is the announcement (a serialised
+``KvBlocksChunk`` without data); the payload is sent straight from the pool's memory, one
+part per layer, K/V and run of consecutive blocks (the blocks are pinned: no step writes
+them meanwhile), and received straight into a (pooled) tensor of the announced dtype and
+shape, which is then written into the reserved blocks (one copy per run). The receiver checks the announcement
+before it accepts the data, and its errors come back to the sender as the same typed
+errors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from services.stage import kv_blocks
+from stagekit.errors import InvalidRequest
+from stagekit.rpc.pb import stage_pb2
+from stagekit.transport.ucx_bulk import MAX_PARTS
+from stagekit.transport.ucx_bulk_inbox import BulkHandler, Receive
+from stagekit.transport.ucx_transport import UcxTransport
+
+if TYPE_CHECKING:
+    from services.stage.node import StageNode
+
+
+async def push(transport: UcxTransport, node: StageNode, blocks: list[int], destination: str,
+               destination_address: bytes, dest_blocks: list[int]) -> int:
+    """Send this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``,
+    whose UCX data plane published ``destination_address``; returns the bytes sent."""
+    header = kv_blocks.announce(node, dest_blocks).SerializeToString()
+    parts = kv_blocks.parts(node, blocks)
+    if node.runtime.kv_cache.kv.is_cuda or len(parts) > MAX_PARTS:  # one gathered host tensor instead
+        parts = [await asyncio.to_thread(kv_blocks.read, node, blocks)]
+    await transport.send_bulk(destination, destination_address, header, parts)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def handler(node: StageNode) -> BulkHandler:
+    """The bulk handler of a stage: receives KV blocks pushed over UCX into its pool."""
+
+    async def receive_blocks(header: bytes, receive: Receive) -> None:
+        head = stage_pb2.KvBlocksChunk()
+        try:
+            head.ParseFromString(header)
+        except Exception:
+            raise InvalidRequest("a KV push over UCX with an unreadable header") from None
+        incoming = kv_blocks.check(node, head)
+        data = await receive(incoming.shape, incoming.dtype)   # [layers, 2, n, kv_heads, block_size, head_dim]
+        await kv_blocks.write(node, incoming.blocks, data)
+
+    return receive_blocks

@@ -1,0 +1,137 @@
+"""The receiving side of UCX bulk transfers (see ucx_bulk): a loop that takes bulk hellos
+on this stage's inbox id (a tag kind of their own: the step link from upstream is never
+touched) and serves each transfer in a task of its own.
+
+Serving one: open an endpoint back to the sender (with error handling if it asked, and a
+pidfd watch when it runs on this host), hand the header to the handler; the handler checks
+it and calls ``receive(shape, dtype)``, which posts the receives of the payload's parts
+straight into their places in a fresh (pooled) tensor, sends the OK verdict and waits for
+the bytes within the data timeout. An
+error the handler raises before that is the verdict, after it the done status; either way
+the sender raises it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagekit.errors import InvalidRequest
+from stagekit.transport import frame_codec, ucx_bulk, ucx_wire
+from stagekit.transport.peer_watch import PeerWatch
+from stagekit.transport.ucx_progress import WaitAborted
+from stagekit.transport.ucx_runtime import UcxRuntime
+
+log = logging.getLogger(__name__)
+
+Receive = Callable[[tuple[int, ...], torch.dtype], Awaitable[torch.Tensor]]
+BulkHandler = Callable[[bytes, Receive], Awaitable[None]]
+_CLOSE_AFTER_S = 5.0   # the sender closes first; ours goes once our last message surely arrived
+
+
+class BulkInbox:
+    """Invariant: every accepted transfer gets exactly one answer (a verdict, or OK then a done
+    status) unless its sender is gone, and its buffers outlive any request that points at them."""
+
+    def __init__(self, rt: UcxRuntime, inbox: int, handler: BulkHandler) -> None:
+        self.rt, self.inbox, self.handler = rt, inbox, handler
+        self._buf = np.empty(ucx_bulk.BULK_HELLO_BYTES, dtype=np.uint8)
+        self._stopped: asyncio.Future[None] = rt.loop.create_future()
+        self._serving: set[asyncio.Task] = set()
+        self._task = rt.loop.create_task(self._accept(), name=f"ucx-bulk-inbox-{inbox:x}")
+
+    async def _accept(self) -> None:
+        while True:
+            req = self.rt.recv(None, self._buf, ucx_wire.bulk_hello_tag(self.inbox))
+            try:
+                await self.rt.progress.wait([req], abort=self._stopped, idle=True)
+                hello = ucx_bulk.BulkHello.unpack(self._buf)
+            except WaitAborted:
+                ucx_bulk.PARKED.append((self._buf, req))
+                return
+            except Exception as e:
+                log.error("bad UCX bulk hello on inbox %x: %s", self.inbox, e)
+                continue
+            task = self.rt.loop.create_task(self._serve(hello), name=f"ucx-bulk-{hello.transfer_id:x}")
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, hello: ucx_bulk.BulkHello) -> None:
+        rt, s, tid = self.rt, self.rt.settings, hello.transfer_id
+        try:
+            ep = await rt.endpoint(hello.sender.worker_address, hello.error_handling)
+        except Exception as e:
+            log.error("cannot reach back to the sender of bulk transfer %x (process %d): %s", tid,
+                      hello.sender.pid, e)
+            return
+        lost: asyncio.Future[str] = rt.loop.create_future()
+
+        def lose(reason: str) -> None:
+            if not lost.done():
+                lost.set_result(reason)
+
+        if hello.error_handling:
+            ep.set_close_callback(lambda: rt.loop.call_soon(lose, "UCX endpoint to the sender failed"))
+        pid = hello.sender.pid
+        watch = (PeerWatch(pid, lambda: lose(f"sending process {pid} exited"))
+                 if hello.sender.host == ucx_wire.this_host() and pid != os.getpid() else None)
+        kept: list[object] = []   # everything a posted request points at
+        answered = [False]
+
+        async def receive(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            t = rt.recv_pool.empty(shape, dtype)   # [*shape]
+            flat = frame_codec.wire_view(t.reshape(-1)).view(np.uint8)   # the parts' bytes, joined
+            if sum(hello.part_bytes) != flat.size:
+                raise InvalidRequest(f"the sender announced {sum(hello.part_bytes)} bytes for a tensor of "
+                                     f"{flat.size}")
+            reqs: list[Any] = []
+            off = 0
+            for i, n in enumerate(hello.part_bytes):
+                if n:
+                    view = flat[off:off + n]
+                    kept.append(view)
+                    reqs.append(rt.recv(ep, view, ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)))
+                off += n
+            ok = ucx_bulk.pack_status(None)
+            kept.extend([t, ok, reqs])
+            reqs.append(rt.send(ep, ok, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)))
+            answered[0] = True
+            timeout = ucx_bulk.data_timeout(rt, flat.size)
+            await ucx_bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
+            return t
+
+        error: BaseException | None = None
+        try:
+            await self.handler(hello.header, receive)
+        except Exception as e:
+            error = e
+            log.warning("bulk transfer %x from process %d failed: %s", tid, pid, e)
+        clean = False
+        try:
+            if not lost.done():
+                status = ucx_bulk.pack_status(error)
+                kept.append(status)
+                kind = ucx_wire.BULK_DONE if answered[0] else ucx_wire.BULK_VERDICT
+                await rt.progress.wait([rt.send(ep, status, ucx_wire.bulk_tag(kind, tid))],
+                                       timeout=s.connect_timeout_s, abort=lost)
+                clean = error is None
+        except Exception as e:  # the sender times out on its own
+            log.warning("could not answer bulk transfer %x: %s", tid, e or type(e).__name__)
+        finally:
+            if watch is not None:
+                watch.close()
+            if not clean:   # a request may still be posted: keep what it points at
+                ucx_bulk.PARKED.append(kept)
+            rt.loop.call_later(_CLOSE_AFTER_S, ep.abort, 10**8)
+
+    def close(self) -> None:
+        if not self._stopped.done():
+            self._stopped.set_result(None)
+        for task in list(self._serving):
+            task.cancel()
