@@ -1,8 +1,9 @@
 """Continuous batching against transformers: requests join a running TP1·PP2 replica at
 different steps (each one once the previous has produced tokens), prompts are prefilled in
 chunks of 8 tokens beside running decodes, and the KV pool (5 blocks) is too small for all
-of them, so some are preempted and recomputed. Every request still gets exactly
-transformers' greedy tokens."""
+of them at once, so they wait for blocks and, depending on timing, are preempted and
+recomputed (tests/integration/test_paged_kv.py forces preemption deterministically).
+Every request still gets exactly transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -49,9 +50,7 @@ def test_requests_joining_at_different_steps_match_transformers(hf_checkpoints: 
             assert started.wait(60), f"request {i} produced no tokens"
         for t in threads:
             t.join(120)
-        preemptions = stage_info(head).num_preemptions
     finally:
         mesh.stop()
     for i, tokens in enumerate(outs):
         assert tokens == ref.tokens[i], f"prompt {i}"
-    assert preemptions > 0, "the 5-block pool was expected to force preemptions"
