@@ -76,3 +76,24 @@ def test_a_share_of_free_memory_sizes_the_pool_of_every_rank(tmp_path) -> None:
         assert len(tokens_of(out)) == 5
     finally:
         mesh.stop()
+
+
+def test_preemption_under_tensor_parallelism(tmp_path) -> None:
+    """The same pressure on TP2 stages: every rank keeps the same block tables (preempted
+    sequences dropped on all of them) and the tokens equal those of an unconstrained pool."""
+    model = write_demo_model(tmp_path / "demo")
+    outs = {}
+    for name, memory in (("small", str(BLOCKS * 4096)), ("large", "64MiB")):  # 4 KiB per block per rank at TP2
+        mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], tp=2, threads=1, gateway=False,
+                             kv_cache_memory=memory), tmp_path / f"logs-{name}")
+        try:
+            mesh.start(timeout_s=180)
+            wire(mesh.replicas[0])
+            head = mesh.replicas[0][0]
+            outs[name] = [tokens_of(r) for r in generate_many(head, PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True)]
+            if name == "small":
+                assert stage_info(head).kv_capacity_tokens == BLOCKS * 16
+                assert stage_info(head).num_preemptions > 0
+        finally:
+            mesh.stop()
+    assert outs["small"] == outs["large"]
