@@ -64,18 +64,15 @@ class ForwardBatch:
         for s in seqs:
             end = s.num_computed + s.num_new
             table = kv_cache.tables[s.seq_id]
+            for pos in range(s.num_computed, end):
+                w_blocks.append(table[pos // bs])
+                w_rows.append(pos % bs)
+            positions.extend(range(s.num_computed, end))
             if s.num_new == 1:
-                w_blocks.append(table[s.num_computed // bs])
-                w_rows.append(s.num_computed % bs)
-                positions.append(s.num_computed)
                 dec_rows.append(offset)
                 dec_tables.append(table)
                 dec_lens.append(end)
             else:
-                blocks, rows = kv_cache.where(s.seq_id, s.num_computed, end)
-                w_blocks.extend(blocks.tolist())
-                w_rows.extend(rows.tolist())
-                positions.extend(range(s.num_computed, end))
                 ctx = torch.tensor(table[: -(-end // bs)], dtype=torch.int64, device=device)
                 prefills.append(PrefillChunk(offset, s.num_new, s.num_computed, ctx))
             offset += s.num_new

@@ -85,25 +85,5 @@ class PagedKVCache:
                 raise ValueError(f"seq {s.seq_id}: {len(table)} blocks cannot hold "
                                  f"{s.num_computed + s.num_new} tokens")
 
-    def where(self, seq_id: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks and rows of tokens [start, end) of a sequence: two [end - start] int64 tensors."""
-        table = self.tables[seq_id]
-        bs = self.block_size
-        if start // bs == (end - 1) // bs:  # one block (every decode step)
-            return (torch.full((end - start,), table[start // bs], dtype=torch.int64),
-                    torch.arange(start % bs, (end - 1) % bs + 1, dtype=torch.int64))
-        pos = torch.arange(start, end, dtype=torch.int64)
-        return torch.tensor(table, dtype=torch.int64)[pos // bs], pos % bs
-
-    def read(self, seq_id: int, start: int, n: int) -> torch.Tensor:
-        """Tokens [start, start + n) of every local layer: [num_layers, 2, n, kv_heads, head_dim] (a copy)."""
-        blocks, rows = (t.to(self.device) for t in self.where(seq_id, start, start + n))
-        return self.kv[:, :, blocks, :, rows].permute(1, 2, 0, 3, 4)  # indexing puts the tokens first
-
-    def write(self, seq_id: int, start: int, kv: torch.Tensor) -> None:
-        """Put ``kv`` (as ``read`` returns it) at tokens [start, start + n) of the sequence."""
-        blocks, rows = (t.to(self.device) for t in self.where(seq_id, start, start + kv.shape[2]))
-        self.kv[:, :, blocks, :, rows] = kv.to(self.dtype).permute(2, 0, 1, 3, 4)
-
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self.tables

@@ -71,11 +71,10 @@ class Scheduler:
 
     def reset_blocks(self, num_blocks: int, prefix_caching: bool) -> None:
         """Use a pool of ``num_blocks`` (the pipeline's smallest); with the same pool only
-        the prefix names are dropped (the stages may have been replaced). Callers fail the
-        running sequences first when the pool size changes."""
-        if num_blocks == self.blocks.num_blocks and not self.running:
-            self.blocks = BlockManager(num_blocks, self.blocks.block_size, prefix_caching)
-        elif num_blocks == self.blocks.num_blocks:
+        the prefix names are dropped (the stages may have been replaced), and the blocks
+        running sequences and KV imports hold stay theirs. Callers fail the running
+        sequences first when the pool size changes."""
+        if num_blocks == self.blocks.num_blocks:
             self.blocks.forget_hashes()
             self.blocks.prefix_caching = prefix_caching and num_blocks > 0
         else:
@@ -197,7 +196,6 @@ class Scheduler:
         self.blocks.release(seq.block_ids)
         seq.block_ids, seq.num_sent_blocks, seq.num_computed, seq.num_named_blocks = [], 0, 0, 0
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         self._to_preempt.append(seq.seq_id)

@@ -48,7 +48,6 @@ class Sequence:
     num_sent_blocks: int = 0  # leading block_ids the stages already have in their tables
     num_named_blocks: int = 0  # leading prompt blocks registered with the prefix cache
     announced: bool = False  # the last stage has its sampling parameters
-    num_preemptions: int = 0
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
