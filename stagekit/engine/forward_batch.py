@@ -17,10 +17,12 @@ if TYPE_CHECKING:
     from stagekit.engine.kv_cache import PagedKVCache
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SeqSlice:
     """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``;
-    ``new_blocks`` extend its block table before the step."""
+    ``new_blocks`` extend its block table before the step. Treated as immutable; not
+    frozen because frozen dataclasses construct 3-4x slower, and every step message
+    builds one per sequence."""
 
     seq_id: int
     num_computed: int

@@ -4,7 +4,7 @@ messages, sent from and received into tensor memory.
 
 Layout (little-endian): ``magic "SMF1" | kind u8 | flags u8 | num_tensors u16 | seq u32 |
 header_len u32``, then per tensor ``dtype u8 | device u8 | ndim u16 | shape i64 * ndim``,
-then the header (a serialised StepHeader or StepResult proto) unless it did not fit
+then the header (a StepHeader or StepResult packed by step_codec) unless it did not fit
 (flag OVERFLOW): it then follows as a message of its own. Host tensors of at most
 INLINE_BYTES in all travel inside the envelope, after the header (flag INLINE): below
 UCX's rendezvous threshold UCX copies through a bounce buffer anyway, and one message
@@ -21,8 +21,7 @@ import torch
 
 from stagekit.engine.step import Frame
 from stagekit.errors import InvalidRequest
-from stagekit.rpc import codec
-from stagekit.rpc.pb import stage_pb2
+from stagekit.transport import step_codec
 
 ENVELOPE_BYTES = 16 << 10
 INLINE_BYTES = 8 << 10
@@ -72,9 +71,9 @@ def encode(frame: Frame, seq: int) -> tuple[np.ndarray, bytes, bool]:
     if len(frame.tensors) > MAX_TENSORS:
         raise InvalidRequest(f"a frame carries at most {MAX_TENSORS} tensors, got {len(frame.tensors)}")
     if frame.step is not None:
-        kind, header = KIND_STEP, codec.header_to_proto(frame.step).SerializeToString()
+        kind, header = KIND_STEP, step_codec.encode_header(frame.step)
     elif frame.result is not None:
-        kind, header = KIND_RESULT, codec.result_to_proto(frame.result).SerializeToString()
+        kind, header = KIND_RESULT, step_codec.encode_result(frame.result)
     else:
         kind, header = KIND_EMPTY, b""
     parts = []
@@ -141,9 +140,9 @@ def _inline_tensors(buf: np.ndarray, off: int, specs: list[TensorSpec]) -> list[
 
 def to_frame(env: Envelope, header: bytes, tensors: list[torch.Tensor]) -> Frame:
     if env.kind == KIND_STEP:
-        return Frame(step=codec.header_from_proto(stage_pb2.StepHeader.FromString(header)), tensors=tensors)
+        return Frame(step=step_codec.decode_header(header), tensors=tensors)
     if env.kind == KIND_RESULT:
-        return Frame(result=codec.result_from_proto(stage_pb2.StepResult.FromString(header)), tensors=tensors)
+        return Frame(result=step_codec.decode_result(header), tensors=tensors)
     return Frame(tensors=tensors)
 
 
