@@ -23,8 +23,9 @@ _ERROR_SCHEMA = {
             "properties": {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
-                "param": {"type": "string", "nullable": True},
-                "code": {"type": "string", "nullable": True},
+                # OpenAPI 3.1 (what FastAPI emits) is JSON Schema: null is a type, not `nullable`.
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
             },
         }
     },

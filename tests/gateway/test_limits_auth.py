@@ -93,4 +93,8 @@ def test_openapi_matches_the_endpoints(limited: GatewayThread) -> None:
     assert "text/event-stream" in post_op["responses"]["200"]["content"]
     assert post_op["security"] == [{"bearerAuth": []}]
     assert "HTTPValidationError" not in schemas  # we answer 400 in OpenAI's shape, never 422
+    assert doc["openapi"].startswith("3.1")
+    error = schemas["ErrorResponse"]["properties"]["error"]["properties"]
+    assert "nullable" not in str(doc)  # OpenAPI 3.0 only; 3.1 spells it {"type": "null"}
+    assert {"type": "null"} in error["code"]["anyOf"] and {"type": "null"} in error["param"]["anyOf"]
     assert {"/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(doc["paths"])
