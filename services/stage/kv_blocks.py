@@ -54,12 +54,38 @@ def shape_of(node: StageNode, blocks: list[int]) -> tuple[int, ...]:
     return (*pool.shape[:2], len(blocks), *pool.shape[3:])
 
 
-def parts(node: StageNode, blocks: list[int]) -> list[torch.Tensor]:
+def parts(node: StageNode, blocks: list[int], dest_blocks: list[int]) -> list[torch.Tensor]:
     """The KV of ``blocks`` as views of the pool (no copy), in the order of the transferred
-    tensor: per layer, K then V, each run of consecutive blocks (contiguous in the pool)."""
+    tensor: per layer, K then V, each run of blocks consecutive both here and among
+    ``dest_blocks`` (contiguous in both pools, so the receiver can land each part in place)."""
     pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
-    spans = runs(blocks)
-    return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for _, b, n in spans]
+    spans = joint_runs(blocks, dest_blocks)
+    return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for _, b, _, n in spans]
+
+
+def landing(node: StageNode, blocks: list[int], part_bytes: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """Where each announced part lands in this stage's pool, as views of it, when the parts
+    are what ``parts`` sends for ``blocks`` here: per layer, K then V, the same runs of
+    blocks, each run consecutive among ``blocks``. None when they are not (or the pool is
+    on a GPU): the caller then receives into a staging tensor and writes it."""
+    pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
+    groups = pool.shape[0] * 2
+    per_block = pool[0, 0, 0].numel() * pool.element_size()
+    if pool.is_cuda or not part_bytes or len(part_bytes) % groups:
+        return None
+    seg_bytes = part_bytes[:len(part_bytes) // groups]
+    if part_bytes != seg_bytes * groups or any(n <= 0 or n % per_block for n in seg_bytes):
+        return None
+    segs, at = [], 0
+    for n in (x // per_block for x in seg_bytes):
+        run = blocks[at:at + n]
+        if len(run) != n or run != list(range(run[0], run[0] + n)):
+            return None
+        segs.append((run[0], n))
+        at += n
+    if at != len(blocks):
+        return None
+    return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for b, n in segs]
 
 
 def read(node: StageNode, blocks: list[int]) -> torch.Tensor:
@@ -80,6 +106,17 @@ def runs(blocks: list[int]) -> list[tuple[int, int, int]]:
             out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
         else:
             out.append((i, b, 1))
+    return out
+
+
+def joint_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int, int]]:
+    """Runs where ``src`` and ``dst`` both go up by one: (position, first src, first dst, length)."""
+    out: list[tuple[int, int, int, int]] = []
+    for i, (s, d) in enumerate(zip(src, dst, strict=True)):
+        if out and out[-1][1] + out[-1][3] == s and out[-1][2] + out[-1][3] == d:
+            out[-1] = (*out[-1][:3], out[-1][3] + 1)
+        else:
+            out.append((i, s, d, 1))
     return out
 
 

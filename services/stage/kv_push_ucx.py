@@ -3,15 +3,19 @@ bulk transfer (stagekit.transport.ucx_bulk) from the sending stage's worker to t
 receiving stage's, outside the step links. The header is the announcement (a serialised
 ``KvBlocksChunk`` without data); the payload is sent straight from the pool's memory, one
 part per layer, K/V and run of consecutive blocks (the blocks are pinned: no step writes
-them meanwhile), and received straight into a (pooled) tensor of the announced dtype and
-shape, which is then written into the reserved blocks (one copy per run). The receiver checks the announcement
-before it accepts the data, and its errors come back to the sender as the same typed
-errors."""
+them meanwhile). The parts follow the runs of blocks consecutive on both sides, so the
+receiver lands each straight in its reserved blocks (no copy on either side); when the
+parts do not line up with its pool (a GPU pool, or a sender that gathered the blocks into
+one tensor) it receives into a staging tensor and writes that into the blocks. The
+receiver checks the announcement before it accepts the data, and its errors come back to
+the sender as the same typed errors."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+
+import torch
 
 from services.stage import kv_blocks
 from stagekit.errors import InvalidRequest
@@ -29,7 +33,7 @@ async def push(transport: UcxTransport, node: StageNode, blocks: list[int], dest
     """Send this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``,
     whose UCX data plane published ``destination_address``; returns the bytes sent."""
     header = kv_blocks.announce(node, dest_blocks).SerializeToString()
-    parts = kv_blocks.parts(node, blocks)
+    parts = kv_blocks.parts(node, blocks, dest_blocks)
     if node.runtime.kv_cache.kv.is_cuda or len(parts) > MAX_PARTS:  # one gathered host tensor instead
         parts = [await asyncio.to_thread(kv_blocks.read, node, blocks)]
     await transport.send_bulk(destination, destination_address, header, parts)
@@ -39,14 +43,19 @@ async def push(transport: UcxTransport, node: StageNode, blocks: list[int], dest
 def handler(node: StageNode) -> BulkHandler:
     """The bulk handler of a stage: receives KV blocks pushed over UCX into its pool."""
 
-    async def receive_blocks(header: bytes, receive: Receive) -> None:
+    async def receive_blocks(header: bytes, part_bytes: tuple[int, ...], receive: Receive) -> None:
         head = stage_pb2.KvBlocksChunk()
         try:
             head.ParseFromString(header)
         except Exception:
             raise InvalidRequest("a KV push over UCX with an unreadable header") from None
         incoming = kv_blocks.check(node, head)
-        data = await receive(incoming.shape, incoming.dtype)   # [layers, 2, n, kv_heads, block_size, head_dim]
+        views = kv_blocks.landing(node, incoming.blocks, part_bytes)
+        if views is not None:
+            await receive(views)   # into the reserved blocks themselves
+            return
+        data = torch.empty(incoming.shape, dtype=incoming.dtype)   # [layers, 2, n, kv_heads, block_size, head_dim]
+        await receive([data])
         await kv_blocks.write(node, incoming.blocks, data)
 
     return receive_blocks

@@ -3,12 +3,12 @@ on this stage's inbox id (a tag kind of their own: the step link from upstream i
 touched) and serves each transfer in a task of its own.
 
 Serving one: open an endpoint back to the sender (with error handling if it asked, and a
-pidfd watch when it runs on this host), hand the header to the handler; the handler checks
-it and calls ``receive(shape, dtype)``, which posts the receives of the payload's parts
-straight into their places in a fresh (pooled) tensor, sends the OK verdict and waits for
-the bytes within the data timeout. An
-error the handler raises before that is the verdict, after it the done status; either way
-the sender raises it again.
+pidfd watch when it runs on this host), hand the header and the parts' sizes to the
+handler; the handler checks them and calls ``receive(destinations)``, which posts the
+receives of the payload's parts straight into the destination tensors (the payload's bytes
+laid across them in order; no part may straddle two), sends the OK verdict and waits for
+the bytes within the data timeout. An error the handler raises before that is the
+verdict, after it the done status; either way the sender raises it again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +29,8 @@ from stagekit.transport.ucx_runtime import UcxRuntime
 
 log = logging.getLogger(__name__)
 
-Receive = Callable[[tuple[int, ...], torch.dtype], Awaitable[torch.Tensor]]
-BulkHandler = Callable[[bytes, Receive], Awaitable[None]]
+Receive = Callable[[list[torch.Tensor]], Awaitable[None]]
+BulkHandler = Callable[[bytes, tuple[int, ...], Receive], Awaitable[None]]
 _CLOSE_AFTER_S = 5.0   # the sender closes first; ours goes once our last message surely arrived
 
 
@@ -84,31 +83,24 @@ class BulkInbox:
         kept: list[object] = []   # everything a posted request points at
         answered = [False]
 
-        async def receive(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            t = rt.recv_pool.empty(shape, dtype)   # [*shape]
-            flat = frame_codec.wire_view(t.reshape(-1)).view(np.uint8)   # the parts' bytes, joined
-            if sum(hello.part_bytes) != flat.size:
-                raise InvalidRequest(f"the sender announced {sum(hello.part_bytes)} bytes for a tensor of "
-                                     f"{flat.size}")
-            reqs: list[Any] = []
-            off = 0
-            for i, n in enumerate(hello.part_bytes):
-                if n:
-                    view = flat[off:off + n]
-                    kept.append(view)
-                    reqs.append(rt.recv(ep, view, ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)))
-                off += n
+        async def receive(dests: list[torch.Tensor]) -> None:
+            flats = [_bytes_of(d) for d in dests]   # each destination's bytes
+            total = sum(f.size for f in flats)
+            if sum(hello.part_bytes) != total:
+                raise InvalidRequest(f"the sender announced {sum(hello.part_bytes)} bytes for destinations of "
+                                     f"{total}")
+            views = _lay(hello.part_bytes, flats)
+            reqs = [rt.recv(ep, v, ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)) for i, v in views]
             ok = ucx_bulk.pack_status(None)
-            kept.extend([t, ok, reqs])
+            kept.extend([dests, flats, views, ok, reqs])
             reqs.append(rt.send(ep, ok, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)))
             answered[0] = True
-            timeout = ucx_bulk.data_timeout(rt, flat.size)
+            timeout = ucx_bulk.data_timeout(rt, total)
             await ucx_bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
-            return t
 
         error: BaseException | None = None
         try:
-            await self.handler(hello.header, receive)
+            await self.handler(hello.header, hello.part_bytes, receive)
         except Exception as e:
             error = e
             log.warning("bulk transfer %x from process %d failed: %s", tid, pid, e)
@@ -135,3 +127,26 @@ class BulkInbox:
             self._stopped.set_result(None)
         for task in list(self._serving):
             task.cancel()
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    if not t.is_contiguous() or t.is_cuda:
+        raise ValueError("bulk receives land in contiguous host tensors")
+    return frame_codec.wire_view(t.reshape(-1)).view(np.uint8)  # type: ignore[attr-defined]
+
+
+def _lay(part_bytes: tuple[int, ...], flats: list[np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """(part index, where its bytes land) for every non-empty part: the parts' bytes laid
+    across ``flats`` in order (their total sizes are equal); InvalidRequest when a part would
+    straddle two destinations."""
+    out, di, off = [], 0, 0
+    for i, n in enumerate(part_bytes):
+        if not n:
+            continue
+        while flats[di].size == off:
+            di, off = di + 1, 0
+        if off + n > flats[di].size:
+            raise InvalidRequest(f"bulk part {i} ({n} bytes) straddles two destinations")
+        out.append((i, flats[di][off:off + n]))
+        off += n
+    return out
