@@ -48,8 +48,8 @@ class StageNode:
         self.kv_destinations: dict[str, tuple[str, bytes]] = {}
         if self.layout.is_first:
             spec = runtime.executor.spec
-            self.engine = Engine(runtime, transport, pool, max_num_seqs=spec.max_num_seqs,
-                                 max_num_batched_tokens=spec.max_num_batched_tokens)
+            self.engine = Engine(runtime, transport, pool, step_timeout_s=spec.step_timeout_s,
+                                 max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens)
         else:
             self.relay = StageRelay(runtime, transport, pool)
         if transport.name == "ucx":  # KV blocks pushed by other replicas' stages over UCX

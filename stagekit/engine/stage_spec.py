@@ -25,3 +25,4 @@ class StageSpec:
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV block; the same on every stage of a pipeline
     prefix_caching: bool = True  # automatic prefix caching (the head decides; any stage can veto)
+    step_timeout_s: float = 120.0  # the head fails a step whose result is not back by then (stalled stage)

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens per KV block (the same on every stage of a pipeline)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="turn automatic prefix caching off (cached prompt blocks share the KV pool)")
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="seconds the replica head waits for a step's result before it fails the step's requests "
+                        "(a stalled downstream stage; a dead one is noticed at once)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
     p.set_defaults(func=run)
@@ -67,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
         if not 1 <= args.block_size <= 256:
             raise InvalidRequest(f"--block-size {args.block_size} must be between 1 and 256 tokens")
+        if not args.step_timeout > 0:
+            raise InvalidRequest(f"--step-timeout {args.step_timeout} must be a positive number of seconds")
         cfg.torch_dtype(args.dtype)
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
+            step_timeout_s=args.step_timeout,
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -111,3 +111,39 @@ def test_head_fails_requests_at_once_when_a_stage_away_from_it_dies(transport: s
                                            after=replace_and_rewire)
     _check(errors, took, transport)
     assert "ring is broken" in errors[0].details() and "ring is broken" in errors[1].details()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", PLANES)
+def test_a_stalled_stage_fails_its_steps_after_the_step_timeout_and_the_mesh_recovers(
+        transport: str, hf_checkpoints: dict, tmp_path) -> None:
+    """A live stage that stops answering (SIGSTOP: no exit, no reset, nothing to notice)
+    costs the requests in flight ``--step-timeout`` seconds, then they fail with the reason;
+    once it runs again it works off what queued up, and the mesh serves exact tokens."""
+    mesh = Mesh(MeshSpec(model=hf_checkpoints["llama"].path, layer_splits=split_layers(5, 2), tp=1, threads=1,
+                         gateway=False, transport=transport, extra_stage_args=["--step-timeout", "3"]), tmp_path)
+    try:
+        mesh.start(timeout_s=240)
+        head = mesh.replicas[0][0]
+        wire(mesh.replicas[0])
+        reference = [t for r in generate(head, [5, 6, 7], max_tokens=8, ignore_eos=True) for t in r.token_ids]
+        ch, stream = _stream(head, max_tokens=240)
+        next(iter(stream))                                   # tokens are flowing
+        proc = next(p for name, p in mesh.procs if name == "stage-r0-s1")
+        os.killpg(proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as running:
+                for _ in stream:
+                    pass
+            took = time.monotonic() - stopped
+        finally:
+            ch.close()
+            os.killpg(proc.pid, signal.SIGCONT)
+        assert running.value.code() == grpc.StatusCode.UNAVAILABLE, running.value
+        assert "within 3s" in running.value.details() and "stalled" in running.value.details()
+        assert 2.5 < took < REPORT_S, f"the head failed the request {took:.1f}s after the stall"
+        again = [t for r in generate(head, [5, 6, 7], max_tokens=8, ignore_eos=True) for t in r.token_ids]
+        assert again == reference
+    finally:
+        mesh.stop()
