@@ -4,8 +4,10 @@ For each message size: one-way bandwidth and round-trip latency of every UCX pro
 of the gRPC fallback, measured through the real Transport API between two processes
 (transport_probe), next to ``ucx_perftest`` (UCX's C benchmark) on the same UCX
 transports and a same-process memcpy; plus the round trip of a decode-sized step
-(2 x [32, 4096] fp16) against its floor: ucx_perftest's round trip of the same 512 KiB.
-Ratios are ours / ceiling and ours / gRPC for the same metric.
+(2 x [32, 4096] fp16) against two floors: ucx_perftest's round trip of the same 512 KiB
+(C), and the same bytes bounced between two Python processes over bare ucxx (ucx_pingpong:
+what any data plane written in Python on ucxx costs at least). Ratios are ours / ceiling
+and ours / gRPC for the same metric.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from stagekit.bench import ceilings
+from stagekit.bench import ceilings, ucx_pingpong
 from stagekit.transport.ucx_settings import PROFILES
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
@@ -99,6 +101,19 @@ def _probe_rounds(cfg: BenchConfig) -> dict:
     return {name: _median_of(r) for name, r in runs.items()}
 
 
+def _python_floors(cfg: BenchConfig) -> dict[str, float | None]:
+    """Per UCX transport, the median over rounds of bare ucxx's 512 KiB round trip (µs)."""
+    out: dict[str, float | None] = {}
+    for name in cfg.transports:
+        if not name.startswith("ucx"):
+            continue
+        runs = [ucx_pingpong.python_floor(name.partition(":")[2] or "auto", [DECODE_BYTES],
+                                          iters=50 if cfg.quick else 200) for _ in range(cfg.repeat)]
+        rtts = [r[str(DECODE_BYTES)] for r in runs if r]
+        out[name] = statistics.median(rtts) if rtts else None
+    return out
+
+
 def run(cfg: BenchConfig) -> dict:
     """Measure everything in ``cfg``; the result is one JSON-ready dict."""
     result: dict = {
@@ -111,6 +126,7 @@ def run(cfg: BenchConfig) -> dict:
     setups = {s for s in map(_ucx_setup, cfg.transports) if s is not None}
     have_perftest = cfg.perftest and ceilings.perftest_binary() is not None
     result["ucx_perftest"] = _perftest_ceilings(setups, cfg.sizes, cfg.quick) if have_perftest else None
+    result["python_floor_us"] = _python_floors(cfg)
     grpc = result["transports"].get("grpc", {})
     for name, r in result["transports"].items():
         if "error" in r:
@@ -127,6 +143,8 @@ def run(cfg: BenchConfig) -> dict:
         d = r["decode_step"]
         d["floor_us"] = pt.get(str(DECODE_BYTES), {}).get("rtt_us")
         d["vs_floor"] = _ratio(d["rtt_us"], d["floor_us"])
+        d["py_floor_us"] = result["python_floor_us"].get(name)
+        d["vs_py_floor"] = _ratio(d["rtt_us"], d["py_floor_us"])
         d["vs_grpc"] = _ratio(d["rtt_us"], grpc.get("decode_step", {}).get("rtt_us")) if name != "grpc" else None
     return result
 
@@ -160,13 +178,15 @@ def format_table(result: dict) -> str:
         cells = [f"{_fmt(per[str(n)]['bw_gbps'], '.2f')} / {_fmt(per[str(n)]['rtt_us'], '.0f')}"
                  for n in result["sizes"]]
         lines.append(f"| ucx_perftest {key} GB/s / RTT µs | " + " | ".join(cells) + " |")
-    lines += ["", "| decode step 2 x [32, 4096] fp16 | RTT µs | floor µs (perftest, 512 KiB) | ÷ floor | ÷ gRPC |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| decode step 2 x [32, 4096] fp16 | RTT µs | floor µs (perftest, 512 KiB) | ÷ floor | "
+              "Python floor µs (bare ucxx, 512 KiB) | ÷ Python floor | ÷ gRPC |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in result["transports"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | |")
+            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
             continue
         d = r["decode_step"]
         lines.append(f"| {name} | {d['rtt_us']:.0f} | {_fmt(d['floor_us'], '.0f')} | {_fmt(d['vs_floor'], '.1f')} | "
+                     f"{_fmt(d.get('py_floor_us'), '.0f')} | {_fmt(d.get('vs_py_floor'), '.1f')} | "
                      f"{_fmt(d['vs_grpc'], '.2f')} |")
     return "\n".join(lines)
