@@ -1,14 +1,5 @@
 """The sending end of one UCX link: an endpoint to the downstream stage's worker, opened
-with a hello that the receiver answers, and the frames sent on it in sequence.
-
-Sends are windowed: ``send`` posts a frame's messages at once (frames go out in the order
-of the calls) and returns while at most ``send_window`` frames are in flight; a reaper
-task waits for their completion in order (each within ``send_timeout_s`` of its posting),
-holding each frame's tensors until UCX is done reading them. A sender streaming frames so
-overlaps the next frame with the receiver taking the previous one instead of waiting out
-each round of the rendezvous. A frame that fails or times out in the reaper loses the
-link (every later send raises; the steps this stage originated fail through the
-transport's on-lost path)."""
+with a hello that the receiver answers, and the frames sent on it in sequence."""
 
 from __future__ import annotations
 
@@ -16,10 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
-import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,20 +24,10 @@ from stagekit.transport.ucx_wire import PeerAddress
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Posted:
-    seq: int
-    requests: list[Any]
-    keep: list[object]     # what the requests read from: the envelope, header and tensors
-    posted_at: float
-
-
 class OutboundLink:
     """Invariant: frames are posted in ``seq`` order, all parts of a frame back to back,
-    so the receiver, which posts exactly the next frame's tags, reads them in order; at
-    most ``window`` frames are posted and not yet complete, and each one's buffers are
-    referenced until it completed (or are parked once the link is lost). Once ``lost`` is
-    set the link sends nothing more."""
+    so the receiver, which posts exactly the next frame's tags, reads them in order. Once
+    ``lost`` is set the link sends nothing more."""
 
     def __init__(self, rt: UcxRuntime, peer_name: str, peer: PeerAddress, on_lost: Callable[[str], None]) -> None:
         self.rt, self.settings = rt, rt.settings
@@ -63,10 +41,6 @@ class OutboundLink:
         self.error_handling = False
         self._watch: PeerWatch | None = None
         self.parked: list[object] = []   # buffers of requests abandoned on failure: UCX may still touch them
-        self.window = max(1, rt.settings.send_window)
-        self._inflight: deque[_Posted] = deque()
-        self._waiters: list[asyncio.Future[None]] = []   # woken when a frame is posted or completes
-        self._reaper: asyncio.Task | None = None
 
     async def open(self, me: PeerAddress) -> None:
         s, peer = self.settings, self.peer
@@ -103,7 +77,6 @@ class OutboundLink:
             return
         self.lost = reason
         self._lost_future.set_result(None)
-        self._park_inflight()
         log.error("data-plane link to %s lost: %s", self.peer_name, reason)
         self._on_lost(reason)
 
@@ -111,9 +84,6 @@ class OutboundLink:
         return StageUnavailable(f"data-plane link to {self.peer_name} is down: {self.lost}")
 
     async def send(self, frame: Frame) -> None:
-        """Post ``frame`` at once (frames go out in the order of the calls), then wait while
-        more than ``window`` frames are in flight; StageUnavailable if the link is or goes
-        down first."""
         if self.lost:
             raise self._down()
         tensors = [t.detach().contiguous() for t in frame.tensors]  # [*shape] each, sent from this memory
@@ -136,70 +106,18 @@ class OutboundLink:
             # no await in between: concurrent senders cannot interleave their frames' parts
             for buf, tag in zip(bufs, tags, strict=True):
                 reqs.append(self.rt.send(self._ep, buf, tag))
+            await self.rt.progress.wait(reqs, timeout=self.settings.send_timeout_s, abort=self._lost_future)
+        except WaitAborted:
+            self.parked += [bufs, tensors, reqs]
+            raise self._down() from None
+        except TimeoutError:
+            self.parked += [bufs, tensors, reqs]
+            self.lose(f"frame {seq} not taken within {self.settings.send_timeout_s:.0f}s (receiver stalled)")
+            raise self._down() from None
         except Exception as e:
             self.parked += [bufs, tensors, reqs]
             self.lose(f"send failed: {e}")
             raise self._down() from None
-        self._inflight.append(_Posted(seq, reqs, [bufs, tensors], time.monotonic()))
-        self._notify()
-        if self._reaper is None:
-            self._reaper = self.rt.loop.create_task(self._reap(), name=f"ucx-outbound-{self.link_id:x}")
-        while len(self._inflight) > self.window and not self.lost:
-            await self._wait_change()
-        if self.lost:
-            raise self._down()
-
-    async def _reap(self) -> None:
-        """Wait for the posted frames' completion in order; lose the link on the first failure."""
-        timeout = self.settings.send_timeout_s
-        while not self.lost:
-            if not self._inflight:
-                await self._wait_change()
-                continue
-            head = self._inflight[0]
-            left = head.posted_at + timeout - time.monotonic()
-            try:
-                await self.rt.progress.wait(head.requests, timeout=max(left, 0.0), abort=self._lost_future)
-            except WaitAborted:
-                return
-            except TimeoutError:
-                self.lose(f"frame {head.seq} not taken within {timeout:.0f}s (receiver stalled)")
-                return
-            except Exception as e:
-                self.lose(f"send failed: {e}")
-                return
-            self._inflight.popleft()
-            self._notify()
-
-    async def drain(self) -> None:
-        """Wait until every posted frame completed; StageUnavailable if the link goes down first."""
-        while self._inflight and not self.lost:
-            await self._wait_change()
-        if self.lost:
-            raise self._down()
-
-    async def _wait_change(self) -> None:
-        """Until a frame is posted or completes, or the link is lost."""
-        changed = self.rt.loop.create_future()
-        self._waiters.append(changed)
-        try:
-            await asyncio.wait({changed, self._lost_future}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not changed.done():
-                changed.cancel()
-                self._waiters.remove(changed)
-
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for f in waiters:
-            if not f.done():
-                f.set_result(None)
-
-    def _park_inflight(self) -> None:
-        while self._inflight:
-            p = self._inflight.popleft()
-            self.parked += [p.keep, p.requests]
-        self._notify()
 
     def close(self) -> None:
         """Stop watching and drop the endpoint without flushing (a dead peer would never ack)."""
@@ -208,6 +126,5 @@ class OutboundLink:
         if not self.lost:
             self.lost = "closed"
             self._lost_future.set_result(None)
-            self._park_inflight()
         if self._ep is not None:
             self._ep.abort(period=10**8)

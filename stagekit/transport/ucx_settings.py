@@ -51,7 +51,6 @@ class UcxSettings:
     spin_us: float = 200.0
     part_timeout_s: float = 30.0     # a started frame must complete (or the link is declared lost)
     send_timeout_s: float = 30.0
-    send_window: int = 4             # frames posted and not yet complete per link (1: wait for each)
     connect_timeout_s: float = 10.0
 
     @classmethod
@@ -75,8 +74,6 @@ class UcxSettings:
             changes["error_handling"] = None if v == "auto" else v in ("1", "true", "yes", "on")
         if "STAGEMESH_UCX_PROGRESS" in env:
             changes["progress"] = env["STAGEMESH_UCX_PROGRESS"]
-        if "STAGEMESH_UCX_SEND_WINDOW" in env:
-            changes["send_window"] = int(env["STAGEMESH_UCX_SEND_WINDOW"])
         for field, var in (("spin_us", "SPIN_US"), ("part_timeout_s", "PART_TIMEOUT_S"),
                            ("send_timeout_s", "SEND_TIMEOUT_S"), ("connect_timeout_s", "CONNECT_TIMEOUT_S")):
             if f"STAGEMESH_UCX_{var}" in env:
@@ -90,8 +87,6 @@ class UcxSettings:
         for name in ("part_timeout_s", "send_timeout_s", "connect_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"UCX setting {name} must be positive")
-        if self.send_window < 1:
-            raise InvalidRequest("UCX setting send_window must be at least 1")
         if self.spin_us < 0:
             raise InvalidRequest("UCX setting spin_us must not be negative")
         return self
