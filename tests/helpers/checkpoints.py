@@ -49,7 +49,7 @@ def build_checkpoint(arch: str, root: Path, seed: int = 0) -> Reference:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
     path = root / arch
-    # llama is saved in two safetensors files (with an index); qwen2 in one
+    # llama is saved in several safetensors files (five, with an index); qwen2 in one
     model.save_pretrained(path, max_shard_size="200KB" if arch == "llama" else "50MB")
     model.generation_config.eos_token_id = None
     tokens, first = [], []

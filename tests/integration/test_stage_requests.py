@@ -28,6 +28,20 @@ def replica(tmp_path_factory: pytest.TempPathFactory):
         mesh.stop()
 
 
+def test_health_and_info_describe_each_stage(replica) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for i, (addr, (start, end)) in enumerate(zip(replica, [(0, 2), (2, 4)], strict=True)):
+        with grpc.insecure_channel(addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        info = stage_info(addr)
+        assert (info.model_name, info.architecture) == ("demo", "LlamaForCausalLM")
+        assert (info.start_layer, info.end_layer, info.num_layers, info.tp_size) == (start, end, 4, 1)
+        assert info.dtype == "float32" and info.kv_capacity_tokens > 0
+        assert (info.is_first, info.is_last, info.wired) == (i == 0, i == 1, True)
+
+
 def _greedy(head: str, n: int = 8) -> list[int]:
     return tokens_of(generate(head, PROMPT, temperature=0.0, max_tokens=n, ignore_eos=True))
 
