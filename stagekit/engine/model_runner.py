@@ -40,7 +40,7 @@ class ModelRunner:
         # every rank must hold the same block ids: the smallest pool of the stage's ranks
         num_blocks = group.min_int(budget // PagedKVCache.bytes_per_block(*shape))
         self.kv_cache = PagedKVCache(self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype,
-                                     group.device, num_blocks, spec.block_size)
+                                     group.device, num_blocks, spec.block_size, prefault=spec.kv_prefault)
 
     @torch.inference_mode()
     def run(

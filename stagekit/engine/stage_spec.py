@@ -25,4 +25,7 @@ class StageSpec:
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV block; the same on every stage of a pipeline
     prefix_caching: bool = True  # automatic prefix caching (the head decides; any stage can veto)
+    # touch every page of a host KV pool at start-up: the memory is committed (an overcommitted host
+    # fails now, not mid-serving) and first writes into fresh blocks (prefill, KV imports) pay no page faults
+    kv_prefault: bool = False
     step_timeout_s: float = 120.0  # the head fails a step whose result is not back by then (stalled stage)

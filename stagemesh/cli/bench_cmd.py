@@ -10,7 +10,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -44,6 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     prefix_workload.add_arguments(x)
     x.set_defaults(func=prefix_workload.run)
+    k = which.add_parser("kv", help="KV transfer between two replicas (ExportKv): UCX vs gRPC vs memcpy",
+                         description="Two one-stage replicas per data plane; a fresh prompt computed on A, "
+                                     "then ExportKv A->B timed: GB/s per prompt length, UCX/gRPC ratio and a "
+                                     "same-process memcpy ceiling of the same bytes, medians over rounds.")
+    from stagemesh.bench import kv_transfer
+
+    kv_transfer.add_arguments(k)
+    k.set_defaults(func=kv_transfer.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", default="1GiB",
                    help="KV block pool per rank, e.g. 512MiB, 4GiB, or a share of the memory free at start-up, "
                    "e.g. 40%% (CUDA: free device memory; CPU: available host memory split over the TP ranks)")
+    p.add_argument("--kv-prefault", action="store_true",
+                   help="touch the whole KV pool at start-up (CPU): memory committed at once and no page faults "
+                        "when fresh blocks are first written (prefill, KV imports); default: pages on first use")
     p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-            step_timeout_s=args.step_timeout,
+            step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault,
         )
     except InvalidRequest as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
     p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--kv-prefault", action="store_true",
+                   help="stages touch their whole KV pool at start-up (see stagemesh stage --help)")
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
@@ -81,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                          port=args.port, dtype=args.dtype, threads=args.threads,
                          kv_cache_memory=args.kv_cache_memory, extra_gateway_args=gateway_args,
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
-                         transport=args.transport), log_dir)
+                         transport=args.transport,
+                         extra_stage_args=["--kv-prefault"] if args.kv_prefault else []), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
