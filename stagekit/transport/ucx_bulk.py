@@ -170,11 +170,13 @@ async def send_bulk(rt: UcxRuntime, me: PeerAddress, peer_name: str, peer: PeerA
     finally:
         if watch is not None:
             watch.close()
+        pid = peer.pid if same_host else None
         if ok:
-            ep.abort(period=10**8)
+            rt.drop_endpoint(ep, eh, True, pid)
         else:  # requests may still be posted: keep what they point at, drop the endpoint later
             PARKED.append((hello, verdict, done, parts, reqs, ep))
-            rt.loop.call_later(s.connect_timeout_s, ep.abort, 10**8)
+            rt.loop.call_later(s.connect_timeout_s, lambda: rt.drop_endpoint(
+                ep, eh, all(r.completed for r in reqs), pid))
 
 
 async def wait_transfer(rt: UcxRuntime, reqs: list[Any], timeout: float, lost: asyncio.Future[str], label: str,

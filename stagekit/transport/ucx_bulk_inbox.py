@@ -81,6 +81,7 @@ class BulkInbox:
         watch = (PeerWatch(pid, lambda: lose(f"sending process {pid} exited"))
                  if hello.sender.host == ucx_wire.this_host() and pid != os.getpid() else None)
         kept: list[object] = []   # everything a posted request points at
+        posted: list = []         # every request posted on ep
         answered = [False]
 
         async def receive(dests: list[torch.Tensor]) -> None:
@@ -94,6 +95,7 @@ class BulkInbox:
             ok = ucx_bulk.pack_status(None)
             kept.extend([dests, flats, views, ok, reqs])
             reqs.append(rt.send(ep, ok, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)))
+            posted.extend(reqs)
             answered[0] = True
             timeout = ucx_bulk.data_timeout(rt, total)
             await ucx_bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
@@ -110,8 +112,8 @@ class BulkInbox:
                 status = ucx_bulk.pack_status(error)
                 kept.append(status)
                 kind = ucx_wire.BULK_DONE if answered[0] else ucx_wire.BULK_VERDICT
-                await rt.progress.wait([rt.send(ep, status, ucx_wire.bulk_tag(kind, tid))],
-                                       timeout=s.connect_timeout_s, abort=lost)
+                posted.append(rt.send(ep, status, ucx_wire.bulk_tag(kind, tid)))
+                await rt.progress.wait(posted[-1:], timeout=s.connect_timeout_s, abort=lost)
                 clean = error is None
         except Exception as e:  # the sender times out on its own
             log.warning("could not answer bulk transfer %x: %s", tid, e or type(e).__name__)
@@ -120,7 +122,9 @@ class BulkInbox:
                 watch.close()
             if not clean:   # a request may still be posted: keep what it points at
                 ucx_bulk.PARKED.append(kept)
-            rt.loop.call_later(_CLOSE_AFTER_S, ep.abort, 10**8)
+            rt.loop.call_later(_CLOSE_AFTER_S, lambda: rt.drop_endpoint(   # never blocks the loop
+                ep, hello.error_handling, bool(posted) and all(r.completed for r in posted),
+                pid if watch is not None else None))
 
     def close(self) -> None:
         if not self._stopped.done():

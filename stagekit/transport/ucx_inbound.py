@@ -45,6 +45,9 @@ class InboundLink:
         self._watch: PeerWatch | None = None
         self.lost = ""
         self.parked: list[object] = []
+        self.welcomed = False     # the welcome (our one send on this endpoint) completed
+        self._mid_frame = False   # a frame's parts are posted and not all in
+        self._dropped = False
 
     def start(self) -> None:
         self._task = self.rt.loop.create_task(self._read(), name=f"ucx-inbound-{self.link_id:x}")
@@ -58,7 +61,11 @@ class InboundLink:
             self._watch.close()
         if not self._stopped.done():
             self._stopped.set_result(None)
-        self.ep.abort(period=10**8)
+        if not self._dropped:   # never blocks: see UcxRuntime.drop_endpoint
+            self._dropped = True
+            settled = self.welcomed and not self.lost and not self._mid_frame
+            same_host = self.hello.sender.host == ucx_wire.this_host()
+            self.rt.drop_endpoint(self.ep, self.hello.error_handling, settled, self.peer_pid if same_host else None)
 
     def _lose(self, reason: str) -> None:
         if self.lost or self._stopped.done():
@@ -112,11 +119,14 @@ class InboundLink:
                 tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
         if bufs:
             reqs = [self.rt.recv(self.ep, b, tag) for b, tag in zip(bufs, tags, strict=True)]
+            self._mid_frame = True
             try:
                 await self.rt.progress.wait(reqs, timeout=self.rt.settings.part_timeout_s, abort=self._stopped)
             except BaseException:
                 self.parked += [bufs, tensors, reqs]  # still posted: UCX may write into them
                 raise
+            finally:
+                self._mid_frame = False
         return (env.header if header is None else header.tobytes()), tensors
 
 
@@ -162,6 +172,7 @@ class Inbox:
         link.start()   # post the first envelope receive before the sender can send frames
         await self.rt.progress.wait([self.rt.send(ep, msg, ucx_wire.welcome_tag(hello.link_id))],
                                     timeout=s.connect_timeout_s)
+        link.welcomed = True
         self._on_link(link)
         log.info("accepted UCX link %x from process %d on %s", hello.link_id, hello.sender.pid,
                  hello.sender.host.split("/")[0])

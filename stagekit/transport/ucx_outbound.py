@@ -41,6 +41,7 @@ class OutboundLink:
         self.error_handling = False
         self._watch: PeerWatch | None = None
         self.parked: list[object] = []   # buffers of requests abandoned on failure: UCX may still touch them
+        self._waiting = 0   # sends (or the hello) whose requests are being waited for
 
     async def open(self, me: PeerAddress) -> None:
         s, peer = self.settings, self.peer
@@ -56,6 +57,7 @@ class OutboundLink:
         welcome = np.zeros(8, dtype=np.uint8)
         reqs = [self.rt.recv(self._ep, welcome, ucx_wire.welcome_tag(self.link_id)),
                 self.rt.send(self._ep, hello, ucx_wire.hello_tag(peer.inbox))]
+        self._waiting += 1
         try:
             await self.rt.progress.wait(reqs, timeout=s.connect_timeout_s)
             status = ucx_wire.unpack_welcome(welcome)
@@ -64,6 +66,8 @@ class OutboundLink:
             what = f"no answer within {s.connect_timeout_s:.0f}s" if isinstance(e, TimeoutError) else str(e)
             hint = "" if same_host or self.error_handling else f" (profile {s.profile} reaches this host only)"
             raise StageUnavailable(f"UCX link to stage {self.peer_name} failed: {what}{hint}") from None
+        finally:
+            self._waiting -= 1
         if status != ucx_wire.WELCOME_OK:
             raise StageUnavailable(f"stage {self.peer_name} refused the UCX link (status {status})")
         if same_host and peer.pid != os.getpid():
@@ -102,6 +106,7 @@ class OutboundLink:
                 bufs.append(frame_codec.wire_view(t))
                 tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
         reqs: list[Any] = []
+        self._waiting += 1
         try:
             # no await in between: concurrent senders cannot interleave their frames' parts
             for buf, tag in zip(bufs, tags, strict=True):
@@ -118,13 +123,19 @@ class OutboundLink:
             self.parked += [bufs, tensors, reqs]
             self.lose(f"send failed: {e}")
             raise self._down() from None
+        finally:
+            self._waiting -= 1
 
     def close(self) -> None:
-        """Stop watching and drop the endpoint without flushing (a dead peer would never ack)."""
+        """Stop watching and drop the endpoint, never blocking: closed only if nothing is
+        outstanding on it and the peer still runs, else kept (UcxRuntime.drop_endpoint)."""
         if self._watch is not None:
             self._watch.close()
+        settled = not self.lost and not self.parked and self._waiting == 0
         if not self.lost:
             self.lost = "closed"
             self._lost_future.set_result(None)
         if self._ep is not None:
-            self._ep.abort(period=10**8)
+            same_host = self.peer.host == ucx_wire.this_host()
+            self.rt.drop_endpoint(self._ep, self.error_handling, settled, self.peer.pid if same_host else None)
+            self._ep = None

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {}
 
+# Endpoints that must never be closed (see UcxRuntime.drop_endpoint): kept for the process's life.
+KEPT_ENDPOINTS: list[Any] = []
+
 
 @functools.cache
 def cuda_present() -> bool:
@@ -89,6 +92,22 @@ def _skip_endpoint_finalizers_at_exit() -> None:
     atexit.register(detach)
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) exists and has not exited (zombies have)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):   # no such process (or no /proc): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    return state not in (b"Z", b"X")
+
+
 class UcxRuntime:
     """Invariant: one per process; ``progress`` drives the worker on the loop it was made on,
     ``recv_pool`` lends host memory to received tensors."""
@@ -131,6 +150,24 @@ class UcxRuntime:
     async def endpoint(self, worker_address: bytes, error_handling: bool) -> Any:
         addr = self.ucxx.get_ucx_address_from_buffer(worker_address)
         return await self.ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=error_handling)
+
+    def drop_endpoint(self, ep: Any, error_handling: bool, settled: bool, peer_pid: int | None = None) -> bool:
+        """Close ``ep`` without ever blocking the loop; returns whether it was closed.
+
+        ucxx closes an endpoint synchronously, spinning on the worker until UCX is done: with
+        error handling that is a forced close (prompt); without, a flush that waits for every
+        operation still outstanding to the peer, which never ends if the peer died or stalled
+        (a stage's loop spun for good on a SIGSTOPped, then killed neighbour). So an endpoint
+        without error handling is closed only when ``settled`` (every request posted on it has
+        completed) and its process, when ``peer_pid`` names one on this host, still runs;
+        otherwise it is kept, unclosed, for the life of the process (one per failed link or
+        transfer: the peer is gone, so is whatever it shared with us)."""
+        if error_handling or (settled and (peer_pid is None or process_running(peer_pid))):
+            ep.abort(period=10**8)
+            return True
+        KEPT_ENDPOINTS.append(ep)
+        log.debug("UCX endpoint kept unclosed (peer %s gone or requests outstanding)", peer_pid)
+        return False
 
     def send(self, ep: Any, buf: object, tag: int) -> Any:
         """Post a tag send on an endpoint (ucxx.Endpoint); the request completes later."""

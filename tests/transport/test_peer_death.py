@@ -8,6 +8,8 @@ stream from upstream ending without the sender's goodbye, or the stream downstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -152,3 +154,36 @@ def test_a_restarted_neighbour_links_again(loop_thread: LoopThread) -> None:
     finally:
         replacement.stop()
         loop_thread.run(linked.host.stop())
+
+
+@pytest.mark.parametrize("name", transport_params(["ucx", "ucx:shm"]))
+def test_closing_a_link_to_a_stalled_then_dead_peer_never_blocks(name: str, loop_thread: LoopThread) -> None:
+    """ucxx closes an endpoint without error handling by spinning until a flush completes,
+    which a stalled peer never lets happen (the loop spun until the peer was resumed, and for
+    good once it was killed): a link closed with a send outstanding must return at once."""
+    linked = link(loop_thread, name, "sink")
+    tr = linked.transport
+    pid = linked.peer.proc.pid
+    try:
+        async def scenario() -> tuple[float, float]:
+            await tr.send(step_frame(1, 16 << 20))
+            os.kill(pid, signal.SIGSTOP)
+            pending = asyncio.ensure_future(tr.send(step_frame(2, 16 << 20)))
+            await asyncio.sleep(0.5)
+            start = time.monotonic()
+            tr._close_outbound()   # what a re-wire or shutdown does
+            closed = time.monotonic() - start
+            with pytest.raises(StageUnavailable, match="closed"):
+                await asyncio.wait_for(pending, 5)
+            linked.peer.kill()      # the stalled peer dies: nothing may be left waiting on it
+            start = time.monotonic()
+            await asyncio.sleep(0.2)
+            return closed, time.monotonic() - start
+
+        closed, slept = loop_thread.run(scenario(), timeout=30)
+        assert closed < 0.5, f"closing the link blocked the loop for {closed:.1f}s"
+        assert slept < 1.0, f"the loop was blocked for {slept:.1f}s after the peer died"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        unlink(loop_thread, linked)
