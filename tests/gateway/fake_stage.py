@@ -144,7 +144,9 @@ class FakeStage(stage_pb2_grpc.StageServicer):
                     out = stage_pb2.GenerateResponse(request_id=rid)
                 if last:
                     return
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # a cancellation that lands while this generator waits at a yield (its response being
+            # written) closes it with GeneratorExit instead of raising CancelledError in it
             self.cancelled.append(rid)
             raise
 
