@@ -4,7 +4,11 @@ the pool, write received blocks into it.
 
 The announcement is a ``KvBlocksChunk`` without data: the gRPC path sends it as its first
 chunk, the UCX path as the header of its one message. Transferred KV is
-``[layers, 2, blocks, kv_heads, block_size, head_dim]`` in the pool's dtype.
+``[layers, 2, blocks, kv_heads, block_size, head_dim]`` in the pool's dtype on a TP1 stage;
+on a stage of t > 1 ranks it is every rank's share, ``[t, layers, 2, blocks, kv_heads per
+rank, block_size, head_dim]`` in rank order, read and written by all ranks together on the
+stage's compute thread (``TPExecutor.read_kv`` / ``write_kv``): KV moves between stages of the
+same TP size, rank r's heads into rank r's pool (split or replicated alike).
 """
 
 from __future__ import annotations
@@ -36,9 +40,8 @@ class Incoming:
         return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
 
 
-def check_tp1(node: StageNode) -> None:
-    if node.layout.tp_size != 1:
-        raise InvalidRequest(f"KV transfer needs TP=1 stages; this stage runs TP={node.layout.tp_size}")
+def tp_of(node: StageNode) -> int:
+    return node.layout.tp_size
 
 
 def check_blocks(node: StageNode, blocks: list[int]) -> None:
@@ -49,15 +52,20 @@ def check_blocks(node: StageNode, blocks: list[int]) -> None:
 
 
 def shape_of(node: StageNode, blocks: list[int]) -> tuple[int, ...]:
-    """The transferred KV's shape: [layers, 2, n, kv_heads, block_size, head_dim]."""
+    """The transferred KV's shape: [layers, 2, n, kv_heads, block_size, head_dim], with a
+    leading TP dimension on a stage of several ranks."""
     pool = node.runtime.kv_cache.kv
-    return (*pool.shape[:2], len(blocks), *pool.shape[3:])
+    shape = (*pool.shape[:2], len(blocks), *pool.shape[3:])
+    return shape if tp_of(node) == 1 else (tp_of(node), *shape)
 
 
 def parts(node: StageNode, blocks: list[int], dest_blocks: list[int]) -> list[torch.Tensor]:
     """The KV of ``blocks`` as views of the pool (no copy), in the order of the transferred
     tensor: per layer, K then V, each run of blocks consecutive both here and among
-    ``dest_blocks`` (contiguous in both pools, so the receiver can land each part in place)."""
+    ``dest_blocks`` (contiguous in both pools, so the receiver can land each part in place).
+    TP1 only: a stage of several ranks sends ``read``'s gathered tensor."""
+    if tp_of(node) != 1:
+        raise ValueError("pool views are rank 0's share only: a TP stage sends read()'s tensor")
     pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
     spans = joint_runs(blocks, dest_blocks)
     return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for _, b, _, n in spans]
@@ -71,7 +79,7 @@ def landing(node: StageNode, blocks: list[int], part_bytes: tuple[int, ...]) -> 
     pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
     groups = pool.shape[0] * 2
     per_block = pool[0, 0, 0].numel() * pool.element_size()
-    if pool.is_cuda or not part_bytes or len(part_bytes) % groups:
+    if pool.is_cuda or tp_of(node) != 1 or not part_bytes or len(part_bytes) % groups:
         return None
     seg_bytes = part_bytes[:len(part_bytes) // groups]
     if part_bytes != seg_bytes * groups or any(n <= 0 or n % per_block for n in seg_bytes):
@@ -89,24 +97,18 @@ def landing(node: StageNode, blocks: list[int], part_bytes: tuple[int, ...]) -> 
 
 
 def read(node: StageNode, blocks: list[int]) -> torch.Tensor:
-    """The KV of ``blocks`` as one contiguous host tensor (a gather: the blocks of one layer
-    are strided through the pool)."""
-    pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
-    out = torch.empty(shape_of(node, blocks), dtype=pool.dtype)
-    for i, b, n in runs(blocks):   # strided copies of block runs: several times faster than index_select here
-        out[:, :, i:i + n].copy_(pool[:, :, b:b + n])
-    return out  # [layers, 2, n, kv_heads, block_size, head_dim]
+    """The KV of ``blocks`` as one contiguous host tensor (``shape_of``): a gather of runs of
+    blocks, on every rank of a TP stage (there: call on the compute thread, see ``read_async``)."""
+    if tp_of(node) != 1:
+        return node.runtime.executor.read_kv(blocks)
+    return node.runtime.kv_cache.read_blocks(blocks).cpu()
 
 
-def runs(blocks: list[int]) -> list[tuple[int, int, int]]:
-    """``blocks`` as runs of consecutive ids: (position in ``blocks``, first block, length)."""
-    out: list[tuple[int, int, int]] = []
-    for i, b in enumerate(blocks):
-        if out and out[-1][1] + out[-1][2] == b:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((i, b, 1))
-    return out
+async def read_async(node: StageNode, blocks: list[int]) -> torch.Tensor:
+    """``read`` off the event loop: on the compute thread for a TP stage (its ranks' collectives
+    take turns with the steps'), else on any thread (the blocks are pinned)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(node.pool if tp_of(node) != 1 else None, read, node, blocks)
 
 
 def joint_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int, int]]:
@@ -130,28 +132,29 @@ def announce(node: StageNode, dest_blocks: list[int]) -> stage_pb2.KvBlocksChunk
 
 def check(node: StageNode, head: stage_pb2.KvBlocksChunk) -> Incoming:
     """What the sender announced, if it fits this stage's pool; else InvalidRequest."""
-    check_tp1(node)
     kv, lay = node.runtime.kv_cache, node.layout
+    if (head.tp_size or 1) != lay.tp_size:
+        raise InvalidRequest(f"KV from a stage of TP={head.tp_size or 1} cannot go into this stage of "
+                             f"TP={lay.tp_size}: KV moves between stages of the same TP size")
     if (head.start_layer, head.end_layer) != (lay.start_layer, lay.end_layer):
         raise InvalidRequest(f"KV of layers {head.start_layer}:{head.end_layer} cannot go into a stage holding "
                              f"layers {lay.start_layer}:{lay.end_layer}")
     dtype = codec.dtype_from_proto(head.dtype)
     blocks = list(head.blocks)
-    want = (kv.num_layers, 2, len(blocks), kv.num_kv_heads, kv.block_size, kv.head_dim)
+    want = shape_of(node, blocks)
     if dtype != kv.dtype or tuple(head.shape) != want:
         raise InvalidRequest(f"KV of {dtype} {tuple(head.shape)} does not fit this stage's pool "
-                             f"({kv.dtype}, blocks of {want[:2] + want[3:]})")
+                             f"({kv.dtype}, {want})")
     if any(not 0 <= b < kv.num_blocks for b in blocks):
         raise InvalidRequest(f"destination blocks outside this stage's pool of {kv.num_blocks}")
     return Incoming(blocks, dtype, want)
 
 
 async def write(node: StageNode, blocks: list[int], data: torch.Tensor) -> None:
-    """Write ``data`` ([layers, 2, n, kv_heads, block_size, head_dim]) into ``blocks`` of the pool."""
+    """Write ``data`` (``shape_of``) into ``blocks`` of the pool, on every rank of a TP stage."""
+    loop = asyncio.get_running_loop()
+    if tp_of(node) != 1:
+        await loop.run_in_executor(node.pool, node.runtime.executor.write_kv, blocks, data)
+        return
     kv = node.runtime.kv_cache
-
-    def run() -> None:
-        for i, b, n in runs(blocks):   # index_put on dim 2 was 3-10x slower than these strided copies
-            kv.kv[:, :, b:b + n].copy_(data[:, :, i:i + n])
-
-    await asyncio.to_thread(run)
+    await loop.run_in_executor(None, kv.write_blocks, blocks, data.to(kv.device))

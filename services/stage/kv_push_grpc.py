@@ -5,7 +5,6 @@ side (serialisation), which the UCX path avoids."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ def _chunk_bytes() -> int:
 async def push(node: StageNode, blocks: list[int], destination: str, dest_blocks: list[int]) -> int:
     """Stream this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at
     ``destination``; returns the bytes sent."""
-    data = await asyncio.to_thread(kv_blocks.read, node, blocks)  # [layers, 2, n, kv_heads, block_size, head_dim]
+    data = await kv_blocks.read_async(node, blocks)  # kv_blocks.shape_of
     raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().view("uint8").reshape(-1)
 
     async def chunks() -> AsyncIterator[stage_pb2.KvBlocksChunk]:

@@ -6,13 +6,13 @@ part per layer, K/V and run of consecutive blocks (the blocks are pinned: no ste
 them meanwhile). The parts follow the runs of blocks consecutive on both sides, so the
 receiver lands each straight in its reserved blocks (no copy on either side); when the
 parts do not line up with its pool (a GPU pool, or a sender that gathered the blocks into
-one tensor) it receives into a staging tensor and writes that into the blocks. The
+one tensor, as a TP stage's sender does with every rank's share) it receives into a
+staging tensor and writes that into the blocks (on every rank). The
 receiver checks the announcement before it accepts the data, and its errors come back to
 the sender as the same typed errors."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,9 +33,10 @@ async def push(transport: UcxTransport, node: StageNode, blocks: list[int], dest
     """Send this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``,
     whose UCX data plane published ``destination_address``; returns the bytes sent."""
     header = kv_blocks.announce(node, dest_blocks).SerializeToString()
-    parts = kv_blocks.parts(node, blocks, dest_blocks)
-    if node.runtime.kv_cache.kv.is_cuda or len(parts) > MAX_PARTS:  # one gathered host tensor instead
-        parts = [await asyncio.to_thread(kv_blocks.read, node, blocks)]
+    gather = node.runtime.kv_cache.kv.is_cuda or kv_blocks.tp_of(node) != 1
+    parts = [] if gather else kv_blocks.parts(node, blocks, dest_blocks)
+    if gather or len(parts) > MAX_PARTS:  # one gathered host tensor instead (every TP rank's share)
+        parts = [await kv_blocks.read_async(node, blocks)]
     await transport.send_bulk(destination, destination_address, header, parts)
     return sum(t.numel() * t.element_size() for t in parts)
 

@@ -1,4 +1,5 @@
-"""KV transfer between replicas (the seam of prefill/decode disaggregation), TP1 stages.
+"""KV transfer between replicas (the seam of prefill/decode disaggregation): stages holding
+the same layers at the same TP size.
 
 The exporting head finds the cached blocks of a token prefix (they are named by the
 prefix cache once computed) and pins them; the importing head reserves blocks for the
@@ -49,7 +50,6 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
     engine = node.engine
     if engine is None:
         raise InvalidRequest("ExportKv goes to the replica head (the stage holding layer 0)")
-    kv_blocks.check_tp1(node)
     pipeline = node.pipeline or [""]  # a one-stage replica needs no wiring
     if len(destination) != len(pipeline):
         raise InvalidRequest(f"the destination has {len(destination)} stage(s), this replica {len(pipeline)}: "
@@ -103,7 +103,6 @@ async def send_blocks(node: StageNode, blocks: list[int], destination: str,
     """Push this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``:
     over UCX when both stages run the UCX data plane, else over gRPC. Returns the bytes sent
     and the path taken ("ucx" / "grpc")."""
-    kv_blocks.check_tp1(node)
     if len(blocks) != len(dest_blocks):
         raise InvalidRequest(f"{len(blocks)} blocks to send into {len(dest_blocks)} destination blocks")
     started = time.perf_counter()

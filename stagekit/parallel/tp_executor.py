@@ -72,11 +72,7 @@ class TPExecutor:
         if intermediate is not None and seqs:
             h, r = intermediate.hidden_states, intermediate.residual
             meta = (tuple(h.shape), h.dtype, r is not None)
-        for rank, conn in enumerate(self._conns, start=1):
-            try:
-                conn.send(("run", seqs, freed, input_ids, meta, preempted))
-            except (BrokenPipeError, OSError) as e:
-                raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
+        self._tell(("run", seqs, freed, input_ids, meta, preempted))
         if meta is not None and self._conns:
             group = self.runner.group
             group.broadcast(intermediate.hidden_states.contiguous())
@@ -88,6 +84,31 @@ class TPExecutor:
             if self._conns and not all(p.is_alive() for p in self._procs):
                 raise StageUnavailable(f"a TP rank of this stage died: {e}") from e
             raise
+
+    def read_kv(self, blocks: list[int]) -> torch.Tensor:
+        """Every rank's KV of ``blocks``, on the host in rank order:
+        [tp, layers, 2, n, kv_heads per rank, block_size, head_dim]. Call on the thread that runs
+        the steps (the ranks' collectives must come in the same order everywhere)."""
+        self._tell(("kv_read", blocks))
+        local = self.runner.kv_cache.read_blocks(blocks)
+        return self.runner.group.all_gather(local.unsqueeze(0), dim=0).cpu()
+
+    def write_kv(self, blocks: list[int], data: torch.Tensor) -> None:
+        """Write ``data`` ([tp, layers, 2, n, kv_heads per rank, block_size, head_dim], rank
+        order, as ``read_kv`` gives it) into ``blocks`` of every rank's pool (same thread rule)."""
+        group = self.runner.group
+        if data.shape[0] != group.world_size:
+            raise ValueError(f"KV of {data.shape[0]} TP ranks for a stage of {group.world_size}")
+        self._tell(("kv_write", blocks, tuple(data.shape), data.dtype))
+        full = group.broadcast(data.to(group.device).contiguous())
+        self.runner.kv_cache.write_blocks(blocks, full[0])
+
+    def _tell(self, msg: tuple) -> None:
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError) as e:
+                raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
 
     def shutdown(self) -> None:
         for conn in self._conns:

@@ -1,5 +1,6 @@
 """Main loop of TP ranks 1..t-1: wait for rank 0's step metadata on the pipe, receive
-the step's tensors from the broadcast, run the same forward. Exits when rank 0 says stop
+the step's tensors from the broadcast, run the same forward; or read / write KV blocks
+for a KV transfer (``TPExecutor.read_kv`` / ``write_kv``). Exits when rank 0 says stop
 or its end of the pipe closes (rank 0 died), so no worker outlives its stage."""
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> No
             return
         if msg[0] == "stop":
             return
+        if msg[0] == "kv_read":     # this rank's KV of the blocks, gathered to rank 0
+            group.all_gather(runner.kv_cache.read_blocks(msg[1]).unsqueeze(0), dim=0)
+            continue
+        if msg[0] == "kv_write":    # every rank's KV from rank 0; this rank keeps its own
+            _, blocks, shape, dtype = msg
+            full = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device))
+            runner.kv_cache.write_blocks(blocks, full[group.rank_in_group])
+            continue
         _, seqs, freed, input_ids, meta, preempted = msg
         intermediate = None
         if meta is not None:

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import torch
 
 from services.stage import kv_blocks
-from services.stage.kv_blocks import joint_runs, runs
+from services.stage.kv_blocks import joint_runs
+from stagekit.engine.kv_cache import PagedKVCache
+from stagekit.engine.kv_cache import block_runs as runs
 
 
 def test_runs_of_consecutive_blocks() -> None:
@@ -25,7 +27,9 @@ def test_joint_runs_break_where_either_side_does() -> None:
 def _node(num_blocks: int, seed: int) -> SimpleNamespace:
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(3, 2, num_blocks, 2, 4, 8, generator=g)  # [layers, 2, blocks, kv_heads, block_size, head_dim]
-    return SimpleNamespace(runtime=SimpleNamespace(kv_cache=SimpleNamespace(kv=pool)))
+    cache = PagedKVCache(3, 2, 8, torch.float32, torch.device("cpu"), num_blocks, 4)
+    cache.kv.copy_(pool)
+    return SimpleNamespace(runtime=SimpleNamespace(kv_cache=cache), layout=SimpleNamespace(tp_size=1))
 
 
 def test_parts_land_in_place_in_the_receivers_blocks() -> None:

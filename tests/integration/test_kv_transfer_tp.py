@@ -1,0 +1,81 @@
+"""KV transfer between TP2 stages: every rank's share of the blocks moves (rank r's KV heads
+into rank r's pool), over UCX and over gRPC, and the importing replica then serves the
+prompt with exactly the exporter's tokens without prefilling the transferred blocks; for
+KV heads split over the ranks (llama, 2 KV heads) and replicated on them (qwen2, 1 KV head).
+KV between stages of different TP sizes is refused with INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagemesh.launcher import Mesh, MeshSpec
+from tests.helpers.stage_client import generate, stage_info, tokens_of, wire
+from tests.transport.conftest import needs_ucx
+
+pytestmark = needs_ucx
+
+
+@dataclass
+class Replicas:
+    a: str          # TP2 on UCX: computes and exports
+    dest: dict[str, str]   # TP2 importers by the path their KV takes: "ucx", "grpc"
+    tp1: str        # a TP1 replica of the same model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def replicas(request: pytest.FixtureRequest, hf_checkpoints: dict, tmp_path_factory: pytest.TempPathFactory):
+    arch = request.param
+    logs = tmp_path_factory.mktemp(f"kv-transfer-tp-{arch}")
+    layout = {"a": (2, "ucx"), "ucx": (2, "ucx"), "grpc": (2, "grpc"), "tp1": (1, "ucx")}
+    meshes = {name: Mesh(MeshSpec(model=hf_checkpoints[arch].path, layer_splits=[(0, 5)], tp=tp, threads=1,
+                                  gateway=False, transport=plane, kv_cache_memory="64MiB"), logs / name)
+              for name, (tp, plane) in layout.items()}
+    try:
+        for mesh in meshes.values():
+            mesh.start(timeout_s=240)
+            wire(mesh.replicas[0])
+        heads = {name: mesh.replicas[0][0] for name, mesh in meshes.items()}
+        yield Replicas(heads["a"], {"ucx": heads["ucx"], "grpc": heads["grpc"]}, heads["tp1"])
+    finally:
+        for mesh in meshes.values():
+            mesh.stop()
+
+
+def _export(head: str, tokens: list[int], destination: str) -> stage_pb2.ExportKvResponse:
+    with grpc.insecure_channel(head) as ch:
+        return stage_pb2_grpc.StageStub(ch).ExportKv(
+            stage_pb2.ExportKvRequest(token_ids=tokens, destination=[destination]), timeout=120)
+
+
+def _prompt(length: int, salt: int) -> list[int]:
+    return [(11 * i + 3 * length + salt) % 250 + 3 for i in range(length)]
+
+
+@pytest.mark.parametrize("path", ["ucx", "grpc"])
+def test_every_ranks_kv_moves_and_serves_the_exporters_tokens(replicas: Replicas, path: str) -> None:
+    dest = replicas.dest[path]
+    for length, salt in ((40, 0), (200, 1 if path == "ucx" else 2)):
+        prompt = _prompt(length, salt)
+        expected = tokens_of(generate(replicas.a, prompt, max_tokens=10, ignore_eos=True))
+        reply = _export(replicas.a, prompt, dest)
+        full = length // 16 * 16
+        assert (reply.num_tokens, reply.num_blocks_sent, reply.transport) == (full, full // 16, path)
+        hits = stage_info(dest).prefix_hit_tokens
+        assert tokens_of(generate(dest, prompt, max_tokens=10, ignore_eos=True)) == expected
+        assert stage_info(dest).prefix_hit_tokens - hits == min(full, (length - 1) // 16 * 16)
+
+
+def test_kv_between_different_tp_sizes_is_refused(replicas: Replicas) -> None:
+    for salt, (src, dest) in enumerate(((replicas.a, replicas.tp1), (replicas.tp1, replicas.a)), start=5):
+        prompt = _prompt(48, salt)   # computed on the source only: the destination lacks its blocks
+        generate(src, prompt, max_tokens=1)
+        with pytest.raises(grpc.RpcError) as err:
+            _export(src, prompt, dest)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert "same TP size" in err.value.details()
+        assert generate(dest, prompt, max_tokens=2)[-1].completion_tokens == 2   # both keep serving
+        assert generate(src, prompt, max_tokens=2)[-1].completion_tokens == 2
