@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from services.stage.node import StageNode
 
 PUSH_TIMEOUT_S = 300.0
-# One-off channels get a connection of their own: gRPC's shared subchannels would keep the
-# reconnect back-off of an earlier failure (a replaced stage refused for seconds after it is back).
-CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _chunk_bytes() -> int:
@@ -43,8 +40,8 @@ async def push(node: StageNode, blocks: list[int], destination: str, dest_blocks
             yield stage_pb2.KvBlocksChunk(data=raw[i:i + step].tobytes())
 
     try:
-        async with grpc.aio.insecure_channel(destination, options=CHANNEL_OPTIONS) as ch:
-            reply = await stage_pb2_grpc.StageStub(ch).PushKvBlocks(chunks(), timeout=PUSH_TIMEOUT_S)
+        stub = stage_pb2_grpc.StageStub(node.channels.channel(destination))
+        reply = await stub.PushKvBlocks(chunks(), timeout=PUSH_TIMEOUT_S)
     except grpc.aio.AioRpcError as e:
         raise error_for(e.code(), f"stage {destination}: {e.details()}") from None
     if reply.bytes_received != raw.size:

@@ -22,28 +22,16 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import grpc
-
 from services.stage import kv_blocks, kv_push_grpc
 from stagekit.engine.prefix_cache import block_hashes
 from stagekit.errors import InvalidRequest, NotFound, StageUnavailable
-from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
-from stagekit.rpc.status import error_for
+from stagekit.rpc.pb import stage_pb2
 
 if TYPE_CHECKING:
     from services.stage.node import StageNode
     from stagekit.transport.ucx_transport import UcxTransport
 
 log = logging.getLogger(__name__)
-
-
-async def _call(address: str, method: str, request: object, timeout: float = 120.0) -> object:
-    """A unary Stage call to another stage; its failure as our typed error."""
-    try:
-        async with grpc.aio.insecure_channel(address, options=kv_push_grpc.CHANNEL_OPTIONS) as ch:
-            return await getattr(stage_pb2_grpc.StageStub(ch), method)(request, timeout=timeout)
-    except grpc.aio.AioRpcError as e:
-        raise error_for(e.code(), f"stage {address}: {e.details()}") from None
 
 
 async def export_kv(node: StageNode, token_ids: list[int], destination: list[str]) -> stage_pb2.ExportKvResponse:
@@ -63,23 +51,23 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
     started = time.perf_counter()
     bm.take(blocks)  # pinned: not reclaimed while they are read
     try:
-        reply = await _call(destination[0], "ReserveKvBlocks", stage_pb2.ReserveKvBlocksRequest(
+        reply = await node.channels.call(destination[0], "ReserveKvBlocks", stage_pb2.ReserveKvBlocksRequest(
             hashes=hashes[:len(blocks)], block_size=bm.block_size))
         src = blocks[reply.num_present:]
         sent, paths = 0, set()
         try:
             if src:
                 sends = [send_blocks(node, src, destination[0], list(reply.blocks))]
-                sends += [_call(addr, "SendKvBlocks", stage_pb2.SendKvBlocksRequest(
+                sends += [node.channels.call(addr, "SendKvBlocks", stage_pb2.SendKvBlocksRequest(
                     blocks=src, destination=dest, destination_blocks=list(reply.blocks)))
                     for addr, dest in zip(pipeline[1:], destination[1:], strict=True)]
                 results = await asyncio.gather(*sends)
                 sent = results[0][0] + sum(r.bytes_sent for r in results[1:])
                 paths = {results[0][1], *(r.transport for r in results[1:])}
         except BaseException:
-            await _abandon(destination[0], reply.import_id)
+            await _abandon(node, destination[0], reply.import_id)
             raise
-        await _call(destination[0], "CommitKvBlocks", stage_pb2.CommitKvBlocksRequest(
+        await node.channels.call(destination[0], "CommitKvBlocks", stage_pb2.CommitKvBlocksRequest(
             import_id=reply.import_id, ok=True))
     finally:
         bm.release(blocks)
@@ -91,9 +79,10 @@ async def export_kv(node: StageNode, token_ids: list[int], destination: list[str
                                       bytes_sent=sent, transport=transport)
 
 
-async def _abandon(head: str, import_id: str) -> None:
+async def _abandon(node: StageNode, head: str, import_id: str) -> None:
     try:
-        await _call(head, "CommitKvBlocks", stage_pb2.CommitKvBlocksRequest(import_id=import_id, ok=False), 10)
+        await node.channels.call(head, "CommitKvBlocks",
+                                 stage_pb2.CommitKvBlocksRequest(import_id=import_id, ok=False), 10)
     except Exception as e:  # the reservation expires on its own
         log.warning("could not release KV import %s on %s: %s", import_id, head, e)
 
@@ -143,7 +132,7 @@ async def _push_to(node: StageNode, blocks: list[int], destination: str,
 
 async def _plane_of(node: StageNode, destination: str) -> tuple[str, bytes]:
     """The destination's data plane and its published address (remembered per destination)."""
-    info = await _call(destination, "GetInfo", stage_pb2.GetInfoRequest(), timeout=10)
+    info = await node.channels.call(destination, "GetInfo", stage_pb2.GetInfoRequest(), timeout=10)
     node.kv_destinations[destination] = plane = (info.transport, info.transport_address)
     return plane
 

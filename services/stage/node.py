@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from services.stage.stage_channels import StageChannels
 from stagekit.engine.engine import Engine
 from stagekit.engine.relay import StageRelay
 from stagekit.engine.stage_runtime import StageRuntime
@@ -46,6 +47,7 @@ class StageNode:
         self.pipeline: list[str] = []
         # KV transfer destinations: gRPC address -> (data plane, published address), asked once
         self.kv_destinations: dict[str, tuple[str, bytes]] = {}
+        self.channels = StageChannels()   # to other stages, for KV transfers' control calls
         if self.layout.is_first:
             spec = runtime.executor.spec
             self.engine = Engine(runtime, transport, pool, step_timeout_s=spec.step_timeout_s,
@@ -62,6 +64,7 @@ class StageNode:
 
     async def stop(self) -> None:
         await (self.engine or self.relay).stop()
+        await self.channels.close()
         await self.transport.close()
         self.pool.submit(self.runtime.shutdown).result()
         self.pool.shutdown(wait=True)

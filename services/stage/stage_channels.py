@@ -1,0 +1,57 @@
+"""gRPC channels from this stage to other stages, kept per address for the control calls of
+KV transfers (reserve, commit, GetInfo, SendKvBlocks, the gRPC push): a fresh channel per call cost a
+connection set-up each, 2-4 ms of a transfer's ~13 ms fixed cost.
+
+A kept channel whose connection failed (the stage died or was replaced on the same
+address) is in TRANSIENT_FAILURE and would make the next call wait out gRPC's reconnect
+back-off; such a channel is dropped and the call goes out on a fresh one, so a replaced
+stage is reachable as soon as it serves. Each channel has a subchannel of its own (no
+shared pool) for the same reason."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from stagekit.rpc.pb import stage_pb2_grpc
+from stagekit.rpc.status import error_for
+
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+_STALE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+
+
+class StageChannels:
+    """Invariant: at most one open channel per address; closed channels are never used."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The kept channel to ``address`` (a fresh one if it has none or its connection failed)."""
+        ch = self._channels.get(address)
+        if ch is not None and ch.get_state(try_to_connect=False) in _STALE:
+            self._channels.pop(address)
+            self._retire(ch)
+            ch = None
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return ch
+
+    async def call(self, address: str, method: str, request: object, timeout: float = 120.0) -> object:
+        """A unary Stage call to the stage at ``address``; its failure as our typed error."""
+        try:
+            return await getattr(stage_pb2_grpc.StageStub(self.channel(address)), method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise error_for(e.code(), f"stage {address}: {e.details()}") from None
+
+    def _retire(self, ch: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(ch.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
