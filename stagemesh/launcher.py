@@ -166,3 +166,17 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
         os.killpg(p.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def start_mesh(spec: MeshSpec, log_prefix: str, timeout_s: float = 600.0) -> Mesh:
+    """A started mesh logging into a fresh temp dir named ``log_prefix...``; stopped again
+    (no process left behind) if it does not come up."""
+    import tempfile
+
+    mesh = Mesh(spec, tempfile.mkdtemp(prefix=log_prefix))
+    try:
+        mesh.start(timeout_s=timeout_s)
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh

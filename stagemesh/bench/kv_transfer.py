@@ -150,18 +150,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace, model: str, transport: str) -> Mesh:
     """Two one-stage replicas (A, B) on ``transport``, no gateway."""
-    from stagemesh.launcher import Mesh, MeshSpec
+    from stagemesh.launcher import MeshSpec, start_mesh
 
     spec = MeshSpec(model=model, layer_splits=[(0, _num_layers(model))], dp=2, threads=args.threads,
                     gateway=False, kv_cache_memory=args.kv_cache_memory, transport=transport,
                     extra_stage_args=[] if args.cold_pool else ["--kv-prefault"])
-    mesh = Mesh(spec, tempfile.mkdtemp(prefix=f"stagemesh-bench-kv-{transport.replace(':', '-')}-"))
-    try:
-        mesh.start(timeout_s=600)
-    except BaseException:
-        mesh.stop()
-        raise
-    return mesh
+    return start_mesh(spec, f"stagemesh-bench-kv-{transport.replace(':', '-')}-")
 
 
 def _num_layers(model: str) -> int:

@@ -123,17 +123,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, transport: str) -> Mesh:
     from stagekit.parallel.tp_executor import free_port
-    from stagemesh.launcher import Mesh, MeshSpec, split_layers
+    from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
     spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=args.tp, threads=args.threads,
                     port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None)
-    mesh = Mesh(spec, tempfile.mkdtemp(prefix=f"stagemesh-bench-{transport.replace(':', '-') or 'default'}-"))
-    try:
-        mesh.start(timeout_s=600)
-    except BaseException:
-        mesh.stop()
-        raise
-    return mesh
+    return start_mesh(spec, f"stagemesh-bench-{transport.replace(':', '-') or 'default'}-")
 
 
 def _row(transport: str, batch: int, rounds: list[LoadResult]) -> dict:
