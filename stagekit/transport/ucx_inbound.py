@@ -24,10 +24,12 @@ import torch
 from stagekit.engine.step import Frame
 from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
-from stagekit.transport.ucx_progress import WaitAborted
+from stagekit.transport.ucx_progress import WaitAborted, Watch
 from stagekit.transport.ucx_runtime import UcxRuntime, cuda_present
 
 log = logging.getLogger(__name__)
+
+_FRAMES_PER_TURN = 16
 
 
 class InboundLink:
@@ -41,26 +43,33 @@ class InboundLink:
         self.peer_pid = hello.sender.pid
         self._deliver, self._on_lost = deliver, on_lost
         self._stopped: asyncio.Future[None] = rt.loop.create_future()
-        self._task: asyncio.Task | None = None
         self._watch: PeerWatch | None = None
         self.lost = ""
-        self.parked: list[object] = []
+        self._slot = np.empty(frame_codec.ENVELOPE_BYTES, dtype=np.uint8)  # reused for every envelope
+        self.parked: list[object] = [self._slot]
+        self._seq = 0                     # the frame due next
+        self._env_req: Any = None         # its envelope's receive, once posted
+        self._rest: tuple | None = None   # its header/tensor receives, once posted (see _post_rest)
+        self._waiting: Watch | None = None
         self.welcomed = False     # the welcome (our one send on this endpoint) completed
         self._mid_frame = False   # a frame's parts are posted and not all in
         self._dropped = False
 
     def start(self) -> None:
-        self._task = self.rt.loop.create_task(self._read(), name=f"ucx-inbound-{self.link_id:x}")
         if self.hello.error_handling:
             self.ep.set_close_callback(lambda: self.rt.loop.call_soon(self._lose, "UCX endpoint to the sender failed"))
         if self.hello.sender.host == ucx_wire.this_host() and self.peer_pid != os.getpid():
             self._watch = PeerWatch(self.peer_pid, lambda: self._lose(f"upstream process {self.peer_pid} exited"))
+        self._receive()
 
     def stop(self) -> None:
         if self._watch is not None:
             self._watch.close()
+        if self._waiting is not None:
+            self._waiting.cancel()
         if not self._stopped.done():
             self._stopped.set_result(None)
+        self.parked.append((self._env_req, self._rest))   # may still be posted: UCX may write into them
         if not self._dropped:   # never blocks: see UcxRuntime.drop_endpoint
             self._dropped = True
             settled = self.welcomed and not self.lost and not self._mid_frame
@@ -74,34 +83,61 @@ class InboundLink:
         self.stop()
         self._on_lost(reason)
 
-    async def _read(self) -> None:
-        slot = np.empty(frame_codec.ENVELOPE_BYTES, dtype=np.uint8)  # reused for every envelope
-        self.parked.append(slot)
-        seq = 0
+    def _receive(self) -> None:
+        """Take frames as far as they have arrived, then watch what is outstanding (the
+        pump calls back here when it completes). At most _FRAMES_PER_TURN frames per call,
+        so a burst of arrived frames does not hold the loop."""
+        self._waiting = None
+        rt = self.rt
         try:
-            while True:
-                req = self.rt.recv(self.ep, slot, ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_ENVELOPE))
-                await self.rt.progress.wait([req], abort=self._stopped, idle=True)
-                env = frame_codec.decode(slot)
-                if env.seq != seq & 0xFFFFFFFF:
-                    raise ValueError(f"frame {env.seq} arrived where frame {seq} was due")
-                if env.inline is not None:
-                    header, tensors = env.header, env.inline
-                else:
-                    header, tensors = await self._rest(env, seq)
-                self._deliver(frame_codec.to_frame(env, header, tensors))
-                seq += 1
-        except WaitAborted:
-            return
-        except TimeoutError:
-            self._lose(f"frame {seq} incomplete after {self.rt.settings.part_timeout_s:.0f}s (sender stalled)")
+            for _ in range(_FRAMES_PER_TURN):
+                if self._stopped.done():
+                    return
+                if self._env_req is None:
+                    self._env_req = rt.recv(self.ep, self._slot, ucx_wire.frame_tag(self.link_id, self._seq,
+                                                                                    ucx_wire.PART_ENVELOPE))
+                if self._rest is None:
+                    if not self._env_req.completed:
+                        self._waiting = rt.progress.watch([self._env_req], self._receive, idle=True)
+                        return
+                    self._env_req.check_error()
+                    env = frame_codec.decode(self._slot)
+                    if env.seq != self._seq & 0xFFFFFFFF:
+                        raise ValueError(f"frame {env.seq} arrived where frame {self._seq} was due")
+                    if env.inline is not None:
+                        self._env_req = None
+                        self._delivered(frame_codec.to_frame(env, env.header, env.inline))
+                        continue
+                    self._rest = self._post_rest(env)
+                env, header, tensors, reqs, _ = self._rest
+                if not all(r.completed for r in reqs):
+                    self._waiting = rt.progress.watch(reqs, self._receive, timeout=rt.settings.part_timeout_s,
+                                                      on_timeout=self._stalled)
+                    return
+                for r in reqs:
+                    r.check_error()
+                self._rest = None
+                self._mid_frame = False
+                self._env_req = None
+                self._delivered(frame_codec.to_frame(env, env.header if header is None else header.tobytes(),
+                                                     tensors))
+            rt.loop.call_soon(self._receive)
         except Exception as e:  # a failed request (peer gone) or a corrupt envelope
             self._lose(f"receive failed: {e}")
 
-    async def _rest(self, env: frame_codec.Envelope, seq: int) -> tuple[bytes, list[torch.Tensor]]:
-        """The frame's overflowing header and its tensors, received where they will live."""
+    def _delivered(self, frame: Frame) -> None:
+        self._seq += 1
+        self._deliver(frame)
+
+    def _stalled(self) -> None:
+        self._lose(f"frame {self._seq} incomplete after {self.rt.settings.part_timeout_s:.0f}s (sender stalled)")
+
+    def _post_rest(self, env: frame_codec.Envelope) -> tuple:
+        """Post the receives of the frame's overflowing header and its tensors, into memory
+        allocated where they will live: (envelope, header buffer or None, tensors, requests)."""
         bufs: list[object] = []
         tags: list[int] = []
+        seq = self._seq
         header = np.empty(env.header_len, dtype=np.uint8) if env.overflow else None
         if header is not None:
             bufs.append(header)
@@ -117,17 +153,9 @@ class InboundLink:
             if spec.nbytes:
                 bufs.append(frame_codec.wire_view(t))
                 tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
-        if bufs:
-            reqs = [self.rt.recv(self.ep, b, tag) for b, tag in zip(bufs, tags, strict=True)]
-            self._mid_frame = True
-            try:
-                await self.rt.progress.wait(reqs, timeout=self.rt.settings.part_timeout_s, abort=self._stopped)
-            except BaseException:
-                self.parked += [bufs, tensors, reqs]  # still posted: UCX may write into them
-                raise
-            finally:
-                self._mid_frame = False
-        return (env.header if header is None else header.tobytes()), tensors
+        self._mid_frame = bool(bufs)
+        reqs = [self.rt.recv(self.ep, b, tag) for b, tag in zip(bufs, tags, strict=True)]
+        return env, header, tensors, reqs, bufs
 
 
 class Inbox:

@@ -8,6 +8,7 @@ UCX reads its environment when ``ucxx`` is imported, so the import happens here,
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import importlib.util
 import logging
@@ -85,6 +86,9 @@ def _skip_endpoint_finalizers_at_exit() -> None:
         for f, info in list(registry.items()):
             if getattr(info, "func", None) is finalizer:
                 f.detach()
+        # Endpoints kept unclosed would be closed (blocking, for good) by their C++
+        # destructors when module globals are cleared; never free them.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(KEPT_ENDPOINTS))
 
     # weakref.finalize hooks itself into atexit on first use; make sure that happened, so
     # that this hook (registered after it) runs before it
