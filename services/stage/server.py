@@ -16,6 +16,7 @@ from services.stage.node import StageNode
 from services.stage.servicer import StageServicer
 from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.parallel.tp_executor import TPExecutor
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.factory import make_transport
@@ -54,6 +55,7 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     layout = runtime.layout
     log.info("stage layers %d:%d of %s (tp=%d) serving on %s:%d",
              layout.start_layer, layout.end_layer, runtime.cfg.name, layout.tp_size, host, bound)
+    freeze_startup_heap()
     print(f"STAGE READY {host}:{bound}", flush=True)
     stop_metrics = None
     if metrics_port is not None:

@@ -33,6 +33,7 @@ import torch
 from stagekit.bench.peer_watchdog import PeerWatchdog
 from stagekit.bench.transport_host import TransportHost
 from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.engine.step import Frame, StepHeader
 from stagekit.transport.factory import make_transport
 
@@ -94,6 +95,7 @@ async def _main(args: argparse.Namespace, watchdog: PeerWatchdog) -> None:
     addr = await host.start()
     if args.connect:
         await host.link(args.connect)
+    freeze_startup_heap()   # as a stage does once it serves
     print(f"PEER READY {addr}", flush=True)
     watchdog.touch()
     role = asyncio.create_task(_role(args.role, host, args.nbytes, args.interval, watchdog))

@@ -30,6 +30,7 @@ import torch
 
 from stagekit.bench.transport_host import TransportHost
 from stagekit.engine.forward_batch import SeqSlice
+from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.engine.step import Frame, StepHeader, StepResult
 from stagekit.transport.factory import make_transport
 
@@ -103,6 +104,7 @@ def _count(nbytes: int, quick: bool) -> tuple[int, int]:
 async def probe(name: str, sizes: list[int], quick: bool) -> dict:
     host = TransportHost(make_transport(name))
     me = await host.start()
+    freeze_startup_heap()   # as a stage does once it serves
     peer = await _spawn_peer(name, me, "sink")
     try:
         await host.link(peer.address)  # type: ignore[attr-defined]
@@ -118,9 +120,11 @@ async def probe(name: str, sizes: list[int], quick: bool) -> dict:
         return result
     finally:
         peer.stdin.close()
-        try:
-            peer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        # wait without blocking the loop: the peer's endpoint close needs this side to progress
+        deadline = time.monotonic() + 10
+        while peer.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if peer.poll() is None:
             os.kill(peer.pid, 9)
             peer.wait()
         await host.stop()

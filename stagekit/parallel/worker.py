@@ -12,6 +12,7 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.models.stage_model import IntermediateTensors
 from stagekit.parallel.group import GroupCoordinator, init_tp_group
 
@@ -23,6 +24,7 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) 
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
+    freeze_startup_heap()
     conn.send(("ready", None))
     try:
         _serve(runner, group, conn)
