@@ -158,6 +158,9 @@ class UcxProgress:
             w = self.worker
             while w.progress_once():
                 pass
+        # Traffic just moved (a send went out, typically): an answer or the next frame tends
+        # to follow, so idle watches spin again from here instead of going back to sleep.
+        self._moved = time.monotonic()
         if not all(r.completed for r in requests):
             if abort is not None and abort.done():
                 raise WaitAborted()
