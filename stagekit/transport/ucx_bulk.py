@@ -44,6 +44,7 @@ from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx_progress import WaitAborted
 from stagekit.transport.ucx_runtime import UcxRuntime
+from stagekit.transport.ucx_settings import UcxSettings
 from stagekit.transport.ucx_wire import PeerAddress
 
 BULK_HELLO_BYTES = 256 << 10
@@ -119,17 +120,17 @@ def raise_status(buf: np.ndarray, who: str) -> None:
         raise cls(f"{who}: {bytes(buf[_STATUS.size:_STATUS.size + n]).decode(errors='replace')}")
 
 
-def data_timeout(rt: UcxRuntime, nbytes: int) -> float:
-    return rt.settings.part_timeout_s + nbytes / MIN_RATE_BYTES_S
+def data_timeout(settings: UcxSettings, nbytes: int) -> float:
+    return settings.part_timeout_s + nbytes / MIN_RATE_BYTES_S
 
 
-async def send_bulk(rt: UcxRuntime, me: PeerAddress, peer_name: str, peer: PeerAddress, header: bytes,
+async def send_bulk(rt: UcxRuntime, s: UcxSettings, me: PeerAddress, peer_name: str, peer: PeerAddress, header: bytes,
                     parts: list[torch.Tensor]) -> None:
     """Send ``header`` and the payload ``parts`` (contiguous tensors, sent from their memory)
     to the stage ``peer_name`` whose data plane published ``peer``; returns once it wrote
     them, else raises its typed error (StageUnavailable when it cannot be reached or dies,
-    DeadlineExceeded when it stalls). The parts must not change until this returns."""
-    s = rt.settings
+    DeadlineExceeded when it stalls). The parts must not change until this returns. ``s``:
+    the sending transport's settings (error handling, timeouts)."""
     same_host = peer.host == ucx_wire.this_host()
     eh = s.link_error_handling(same_host)
     tid = secrets.randbits(31) | 1
@@ -163,7 +164,7 @@ async def send_bulk(rt: UcxRuntime, me: PeerAddress, peer_name: str, peer: PeerA
         for i, t in enumerate(parts):
             if t.numel():
                 reqs.append(rt.send(ep, frame_codec.wire_view(t), ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)))
-        await wait_transfer(rt, reqs, data_timeout(rt, sum(part_bytes)), lost, f"UCX transfer to stage {peer_name}",
+        await wait_transfer(rt, reqs, data_timeout(s, sum(part_bytes)), lost, f"UCX transfer to stage {peer_name}",
                             "data")
         raise_status(done, f"stage {peer_name}")
         ok = True

@@ -26,6 +26,7 @@ from stagekit.transport import frame_codec, ucx_bulk, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx_progress import WaitAborted
 from stagekit.transport.ucx_runtime import UcxRuntime
+from stagekit.transport.ucx_settings import UcxSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class BulkInbox:
     """Invariant: every accepted transfer gets exactly one answer (a verdict, or OK then a done
     status) unless its sender is gone, and its buffers outlive any request that points at them."""
 
-    def __init__(self, rt: UcxRuntime, inbox: int, handler: BulkHandler) -> None:
-        self.rt, self.inbox, self.handler = rt, inbox, handler
+    def __init__(self, rt: UcxRuntime, settings: UcxSettings, inbox: int, handler: BulkHandler) -> None:
+        self.rt, self.settings, self.inbox, self.handler = rt, settings, inbox, handler
         self._buf = np.empty(ucx_bulk.BULK_HELLO_BYTES, dtype=np.uint8)
         self._stopped: asyncio.Future[None] = rt.loop.create_future()
         self._serving: set[asyncio.Task] = set()
@@ -62,7 +63,7 @@ class BulkInbox:
             task.add_done_callback(self._serving.discard)
 
     async def _serve(self, hello: ucx_bulk.BulkHello) -> None:
-        rt, s, tid = self.rt, self.rt.settings, hello.transfer_id
+        rt, s, tid = self.rt, self.settings, hello.transfer_id
         try:
             ep = await rt.endpoint(hello.sender.worker_address, hello.error_handling)
         except Exception as e:
@@ -97,7 +98,7 @@ class BulkInbox:
             reqs.append(rt.send(ep, ok, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)))
             posted.extend(reqs)
             answered[0] = True
-            timeout = ucx_bulk.data_timeout(rt, total)
+            timeout = ucx_bulk.data_timeout(s, total)
             await ucx_bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
 
         error: BaseException | None = None

@@ -26,6 +26,7 @@ from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx_progress import WaitAborted, Watch
 from stagekit.transport.ucx_runtime import UcxRuntime, cuda_present
+from stagekit.transport.ucx_settings import UcxSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ class InboundLink:
     """Invariant: frames are delivered in ``seq`` order, each exactly once and complete;
     after ``stop`` or a loss nothing more is delivered."""
 
-    def __init__(self, rt: UcxRuntime, ep: Any, hello: ucx_wire.Hello, deliver: Callable[[Frame], None],
-                 on_lost: Callable[[str], None]) -> None:
-        self.rt, self.ep, self.hello = rt, ep, hello
+    def __init__(self, rt: UcxRuntime, settings: UcxSettings, ep: Any, hello: ucx_wire.Hello,
+                 deliver: Callable[[Frame], None], on_lost: Callable[[str], None]) -> None:
+        self.rt, self.settings, self.ep, self.hello = rt, settings, ep, hello
         self.link_id = hello.link_id
         self.peer_pid = hello.sender.pid
         self._deliver, self._on_lost = deliver, on_lost
@@ -111,7 +112,7 @@ class InboundLink:
                     self._rest = self._post_rest(env)
                 env, header, tensors, reqs, _ = self._rest
                 if not all(r.completed for r in reqs):
-                    self._waiting = rt.progress.watch(reqs, self._receive, timeout=rt.settings.part_timeout_s,
+                    self._waiting = rt.progress.watch(reqs, self._receive, timeout=self.settings.part_timeout_s,
                                                       on_timeout=self._stalled)
                     return
                 for r in reqs:
@@ -130,7 +131,7 @@ class InboundLink:
         self._deliver(frame)
 
     def _stalled(self) -> None:
-        self._lose(f"frame {self._seq} incomplete after {self.rt.settings.part_timeout_s:.0f}s (sender stalled)")
+        self._lose(f"frame {self._seq} incomplete after {self.settings.part_timeout_s:.0f}s (sender stalled)")
 
     def _post_rest(self, env: frame_codec.Envelope) -> tuple:
         """Post the receives of the frame's overflowing header and its tensors, into memory
@@ -162,9 +163,9 @@ class Inbox:
     """Accepts upstream links for one transport. Invariant: at most one link is current;
     accepting a new one stops the previous one."""
 
-    def __init__(self, rt: UcxRuntime, inbox: int, deliver: Callable[[Frame], None],
+    def __init__(self, rt: UcxRuntime, settings: UcxSettings, inbox: int, deliver: Callable[[Frame], None],
                  on_link: Callable[[InboundLink], None], on_lost: Callable[[str], None]) -> None:
-        self.rt, self.inbox = rt, inbox
+        self.rt, self.settings, self.inbox = rt, settings, inbox
         self._deliver, self._on_link, self._on_lost = deliver, on_link, on_lost
         self._hello_buf = np.empty(ucx_wire.HELLO_BYTES, dtype=np.uint8)
         self._stopped: asyncio.Future[None] = rt.loop.create_future()
@@ -189,10 +190,10 @@ class Inbox:
                 log.error("could not accept the UCX link from process %d: %s", hello.sender.pid, e)
 
     async def _welcome(self, hello: ucx_wire.Hello) -> None:
-        s = self.rt.settings
+        s = self.settings
         ep = await self.rt.endpoint(hello.sender.worker_address, hello.error_handling)
         msg = np.frombuffer(ucx_wire.pack_welcome(ucx_wire.WELCOME_OK), dtype=np.uint8)
-        link = InboundLink(self.rt, ep, hello, self._deliver, self._on_lost)
+        link = InboundLink(self.rt, s, ep, hello, self._deliver, self._on_lost)
         if self.link is not None:
             self.link.stop()
             self.retired.append(self.link)

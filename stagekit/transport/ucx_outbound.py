@@ -19,6 +19,7 @@ from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx_progress import WaitAborted
 from stagekit.transport.ucx_runtime import UcxRuntime
+from stagekit.transport.ucx_settings import UcxSettings
 from stagekit.transport.ucx_wire import PeerAddress
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ class OutboundLink:
     so the receiver, which posts exactly the next frame's tags, reads them in order. Once
     ``lost`` is set the link sends nothing more."""
 
-    def __init__(self, rt: UcxRuntime, peer_name: str, peer: PeerAddress, on_lost: Callable[[str], None]) -> None:
-        self.rt, self.settings = rt, rt.settings
+    def __init__(self, rt: UcxRuntime, settings: UcxSettings, peer_name: str, peer: PeerAddress,
+                 on_lost: Callable[[str], None]) -> None:
+        self.rt, self.settings = rt, settings
         self.peer_name, self.peer = peer_name, peer
         self.link_id = secrets.randbits(31) | 1
         self.seq = 0

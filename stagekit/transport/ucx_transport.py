@@ -72,10 +72,10 @@ class UcxTransport(Transport):
             rt = UcxRuntime.get(self.settings)
             inbox = secrets.randbits(32)
             self._me = ucx_wire.PeerAddress(rt.worker_address(), inbox, os.getpid(), ucx_wire.this_host())
-            self._inbox = Inbox(rt, inbox, self._deliver, self._linked, self._inbound_lost)
+            self._inbox = Inbox(rt, self.settings, inbox, self._deliver, self._linked, self._inbound_lost)
             self._rt = rt
             if self._bulk_handler is not None:
-                self._bulk_inbox = BulkInbox(rt, inbox, self._bulk_handler)
+                self._bulk_inbox = BulkInbox(rt, self.settings, inbox, self._bulk_handler)
             log.info("UCX data plane ready (%s)", self.settings.describe())
         return self._rt
 
@@ -85,7 +85,7 @@ class UcxTransport(Transport):
         self._bulk_handler = handler
         if self._rt is not None and self._bulk_inbox is None:
             assert self._me is not None
-            self._bulk_inbox = BulkInbox(self._rt, self._me.inbox, handler)
+            self._bulk_inbox = BulkInbox(self._rt, self.settings, self._me.inbox, handler)
 
     async def send_bulk(self, peer_name: str, peer_transport_address: bytes, header: bytes,
                         parts: list[torch.Tensor]) -> None:
@@ -98,7 +98,7 @@ class UcxTransport(Transport):
         except ValueError as e:
             raise StageUnavailable(f"stage {peer_name}: {e}") from None
         assert self._me is not None
-        await ucx_bulk.send_bulk(rt, self._me, peer_name, peer, header, parts)
+        await ucx_bulk.send_bulk(rt, self.settings, self._me, peer_name, peer, header, parts)
 
     @property
     def description(self) -> str:
@@ -122,7 +122,7 @@ class UcxTransport(Transport):
         if out is not None and not out.lost and out.peer_name == peer_address and out.peer == peer:
             return  # re-wired to the same live peer: keep the link (and the frames in flight on it)
         self._close_outbound()
-        link = OutboundLink(rt, peer_address, peer, self._outbound_lost)
+        link = OutboundLink(rt, self.settings, peer_address, peer, self._outbound_lost)
         try:
             await link.open(self._me)
         except BaseException:

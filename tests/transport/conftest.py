@@ -57,8 +57,9 @@ def loop_thread() -> LoopThread:
     return shared_loop()
 
 
-def make_test_transport(name: str) -> Transport:
-    """This side's transport for a peer running ``name``."""
+def make_test_transport(name: str, timeout_s: float = 10.0) -> Transport:
+    """This side's transport for a peer running ``name``; ``timeout_s``: its UCX part and
+    send timeouts."""
     if name == "grpc":
         from stagekit.transport.grpc_transport import GrpcTransport
 
@@ -67,8 +68,8 @@ def make_test_transport(name: str) -> Transport:
     from stagekit.transport.ucx_transport import UcxTransport
 
     profile = name.partition(":")[2] or None
-    return UcxTransport(replace(UcxSettings.from_env(profile), tls=TEST_TLS, part_timeout_s=10.0,
-                                send_timeout_s=10.0))
+    return UcxTransport(replace(UcxSettings.from_env(profile), tls=TEST_TLS, part_timeout_s=timeout_s,
+                                send_timeout_s=timeout_s))
 
 
 @dataclass
@@ -118,8 +119,8 @@ class Linked:
         return self.host.transport
 
 
-def link(loop_thread: LoopThread, name: str, role: str, *extra: str) -> Linked:
-    host = TransportHost(make_test_transport(name))
+def link(loop_thread: LoopThread, name: str, role: str, *extra: str, timeout_s: float = 10.0) -> Linked:
+    host = TransportHost(make_test_transport(name, timeout_s))
     addr = loop_thread.run(host.start())
     peer = spawn_peer(name, addr, role, *extra)
     try:
