@@ -103,6 +103,14 @@ class UcxProgress:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        try:
+            self._pump()
+        except Exception:   # UCX raised (arm, progress): the pump must not die with the worker unarmed
+            log.exception("UCX progress failed; retrying")
+            if not self._scheduled and self._timer is None:
+                self._timer = self.loop.call_later(_BUSY_NAP_S, self._kick)
+
+    def _pump(self) -> None:
         w = self.worker
         moved = False
         while w.progress_once():
