@@ -17,11 +17,20 @@ import pytest
 
 from stagekit.bench.transport_peer import frame_ok, step_frame
 from stagekit.errors import StageUnavailable
-from tests.transport.conftest import LoopThread, link, transport_params
+from tests.transport.conftest import Linked, LoopThread, link, transport_params
 
 STALL_TRANSPORTS = transport_params(["ucx:shm", "ucx:tcp"])
 TIMEOUT_S = 2.0
 ORIGIN_STEP = 10**6
+
+
+def _resume_and_stop(linked: Linked) -> None:
+    """Let the peer go on and end by itself: killed while stopped inside a write into this
+    process's shared-memory receive FIFO, it would leave that FIFO wedged for every later
+    same-host sender (see ARCHITECTURE, "A neighbour dies")."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(linked.peer.proc.pid, signal.SIGCONT)
+    linked.peer.stop()
 
 
 def _drain(tr: object) -> list:
@@ -69,7 +78,7 @@ def test_sender_stalled_mid_frame_loses_the_link(name: str, loop_thread: LoopThr
         assert TIMEOUT_S - 0.5 < took < TIMEOUT_S + 5, f"reported {took:.1f}s after the stall"
         assert tr.inbound_lost
     finally:
-        linked.peer.kill()   # a stopped process dies of SIGKILL too
+        _resume_and_stop(linked)
         loop_thread.run(linked.host.stop())
 
 
@@ -96,5 +105,5 @@ def test_receiver_stalled_fails_the_send(name: str, loop_thread: LoopThread) -> 
         # the steps sent before the stall never got results: they come back as errors
         assert failed and all("receiver stalled" in r.error for r in failed)
     finally:
-        linked.peer.kill()
+        _resume_and_stop(linked)
         loop_thread.run(linked.host.stop())
