@@ -132,7 +132,7 @@ async def send_bulk(rt: UcxRuntime, s: UcxSettings, me: PeerAddress, peer_name: 
     DeadlineExceeded when it stalls). The parts must not change until this returns. ``s``:
     the sending transport's settings (error handling, timeouts)."""
     same_host = peer.host == ucx_wire.this_host()
-    eh = s.link_error_handling(same_host)
+    eh = rt.link_error_handling(s, peer)
     tid = secrets.randbits(31) | 1
     lost: asyncio.Future[str] = rt.loop.create_future()
 

@@ -60,7 +60,7 @@ class InboundLink:
         if self.hello.error_handling:
             self.ep.set_close_callback(lambda: self.rt.loop.call_soon(self._lose, "UCX endpoint to the sender failed"))
         if self.hello.sender.host == ucx_wire.this_host() and self.peer_pid != os.getpid():
-            self._watch = PeerWatch(self.peer_pid, lambda: self._lose(f"upstream process {self.peer_pid} exited"))
+            self._watch = PeerWatch(self.peer_pid, self._peer_exited)
         self._receive()
 
     def stop(self) -> None:
@@ -130,7 +130,15 @@ class InboundLink:
         self._seq += 1
         self._deliver(frame)
 
+    def _peer_exited(self) -> None:
+        if not self.hello.error_handling and self._mid_frame:
+            # it may have died inside a write into our FIFO
+            self.rt.mark_shm_unsafe(f"upstream process {self.peer_pid} exited in the middle of frame {self._seq}")
+        self._lose(f"upstream process {self.peer_pid} exited")
+
     def _stalled(self) -> None:
+        if not self.hello.error_handling:   # a wedged FIFO looks just like this
+            self.rt.mark_shm_unsafe(f"frame {self._seq} from process {self.peer_pid} stopped arriving")
         self._lose(f"frame {self._seq} incomplete after {self.settings.part_timeout_s:.0f}s (sender stalled)")
 
     def _post_rest(self, env: frame_codec.Envelope) -> tuple:

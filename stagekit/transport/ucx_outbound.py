@@ -48,14 +48,32 @@ class OutboundLink:
     async def open(self, me: PeerAddress) -> None:
         s, peer = self.settings, self.peer
         same_host = peer.host == ucx_wire.this_host()
-        self.error_handling = s.link_error_handling(same_host)
+        error_handling = self.rt.link_error_handling(s, peer)
+        failed = await self._open(me, error_handling)
+        if failed and not error_handling and same_host and s.error_handling is None:
+            # no welcome came back over shared memory: this process's receive FIFO may be
+            # wedged (UcxRuntime.mark_shm_unsafe); try once more over TCP with error handling
+            self.rt.mark_shm_unsafe(f"no answer over shared memory from stage {self.peer_name}")
+            self.rt.drop_endpoint(self._ep, False, settled=False)
+            self.link_id = secrets.randbits(31) | 1   # a late welcome of the first try matches nothing
+            failed = await self._open(me, True)
+        if failed:
+            raise StageUnavailable(f"UCX link to stage {self.peer_name} failed: {failed}")
+        if same_host and peer.pid != os.getpid():
+            self._watch = PeerWatch(peer.pid, self._peer_exited)
+
+    async def _open(self, me: PeerAddress, error_handling: bool) -> str:
+        """One try: an endpoint, the hello, the welcome. Returns why it got no welcome ("" once
+        welcomed); raises StageUnavailable when the peer cannot be reached or refuses."""
+        s, peer = self.settings, self.peer
+        self.error_handling = error_handling
         try:
-            self._ep = await self.rt.endpoint(peer.worker_address, self.error_handling)
+            self._ep = await self.rt.endpoint(peer.worker_address, error_handling)
         except Exception as e:
             raise StageUnavailable(f"cannot reach stage {self.peer_name} over UCX ({s.describe()}): {e}") from None
-        if self.error_handling:
+        if error_handling:
             self._ep.set_close_callback(self._ep_closed)
-        hello = np.frombuffer(ucx_wire.Hello(self.link_id, me, self.error_handling).pack(), dtype=np.uint8)
+        hello = np.frombuffer(ucx_wire.Hello(self.link_id, me, error_handling).pack(), dtype=np.uint8)
         welcome = np.zeros(8, dtype=np.uint8)
         reqs = [self.rt.recv(self._ep, welcome, ucx_wire.welcome_tag(self.link_id)),
                 self.rt.send(self._ep, hello, ucx_wire.hello_tag(peer.inbox))]
@@ -66,14 +84,20 @@ class OutboundLink:
         except Exception as e:
             self.parked += [hello, welcome, reqs]
             what = f"no answer within {s.connect_timeout_s:.0f}s" if isinstance(e, TimeoutError) else str(e)
-            hint = "" if same_host or self.error_handling else f" (profile {s.profile} reaches this host only)"
-            raise StageUnavailable(f"UCX link to stage {self.peer_name} failed: {what}{hint}") from None
+            same_host = peer.host == ucx_wire.this_host()
+            hint = "" if same_host or error_handling else f" (profile {s.profile} reaches this host only)"
+            return what + hint
         finally:
             self._waiting -= 1
         if status != ucx_wire.WELCOME_OK:
             raise StageUnavailable(f"stage {self.peer_name} refused the UCX link (status {status})")
-        if same_host and peer.pid != os.getpid():
-            self._watch = PeerWatch(peer.pid, lambda: self.lose(f"stage process {peer.pid} exited"))
+        return ""
+
+    def _peer_exited(self) -> None:
+        if not self.error_handling and self._waiting:
+            # it may have died inside a write into our FIFO (a rendezvous answer, for one)
+            self.rt.mark_shm_unsafe(f"stage process {self.peer.pid} exited during a transfer")
+        self.lose(f"stage process {self.peer.pid} exited")
 
     def _ep_closed(self) -> None:
         self.rt.loop.call_soon(self.lose, "UCX endpoint failed (peer gone or connection reset)")
@@ -119,6 +143,8 @@ class OutboundLink:
             raise self._down() from None
         except TimeoutError:
             self.parked += [bufs, tensors, reqs]
+            if not self.error_handling:   # a wedged FIFO (ours or its) looks just like this
+                self.rt.mark_shm_unsafe(f"a send to stage {self.peer_name} over shared memory was never taken")
             self.lose(f"frame {seq} not taken within {self.settings.send_timeout_s:.0f}s (receiver stalled)")
             raise self._down() from None
         except Exception as e:

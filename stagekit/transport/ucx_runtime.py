@@ -18,6 +18,7 @@ from typing import Any
 from stagekit.transport.recv_pool import RecvPool
 from stagekit.transport.ucx_progress import UcxProgress
 from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
+from stagekit.transport.ucx_wire import PeerAddress, this_host
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class UcxRuntime:
         self.worker = ucxx.core._get_ctx().worker
         self.progress = UcxProgress(self.worker, loop, settings.spin_s)
         self.recv_pool = RecvPool()
+        self.shm_unsafe = ""   # why this process's shared-memory receive queue may be wedged
 
     @classmethod
     def get(cls, settings: UcxSettings) -> UcxRuntime:
@@ -150,6 +152,29 @@ class UcxRuntime:
 
     def worker_address(self) -> bytes:
         return bytes(self.ucxx.get_worker_address())
+
+    def mark_shm_unsafe(self, reason: str) -> None:
+        """A same-host peer died (or stalled) in the middle of a shared-memory transfer with
+        this process. UCX's shared-memory transport has one receive FIFO per worker, shared
+        by every sender; a sender killed between reserving a FIFO slot and filling it leaves
+        the slot unfinished, and UCX waits on it for good: nothing more arrives over shared
+        memory from anyone (a replacement stage's hello went unanswered; 1 in 3 kills of a
+        peer streaming 8 MiB frames here). From now on this process reaches same-host peers,
+        and asks them to reach it (its published address says so), over endpoints with error
+        handling, i.e. TCP, where the profile allows (error handling ``auto``)."""
+        if not self.shm_unsafe:
+            self.shm_unsafe = reason
+            log.error("UCX shared memory may be wedged in this process (%s): same-host links "
+                      "opened from now on use TCP with error handling where the profile is auto", reason)
+
+    def link_error_handling(self, settings: UcxSettings, peer: PeerAddress) -> bool:
+        """Error handling for an endpoint to ``peer``: the settings' choice, turned on for a
+        same-host peer when either side's shared memory may be wedged and the settings leave
+        the choice to us (``auto``)."""
+        same_host = peer.host == this_host()
+        if settings.link_error_handling(same_host):
+            return True
+        return same_host and settings.error_handling is None and bool(self.shm_unsafe or peer.shm_unsafe)
 
     async def endpoint(self, worker_address: bytes, error_handling: bool) -> Any:
         addr = self.ucxx.get_ucx_address_from_buffer(worker_address)

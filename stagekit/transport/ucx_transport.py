@@ -19,6 +19,7 @@ process copies out of its memory makes UCX abort this process instead (see ucx_s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -105,8 +106,10 @@ class UcxTransport(Transport):
         return f"ucx ({self.settings.describe()})"
 
     def local_address(self) -> bytes:
-        self._start()
+        rt = self._start()
         assert self._me is not None
+        if rt.shm_unsafe and not self._me.shm_unsafe:   # ask same-host senders to come over TCP
+            self._me = dataclasses.replace(self._me, shm_unsafe=True)
         return self._me.pack()
 
     async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:

@@ -28,7 +28,8 @@ PART_ENVELOPE, PART_HEADER, PART_TENSOR0 = 0, 1, 2
 HELLO_BYTES = 64 << 10
 WELCOME_OK = 0
 
-_ADDRESS = struct.Struct("<6sxxIIH")   # magic, reserved, inbox, pid, host length
+_ADDRESS = struct.Struct("<6sBxIIH")   # magic, flags, reserved, inbox, pid, host length
+ADDRESS_SHM_UNSAFE = 1
 _ADDRESS_MAGIC = b"SMUCX1"
 _HELLO_HEAD = struct.Struct("<4sIIBxHI")  # magic, link, pid, flags, host length, worker address length
 _HELLO_MAGIC = b"SMHI"
@@ -74,25 +75,29 @@ def this_host() -> str:
 @dataclass(frozen=True, slots=True)
 class PeerAddress:
     """Who a peer is on the UCX data plane: its worker address, the inbox its receiver
-    listens on, and (to watch its liveness on the same host) its pid and host name."""
+    listens on, and (to watch its liveness on the same host) its pid and host name.
+    ``shm_unsafe``: its shared-memory receive queue may be wedged (UcxRuntime.mark_shm_unsafe):
+    reach it over an error-handling (TCP) endpoint."""
 
     worker_address: bytes
     inbox: int
     pid: int
     host: str
+    shm_unsafe: bool = False
 
     def pack(self) -> bytes:
         host = self.host.encode()
-        return _ADDRESS.pack(_ADDRESS_MAGIC, self.inbox, self.pid, len(host)) + host + self.worker_address
+        flags = ADDRESS_SHM_UNSAFE if self.shm_unsafe else 0
+        return _ADDRESS.pack(_ADDRESS_MAGIC, flags, self.inbox, self.pid, len(host)) + host + self.worker_address
 
     @classmethod
     def unpack(cls, raw: bytes) -> PeerAddress:
         if len(raw) < _ADDRESS.size or raw[:6] != _ADDRESS_MAGIC:
             raise ValueError("not a stagemesh UCX address (is the peer running the ucx data plane?)")
-        _, inbox, pid, host_len = _ADDRESS.unpack_from(raw, 0)
+        _, flags, inbox, pid, host_len = _ADDRESS.unpack_from(raw, 0)
         host = raw[_ADDRESS.size:_ADDRESS.size + host_len].decode()
         worker = raw[_ADDRESS.size + host_len:]
-        return cls(worker, inbox, pid, host)
+        return cls(worker, inbox, pid, host, bool(flags & ADDRESS_SHM_UNSAFE))
 
 
 @dataclass(frozen=True, slots=True)
