@@ -18,7 +18,7 @@ from stagekit.errors import StageUnavailable
 from stagekit.transport import frame_codec, ucx_wire
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx_progress import WaitAborted
-from stagekit.transport.ucx_runtime import UcxRuntime
+from stagekit.transport.ucx_runtime import UcxRuntime, process_running
 from stagekit.transport.ucx_settings import UcxSettings
 from stagekit.transport.ucx_wire import PeerAddress
 
@@ -50,9 +50,9 @@ class OutboundLink:
         same_host = peer.host == ucx_wire.this_host()
         error_handling = self.rt.link_error_handling(s, peer)
         failed = await self._open(me, error_handling)
-        if failed and not error_handling and same_host and s.error_handling is None:
-            # no welcome came back over shared memory: this process's receive FIFO may be
-            # wedged (UcxRuntime.mark_shm_unsafe); try once more over TCP with error handling
+        if failed and not error_handling and same_host and s.error_handling is None and process_running(peer.pid):
+            # a live peer sent no welcome back over shared memory: this process's receive FIFO
+            # may be wedged (UcxRuntime.mark_shm_unsafe); try once more over TCP
             self.rt.mark_shm_unsafe(f"no answer over shared memory from stage {self.peer_name}")
             self.rt.drop_endpoint(self._ep, False, settled=False)
             self.link_id = secrets.randbits(31) | 1   # a late welcome of the first try matches nothing
