@@ -36,6 +36,7 @@ class BenchConfig:
     quick: bool = False
     perftest: bool = True
     repeat: int = 1   # rounds over all transports; each figure is the median over rounds
+    window: int = 1   # frames in flight in the bandwidth runs
 
 
 def _ucx_setup(name: str) -> tuple[str, bool] | None:
@@ -46,9 +47,9 @@ def _ucx_setup(name: str) -> tuple[str, bool] | None:
     return os.environ.get("STAGEMESH_UCX_TLS", tls), bool(eh)
 
 
-def probe(name: str, sizes: list[int], quick: bool) -> dict:
+def probe(name: str, sizes: list[int], quick: bool, window: int = 1) -> dict:
     cmd = [sys.executable, "-m", "stagekit.bench.transport_probe", "--transport", name,
-           "--sizes", ",".join(map(str, sizes)), *(["--quick"] if quick else [])]
+           "--sizes", ",".join(map(str, sizes)), "--window", str(window), *(["--quick"] if quick else [])]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
@@ -97,7 +98,7 @@ def _probe_rounds(cfg: BenchConfig) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in cfg.transports}
     for _ in range(cfg.repeat):
         for name in cfg.transports:
-            runs[name].append(probe(name, cfg.sizes, cfg.quick))
+            runs[name].append(probe(name, cfg.sizes, cfg.quick, cfg.window))
     return {name: _median_of(r) for name, r in runs.items()}
 
 
@@ -119,7 +120,7 @@ def run(cfg: BenchConfig) -> dict:
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_1m": os.getloadavg()[0]},
-        "sizes": cfg.sizes, "quick": cfg.quick, "repeat": cfg.repeat,
+        "sizes": cfg.sizes, "quick": cfg.quick, "repeat": cfg.repeat, "window": cfg.window,
         "transports": _probe_rounds(cfg),
         "memcpy_gbps": {str(n): ceilings.memcpy_bandwidth(n) / 1e9 for n in cfg.sizes},
     }
@@ -159,7 +160,8 @@ def _size(n: int) -> str:
 
 def format_table(result: dict) -> str:
     lines = [f"# machine: {result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1m']:.2f}, "
-             f"{result['machine']['platform']}; medians over {result['repeat']} round(s)", "",
+             f"{result['machine']['platform']}; medians over {result['repeat']} round(s); "
+             f"bandwidth with {result.get('window', 1)} frame(s) in flight", "",
              "| size | transport | GB/s | RTT µs | GB/s ÷ perftest | RTT ÷ perftest | GB/s ÷ gRPC | RTT ÷ gRPC |",
              "|---|---|---|---|---|---|---|---|"]
     for n in result["sizes"]:

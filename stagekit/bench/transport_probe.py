@@ -1,6 +1,6 @@
 """Measure one data-plane transport against a peer process; prints one JSON object.
 
-    python -m stagekit.bench.transport_probe --transport ucx:shm --sizes 4096,1048576 --iters 50
+    python -m stagekit.bench.transport_probe --transport ucx:shm --sizes 4096,1048576 --window 4
 
 Run as its own process per transport because UCX keeps one context (one UCX_TLS) per
 process. For each size it measures, through the real Transport API (envelope + tensor,
@@ -8,8 +8,8 @@ hosted and wired as a stage does it):
 
 - round trip: a step frame with one fp16 tensor of that many bytes to an echoing peer and
   back (median);
-- bandwidth: N step frames to a sink peer, then one result frame it returns: N x bytes
-  over the time until that result is back (one way);
+- bandwidth: N step frames to a sink peer (up to ``--window`` sends outstanding), then one
+  result frame it returns: N x bytes over the time until that result is back (one way);
 
 plus the round trip of a decode-sized step: 32 sequences, hidden_states and residual
 [32, 4096] fp16 each (512 KiB).
@@ -80,14 +80,24 @@ async def _round_trips(host: TransportHost, make: object, iters: int, warmup: in
     return out
 
 
-async def _bandwidth(host: TransportHost, nbytes: int, count: int) -> float:
+async def _bandwidth(host: TransportHost, nbytes: int, count: int, window: int) -> float:
+    """Bytes/s of ``count`` frames to the sink with up to ``window`` sends outstanding (a head
+    with pipeline depth N keeps up to N steps in flight; ucx_perftest's tag_bw many sends)."""
     tr = host.transport
     frames = [_tensor_frame(i, nbytes) for i in range(min(count, 4))]  # reused: no allocation in the loop
     await _round_trips(host, lambda sid: _tensor_frame(sid, nbytes), 1, 1)  # warm this size up
+    sending: set[asyncio.Task] = set()
     t0 = time.perf_counter()
     for i in range(count):
-        await tr.send(frames[i % len(frames)])
+        if len(sending) >= window:
+            done, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+            for d in done:
+                d.result()
+        # a task posts its frame before its first await: frames go out in this order
+        sending.add(asyncio.ensure_future(tr.send(frames[i % len(frames)])))
         await asyncio.sleep(0)  # let the gRPC fallback's pump run between sends
+    for d in sending:
+        await d
     await tr.send(Frame(result=StepResult(10**9, [], [], [])))
     while (await asyncio.wait_for(tr.recv(), 300)).result is None:
         pass
@@ -101,18 +111,18 @@ def _count(nbytes: int, quick: bool) -> tuple[int, int]:
     return max(4, min(50 if not quick else 15, frames)), frames
 
 
-async def probe(name: str, sizes: list[int], quick: bool) -> dict:
+async def probe(name: str, sizes: list[int], quick: bool, window: int = 1) -> dict:
     host = TransportHost(make_transport(name))
     me = await host.start()
     freeze_startup_heap()   # as a stage does once it serves
     peer = await _spawn_peer(name, me, "sink")
     try:
         await host.link(peer.address)  # type: ignore[attr-defined]
-        result: dict = {"transport": name, "sizes": {}}
+        result: dict = {"transport": name, "window": window, "sizes": {}}
         for nbytes in sizes:
             rt_iters, bw_frames = _count(nbytes, quick)
             rts = await _round_trips(host, lambda sid, n=nbytes: _tensor_frame(sid, n), rt_iters, 2)
-            bw = await _bandwidth(host, nbytes, bw_frames)
+            bw = await _bandwidth(host, nbytes, bw_frames, window)
             result["sizes"][str(nbytes)] = {"rtt_us": statistics.median(rts) * 1e6, "bw_gbps": bw / 1e9,
                                             "rtt_iters": rt_iters, "bw_frames": bw_frames}
         rts = await _round_trips(host, decode_step, 15 if quick else 50, 3)
@@ -135,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--transport", required=True)
     p.add_argument("--sizes", required=True, help="comma-separated tensor bytes per frame")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--window", type=int, default=1, help="frames in flight in the bandwidth runs (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # idle OpenMP workers spin and steal the peer's core on small machines
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    print(json.dumps(asyncio.run(probe(args.transport, sizes, args.quick))), flush=True)
+    print(json.dumps(asyncio.run(probe(args.transport, sizes, args.quick, max(1, args.window)))), flush=True)
 
 
 if __name__ == "__main__":

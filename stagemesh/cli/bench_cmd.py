@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quick", action="store_true", help="fewer sizes and iterations (a minute or two)")
     t.add_argument("--repeat", type=int, default=1,
                    help="rounds over all transports; figures are medians over rounds (default 1)")
+    t.add_argument("--window", type=int, default=1,
+                   help="frames in flight in the bandwidth runs, as a head with that pipeline depth keeps them "
+                        "(ucx_perftest's tag_bw keeps many sends outstanding; default 1)")
     t.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest ceilings")
     t.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     t.set_defaults(func=run_transport)
@@ -58,7 +61,8 @@ def run_transport(args: argparse.Namespace) -> int:
     from stagekit.bench import transport as bench
     from stagekit.transport.ucx_runtime import ucx_importable
 
-    cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest, repeat=max(1, args.repeat))
+    cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest, repeat=max(1, args.repeat),
+                            window=max(1, args.window))
     if args.sizes:
         cfg.sizes = [parse_bytes(s) for s in args.sizes.split(",") if s]
     elif args.quick:
