@@ -75,18 +75,26 @@ def _median_of(runs: list[dict]) -> dict:
     return out
 
 
-def _perftest_ceilings(setups: set[tuple[str, bool]], sizes: list[int], quick: bool) -> dict:
+def _perftest_ceilings(setups: set[tuple[str, bool]], sizes: list[int], quick: bool, repeat: int = 1) -> dict:
+    """Per UCX setup and size, ucx_perftest's bandwidth and round trip: medians over
+    ``repeat`` runs (one run of a size swings 2-10x on a shared 2-core box)."""
     out: dict = {}
     for tls, eh in sorted(setups):
         key = f"{tls}{' +eh' if eh else ''}"
         per: dict = {}
         for n in [*sizes, DECODE_BYTES]:
             iters = max(20, min(2000, (64 << 20) // n)) // (4 if quick else 1)
-            bw = ceilings.perftest("tag_bw", n, tls, eh, iters)
-            rtt = ceilings.perftest("tag_lat", n, tls, eh, iters)
+            bws = [ceilings.perftest("tag_bw", n, tls, eh, iters) for _ in range(repeat)]
+            rtts = [ceilings.perftest("tag_lat", n, tls, eh, iters) for _ in range(repeat)]
+            bw, rtt = _median_or_none(bws), _median_or_none(rtts)
             per[str(n)] = {"bw_gbps": bw / 1e9 if bw else None, "rtt_us": rtt * 1e6 if rtt else None}
         out[key] = per
     return out
+
+
+def _median_or_none(xs: list[float | None]) -> float | None:
+    ok = [x for x in xs if x]
+    return statistics.median(ok) if ok else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -126,7 +134,7 @@ def run(cfg: BenchConfig) -> dict:
     }
     setups = {s for s in map(_ucx_setup, cfg.transports) if s is not None}
     have_perftest = cfg.perftest and ceilings.perftest_binary() is not None
-    result["ucx_perftest"] = _perftest_ceilings(setups, cfg.sizes, cfg.quick) if have_perftest else None
+    result["ucx_perftest"] = _perftest_ceilings(setups, cfg.sizes, cfg.quick, cfg.repeat) if have_perftest else None
     result["python_floor_us"] = _python_floors(cfg)
     grpc = result["transports"].get("grpc", {})
     for name, r in result["transports"].items():
