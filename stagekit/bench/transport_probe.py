@@ -93,7 +93,7 @@ async def _bandwidth(host: TransportHost, nbytes: int, count: int, window: int) 
             done, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
             for d in done:
                 d.result()
-        # a task posts its frame before its first await: frames go out in this order
+        # tasks start in creation order and post their frame before their first await: in order
         sending.add(asyncio.ensure_future(tr.send(frames[i % len(frames)])))
         await asyncio.sleep(0)  # let the gRPC fallback's pump run between sends
     for d in sending:
