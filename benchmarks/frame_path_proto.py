@@ -40,14 +40,13 @@ import numpy as np
 import torch
 
 from stagekit.bench.transport_probe import decode_step
+from stagekit.bench.ucx_pingpong import endpoint_to_measurer, endpoint_to_peer, init_ucxx
 from stagekit.engine.step import Frame
 from stagekit.transport import frame_codec
-from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
 
 _ALIGN = 64
 _CAP = 1 << 20
 _FULL_MASK = (1 << 64) - 1
-_START_S = 60.0
 
 
 def _build_shim(out_dir: str) -> ctypes.CDLL:
@@ -211,48 +210,20 @@ def _bounce(b: Bouncer, first: bool, iters: int) -> dict:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    s = UcxSettings.for_profile(args.profile)
-    os.environ.setdefault("UCX_TLS", s.tls)
-    prepare_environment(cuda=False)
-    import ucxx
-
-    ucxx.init(progress_mode="blocking")
+    ucxx, error_handling = init_ucxx(args.profile)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         lib = _build_shim(tmp) if args.mode == "native" else None
-
-        async def endpoint(hex_address: str) -> Any:
-            addr = ucxx.get_ucx_address_from_buffer(bytes.fromhex(hex_address))
-            return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=False)
-
         if args.serve:
-            print(bytes(ucxx.get_worker_address()).hex(), flush=True)
-            ep = await endpoint(sys.stdin.readline().strip())
+            ep = await endpoint_to_measurer(ucxx, error_handling)
             _bounce(Bouncer(ucxx, ep, args.mode, lib), False, args.iters)
-            sys.stdin.readline()
+            sys.stdin.readline()   # the measuring side is done: close only then
             return
-        peer = subprocess.Popen([sys.executable, __file__, "--serve", "--mode", args.mode, "--profile", args.profile,
-                                 "--iters", str(args.iters)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            loop = asyncio.get_running_loop()
-            line = ""
-            while not line or " " in line.strip():   # UCX may log to stdout: the address is one hex word
-                line = await asyncio.wait_for(loop.run_in_executor(None, peer.stdout.readline), _START_S)
-                if not line:
-                    raise RuntimeError(f"peer exited ({peer.wait()})")
-            ep = await endpoint(line.strip())
-            peer.stdin.write(bytes(ucxx.get_worker_address()).hex() + "\n")
-            peer.stdin.flush()
+        cmd = [sys.executable, __file__, "--serve", "--mode", args.mode, "--profile", args.profile,
+               "--iters", str(args.iters)]
+        async with endpoint_to_peer(ucxx, cmd, error_handling) as ep:
             out = _bounce(Bouncer(ucxx, ep, args.mode, lib), True, args.iters)
-            print(json.dumps({"mode": args.mode, "profile": args.profile, **out}), flush=True)
-        finally:
-            try:
-                peer.stdin.write("done\n")
-                peer.stdin.close()
-                peer.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                peer.kill()
-                peer.wait()
+        print(json.dumps({"mode": args.mode, "profile": args.profile, **out}), flush=True)
 
 
 def main() -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
@@ -26,9 +29,9 @@ _START_S = 60.0
 _MODULE = "stagekit.bench.ucx_pingpong"
 
 
-def _ucxx(profile: str) -> tuple[Any, bool]:
-    import os
-
+def init_ucxx(profile: str) -> tuple[Any, bool]:
+    """Import and initialise ucxx for ``profile`` (UCX_TLS unless set, blocking progress):
+    the module and whether its same-host endpoints use error handling."""
     s = UcxSettings.for_profile(profile)
     os.environ.setdefault("UCX_TLS", s.tls)
     prepare_environment(cuda=False)
@@ -72,19 +75,18 @@ async def _endpoint(ucxx: Any, address_hex: str, error_handling: bool) -> Any:
     return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=error_handling)
 
 
-async def _serve(profile: str, sizes: list[int], iters: int) -> None:
-    ucxx, eh = _ucxx(profile)
+async def endpoint_to_measurer(ucxx: Any, error_handling: bool) -> Any:
+    """The serving side: print our worker address, read the measurer's, connect to it."""
     print(bytes(ucxx.get_worker_address()).hex(), flush=True)
-    ep = await _endpoint(ucxx, sys.stdin.readline().strip(), eh)
-    await _bounce(ucxx, ep, sizes, iters, first=False)
-    sys.stdin.readline()  # the measuring side is done: close only then
+    return await _endpoint(ucxx, sys.stdin.readline().strip(), error_handling)
 
 
-async def _measure(profile: str, sizes: list[int], iters: int) -> dict[str, float]:
-    ucxx, eh = _ucxx(profile)
-    peer = subprocess.Popen([sys.executable, "-m", _MODULE, "--serve", "--profile", profile,
-                             "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+@contextlib.asynccontextmanager
+async def endpoint_to_peer(ucxx: Any, peer_cmd: list[str], error_handling: bool) -> AsyncIterator[Any]:
+    """The measuring side: start ``peer_cmd`` (which calls endpoint_to_measurer, bounces,
+    then reads one more line before it closes), swap worker addresses over its stdin/stdout
+    and yield an endpoint to it; on exit tell it to finish and reap it."""
+    peer = subprocess.Popen(peer_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         loop = asyncio.get_running_loop()
         line = ""
@@ -92,10 +94,10 @@ async def _measure(profile: str, sizes: list[int], iters: int) -> dict[str, floa
             line = await asyncio.wait_for(loop.run_in_executor(None, peer.stdout.readline), _START_S)
             if not line:
                 raise RuntimeError(f"ping-pong peer exited ({peer.wait()})")
-        ep = await _endpoint(ucxx, line.strip(), eh)
+        ep = await _endpoint(ucxx, line.strip(), error_handling)
         peer.stdin.write(bytes(ucxx.get_worker_address()).hex() + "\n")
         peer.stdin.flush()
-        return await _bounce(ucxx, ep, sizes, iters, first=True)
+        yield ep
     finally:
         try:
             peer.stdin.write("done\n")
@@ -104,6 +106,21 @@ async def _measure(profile: str, sizes: list[int], iters: int) -> dict[str, floa
         except (OSError, subprocess.TimeoutExpired):
             peer.kill()
             peer.wait()
+
+
+async def _serve(profile: str, sizes: list[int], iters: int) -> None:
+    ucxx, eh = init_ucxx(profile)
+    ep = await endpoint_to_measurer(ucxx, eh)
+    await _bounce(ucxx, ep, sizes, iters, first=False)
+    sys.stdin.readline()  # the measuring side is done: close only then
+
+
+async def _measure(profile: str, sizes: list[int], iters: int) -> dict[str, float]:
+    ucxx, eh = init_ucxx(profile)
+    cmd = [sys.executable, "-m", _MODULE, "--serve", "--profile", profile,
+           "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)]
+    async with endpoint_to_peer(ucxx, cmd, eh) as ep:
+        return await _bounce(ucxx, ep, sizes, iters, first=True)
 
 
 def python_floor(profile: str, sizes: list[int], iters: int = 200, timeout_s: float = 120.0) -> dict[str, float] | None:
