@@ -7,8 +7,10 @@ chunk, the UCX path as the header of its one message. Transferred KV is
 ``[layers, 2, blocks, kv_heads, block_size, head_dim]`` in the pool's dtype on a TP1 stage;
 on a stage of t > 1 ranks it is every rank's share, ``[t, layers, 2, blocks, kv_heads per
 rank, block_size, head_dim]`` in rank order, read and written by all ranks together on the
-stage's compute thread (``TPExecutor.read_kv`` / ``write_kv``): KV moves between stages of the
-same TP size, rank r's heads into rank r's pool (split or replicated alike).
+stage's compute thread (``TPExecutor.read_kv`` / ``write_kv``). Between stages of the same TP
+size rank r's heads go into rank r's pool as they are (split or replicated alike); from a
+stage of another TP size the receiver re-splits the heads for its own ranks first
+(``stagekit/parallel/kv_heads.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from stagekit.errors import InvalidRequest
+from stagekit.parallel.kv_heads import check_tp, resplit_kv, transfer_shape
 from stagekit.rpc import codec
 from stagekit.rpc.pb import stage_pb2
 
@@ -34,6 +37,7 @@ class Incoming:
     blocks: list[int]
     dtype: torch.dtype
     shape: tuple[int, ...]
+    src_tp: int   # the sender's TP size: ``shape`` is its layout (kv_heads.transfer_shape)
 
     @property
     def nbytes(self) -> int:
@@ -51,12 +55,13 @@ def check_blocks(node: StageNode, blocks: list[int]) -> None:
         raise InvalidRequest(f"block {bad[0]} is outside this stage's pool of {kv.num_blocks}")
 
 
-def shape_of(node: StageNode, blocks: list[int]) -> tuple[int, ...]:
-    """The transferred KV's shape: [layers, 2, n, kv_heads, block_size, head_dim], with a
-    leading TP dimension on a stage of several ranks."""
-    pool = node.runtime.kv_cache.kv
-    shape = (*pool.shape[:2], len(blocks), *pool.shape[3:])
-    return shape if tp_of(node) == 1 else (tp_of(node), *shape)
+def shape_of(node: StageNode, blocks: list[int], tp: int | None = None) -> tuple[int, ...]:
+    """The transferred KV's shape as a stage of ``tp`` ranks (default: this one's) holding
+    this stage's layers sends it: [layers, 2, n, kv_heads, block_size, head_dim], with a
+    leading TP dimension (and the heads per rank) on a stage of several ranks."""
+    pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads per rank, block_size, head_dim]
+    return transfer_shape(tp or tp_of(node), node.cfg.num_kv_heads, pool.shape[0], len(blocks), pool.shape[4],
+                          pool.shape[5])
 
 
 def parts(node: StageNode, blocks: list[int], dest_blocks: list[int]) -> list[torch.Tensor]:
@@ -133,26 +138,33 @@ def announce(node: StageNode, dest_blocks: list[int]) -> stage_pb2.KvBlocksChunk
 def check(node: StageNode, head: stage_pb2.KvBlocksChunk) -> Incoming:
     """What the sender announced, if it fits this stage's pool; else InvalidRequest."""
     kv, lay = node.runtime.kv_cache, node.layout
-    if (head.tp_size or 1) != lay.tp_size:
-        raise InvalidRequest(f"KV from a stage of TP={head.tp_size or 1} cannot go into this stage of "
-                             f"TP={lay.tp_size}: KV moves between stages of the same TP size")
+    src_tp = head.tp_size or 1
+    try:
+        check_tp(src_tp, node.cfg.num_kv_heads)
+    except ValueError as e:
+        raise InvalidRequest(f"KV from a stage of TP={src_tp} cannot go into this stage of TP={lay.tp_size}: "
+                             f"{e}") from None
     if (head.start_layer, head.end_layer) != (lay.start_layer, lay.end_layer):
         raise InvalidRequest(f"KV of layers {head.start_layer}:{head.end_layer} cannot go into a stage holding "
                              f"layers {lay.start_layer}:{lay.end_layer}")
     dtype = codec.dtype_from_proto(head.dtype)
     blocks = list(head.blocks)
-    want = shape_of(node, blocks)
+    want = shape_of(node, blocks, src_tp)
     if dtype != kv.dtype or tuple(head.shape) != want:
         raise InvalidRequest(f"KV of {dtype} {tuple(head.shape)} does not fit this stage's pool "
                              f"({kv.dtype}, {want})")
     if any(not 0 <= b < kv.num_blocks for b in blocks):
         raise InvalidRequest(f"destination blocks outside this stage's pool of {kv.num_blocks}")
-    return Incoming(blocks, dtype, want)
+    return Incoming(blocks, dtype, want, src_tp)
 
 
-async def write(node: StageNode, blocks: list[int], data: torch.Tensor) -> None:
-    """Write ``data`` (``shape_of``) into ``blocks`` of the pool, on every rank of a TP stage."""
+async def write(node: StageNode, blocks: list[int], data: torch.Tensor, src_tp: int | None = None) -> None:
+    """Write ``data`` (``shape_of`` for ``src_tp`` ranks, by default this stage's) into
+    ``blocks`` of the pool, on every rank of a TP stage; KV from a stage of another TP size
+    is re-split for this one's ranks first (a copy, off the event loop)."""
     loop = asyncio.get_running_loop()
+    if src_tp is not None and src_tp != tp_of(node):
+        data = await loop.run_in_executor(None, resplit_kv, data, src_tp, tp_of(node), node.cfg.num_kv_heads)
     if tp_of(node) != 1:
         await loop.run_in_executor(node.pool, node.runtime.executor.write_kv, blocks, data)
         return

@@ -67,5 +67,5 @@ async def receive(node: StageNode, chunks: AsyncIterator[stage_pb2.KvBlocksChunk
         got += n
     if got != buf.numel():
         raise InvalidRequest(f"KV push ended after {got} of {buf.numel()} bytes")
-    await kv_blocks.write(node, incoming.blocks, buf.view(incoming.dtype).view(incoming.shape))
+    await kv_blocks.write(node, incoming.blocks, buf.view(incoming.dtype).view(incoming.shape), incoming.src_tp)
     return got

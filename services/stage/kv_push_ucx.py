@@ -51,12 +51,13 @@ def handler(node: StageNode) -> BulkHandler:
         except Exception:
             raise InvalidRequest("a KV push over UCX with an unreadable header") from None
         incoming = kv_blocks.check(node, head)
-        views = kv_blocks.landing(node, incoming.blocks, part_bytes)
+        same_tp = incoming.src_tp == kv_blocks.tp_of(node)
+        views = kv_blocks.landing(node, incoming.blocks, part_bytes) if same_tp else None
         if views is not None:
             await receive(views)   # into the reserved blocks themselves
             return
-        data = torch.empty(incoming.shape, dtype=incoming.dtype)   # [layers, 2, n, kv_heads, block_size, head_dim]
+        data = torch.empty(incoming.shape, dtype=incoming.dtype)   # the sender's layout (kv_blocks.shape_of)
         await receive([data])
-        await kv_blocks.write(node, incoming.blocks, data)
+        await kv_blocks.write(node, incoming.blocks, data, incoming.src_tp)
 
     return receive_blocks

@@ -1,5 +1,5 @@
 """KV transfer between replicas (the seam of prefill/decode disaggregation): stages holding
-the same layers at the same TP size.
+the same layers, at the same TP size or another (the receiver re-splits the KV heads).
 
 The exporting head finds the cached blocks of a token prefix (they are named by the
 prefix cache once computed) and pins them; the importing head reserves blocks for the

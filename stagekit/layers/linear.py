@@ -16,6 +16,7 @@ from torch import nn
 from stagekit.layers.cpu_packed import PackedWeight
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
+from stagekit.parallel.kv_heads import kv_heads_of
 
 
 def divide(n: int, d: int, what: str) -> int:
@@ -79,8 +80,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection. Query heads are split over ranks; KV heads are split when
-    there are at least as many as ranks, and replicated when fewer (tp_size % num_kv_heads
-    == 0: rank r holds KV head r * num_kv_heads // tp_size)."""
+    there are at least as many as ranks, and replicated when fewer (``parallel/kv_heads.py``)."""
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -100,7 +100,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id == "q":
             offset, size, start = 0, q_size, rank * q_size
         else:
-            kv_head = rank * self.total_num_kv_heads // tp
+            kv_head = kv_heads_of(rank, tp, self.total_num_kv_heads).start
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, start = kv_size, kv_head * d
         copy_checked(param.data.narrow(0, offset, size), src.narrow(0, start, size), f"qkv shard {shard_id}")

@@ -2,7 +2,8 @@
 into rank r's pool), over UCX and over gRPC, and the importing replica then serves the
 prompt with exactly the exporter's tokens without prefilling the transferred blocks; for
 KV heads split over the ranks (llama, 2 KV heads) and replicated on them (qwen2, 1 KV head).
-KV between stages of different TP sizes is refused with INVALID_ARGUMENT."""
+KV also moves between stages of different TP sizes (TP2 to TP1 and TP1 to TP2, over both
+paths): the receiver re-splits the heads for its ranks."""
 
 from __future__ import annotations
 
@@ -69,13 +70,18 @@ def test_every_ranks_kv_moves_and_serves_the_exporters_tokens(replicas: Replicas
         assert stage_info(dest).prefix_hit_tokens - hits == min(full, (length - 1) // 16 * 16)
 
 
-def test_kv_between_different_tp_sizes_is_refused(replicas: Replicas) -> None:
-    for salt, (src, dest) in enumerate(((replicas.a, replicas.tp1), (replicas.tp1, replicas.a)), start=5):
-        prompt = _prompt(48, salt)   # computed on the source only: the destination lacks its blocks
-        generate(src, prompt, max_tokens=1)
-        with pytest.raises(grpc.RpcError) as err:
-            _export(src, prompt, dest)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-        assert "same TP size" in err.value.details()
-        assert generate(dest, prompt, max_tokens=2)[-1].completion_tokens == 2   # both keep serving
-        assert generate(src, prompt, max_tokens=2)[-1].completion_tokens == 2
+@pytest.mark.parametrize("direction", ["tp2->tp1", "tp1->tp2", "tp1->tp2 grpc"])
+def test_kv_moves_between_different_tp_sizes(replicas: Replicas, direction: str) -> None:
+    """The receiving stage re-splits the KV heads for its ranks (split heads for llama,
+    replicated for qwen2) and serves the exporter's tokens from the transferred blocks."""
+    src, dest, path = {"tp2->tp1": (replicas.a, replicas.tp1, "ucx"),
+                       "tp1->tp2": (replicas.tp1, replicas.dest["ucx"], "ucx"),
+                       "tp1->tp2 grpc": (replicas.tp1, replicas.dest["grpc"], "grpc")}[direction]
+    salt = {"tp2->tp1": 5, "tp1->tp2": 6, "tp1->tp2 grpc": 7}[direction]
+    prompt = _prompt(72, salt)   # computed on the source only: the destination lacks its blocks
+    expected = tokens_of(generate(src, prompt, max_tokens=10, ignore_eos=True))
+    reply = _export(src, prompt, dest)
+    assert (reply.num_tokens, reply.num_blocks_sent, reply.transport) == (64, 4, path)
+    hits = stage_info(dest).prefix_hit_tokens
+    assert tokens_of(generate(dest, prompt, max_tokens=10, ignore_eos=True)) == expected
+    assert stage_info(dest).prefix_hit_tokens - hits == 64
