@@ -6,8 +6,10 @@ of the gRPC fallback, measured through the real Transport API between two proces
 transports and a same-process memcpy; plus the round trip of a decode-sized step
 (2 x [32, 4096] fp16) against two floors: ucx_perftest's round trip of the same 512 KiB
 (C), and the same bytes bounced between two Python processes over bare ucxx (ucx_pingpong:
-what any data plane written in Python on ucxx costs at least). Ratios are ours / ceiling
-and ours / gRPC for the same metric.
+what any data plane written in Python on ucxx costs at least). Bandwidth has a Python
+ceiling too: bare ucxx streaming messages of each size between two processes, with as many
+in flight as the bandwidth runs. Ratios are ours / ceiling and ours / gRPC for the same
+metric.
 """
 
 from __future__ import annotations
@@ -123,6 +125,19 @@ def _python_floors(cfg: BenchConfig) -> dict[str, float | None]:
     return out
 
 
+def _python_ceilings(cfg: BenchConfig) -> dict[str, dict[str, float]]:
+    """Per UCX transport and size, the median over rounds of bare ucxx's stream bandwidth (GB/s)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in cfg.transports:
+        if not name.startswith("ucx"):
+            continue
+        runs = [ucx_pingpong.python_ceiling(name.partition(":")[2] or "auto", cfg.sizes, cfg.window, cfg.quick)
+                for _ in range(cfg.repeat)]
+        ok = [r for r in runs if r]
+        out[name] = {str(n): statistics.median(r[str(n)] for r in ok) for n in cfg.sizes} if ok else {}
+    return out
+
+
 def run(cfg: BenchConfig) -> dict:
     """Measure everything in ``cfg``; the result is one JSON-ready dict."""
     result: dict = {
@@ -136,6 +151,7 @@ def run(cfg: BenchConfig) -> dict:
     have_perftest = cfg.perftest and ceilings.perftest_binary() is not None
     result["ucx_perftest"] = _perftest_ceilings(setups, cfg.sizes, cfg.quick, cfg.repeat) if have_perftest else None
     result["python_floor_us"] = _python_floors(cfg)
+    result["python_ceiling_gbps"] = _python_ceilings(cfg)
     grpc = result["transports"].get("grpc", {})
     for name, r in result["transports"].items():
         if "error" in r:
@@ -149,6 +165,7 @@ def run(cfg: BenchConfig) -> dict:
             m["bw_vs_grpc"] = _ratio(m["bw_gbps"], g.get("bw_gbps")) if name != "grpc" else None
             m["rtt_vs_grpc"] = _ratio(m["rtt_us"], g.get("rtt_us")) if name != "grpc" else None
             m["bw_vs_memcpy"] = _ratio(m["bw_gbps"], result["memcpy_gbps"].get(n))
+            m["bw_vs_bare_ucxx"] = _ratio(m["bw_gbps"], result["python_ceiling_gbps"].get(name, {}).get(n))
         d = r["decode_step"]
         d["floor_us"] = pt.get(str(DECODE_BYTES), {}).get("rtt_us")
         d["vs_floor"] = _ratio(d["rtt_us"], d["floor_us"])
@@ -170,15 +187,17 @@ def format_table(result: dict) -> str:
     lines = [f"# machine: {result['machine']['cpus']} CPUs, load {result['machine']['load_avg_1m']:.2f}, "
              f"{result['machine']['platform']}; medians over {result['repeat']} round(s); "
              f"bandwidth with {result.get('window', 1)} frame(s) in flight", "",
-             "| size | transport | GB/s | RTT µs | GB/s ÷ perftest | RTT ÷ perftest | GB/s ÷ gRPC | RTT ÷ gRPC |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| size | transport | GB/s | RTT µs | GB/s ÷ perftest | GB/s ÷ bare ucxx | RTT ÷ perftest | GB/s ÷ gRPC "
+             "| RTT ÷ gRPC |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n in result["sizes"]:
         for name, r in result["transports"].items():
             if "error" in r:
                 continue
             m = r["sizes"][str(n)]
             lines.append(f"| {_size(n)} | {name} | {m['bw_gbps']:.3f} | {m['rtt_us']:.0f} | "
-                         f"{_fmt(m['bw_vs_perftest'], '.2f')} | {_fmt(m['rtt_vs_perftest'], '.1f')} | "
+                         f"{_fmt(m['bw_vs_perftest'], '.2f')} | {_fmt(m.get('bw_vs_bare_ucxx'), '.2f')} | "
+                         f"{_fmt(m['rtt_vs_perftest'], '.1f')} | "
                          f"{_fmt(m['bw_vs_grpc'], '.2f')} | {_fmt(m['rtt_vs_grpc'], '.2f')} |")
     lines += ["", "| ceiling | " + " | ".join(_size(n) for n in result["sizes"]) + " |",
               "|---|" + "---|" * len(result["sizes"])]
@@ -188,6 +207,9 @@ def format_table(result: dict) -> str:
         cells = [f"{_fmt(per[str(n)]['bw_gbps'], '.2f')} / {_fmt(per[str(n)]['rtt_us'], '.0f')}"
                  for n in result["sizes"]]
         lines.append(f"| ucx_perftest {key} GB/s / RTT µs | " + " | ".join(cells) + " |")
+    for name, per in result.get("python_ceiling_gbps", {}).items():
+        cells = [_fmt(per.get(str(n)), ".2f") for n in result["sizes"]]
+        lines.append(f"| bare ucxx {name} GB/s | " + " | ".join(cells) + " |")
     lines += ["", "| decode step 2 x [32, 4096] fp16 | RTT µs | floor µs (perftest, 512 KiB) | ÷ floor | "
               "Python floor µs (bare ucxx, 512 KiB) | ÷ Python floor | ÷ gRPC |",
               "|---|---|---|---|---|---|---|"]

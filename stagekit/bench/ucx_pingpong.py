@@ -1,9 +1,16 @@
-"""The Python floor of a UCX round trip: two processes bounce one message of N bytes over
-ucxx with nothing else in the way (no envelope, no asyncio turns while waiting: a tight
-``progress_once`` loop). Whatever Python code sits on a data plane built on ucxx costs at
-least this; ``ucx_perftest`` (C) is the floor without Python.
+"""The Python floor of a UCX round trip, and the Python ceiling of a UCX stream: two
+processes over bare ucxx with nothing else in the way (no envelope, no asyncio turns while
+waiting: tight ``progress_once`` loops). Whatever Python code sits on a data plane built on
+ucxx costs at least the round trip and moves at most the stream's bandwidth;
+``ucx_perftest`` (C) gives both without Python.
 
-    python -m stagekit.bench.ucx_pingpong --profile shm --sizes 4096,524288   # prints JSON
+    python -m stagekit.bench.ucx_pingpong --profile shm --sizes 4096,524288   # round trips, µs
+    python -m stagekit.bench.ucx_pingpong --profile shm --sizes 1048576 --stream --window 4   # GB/s
+
+Round trip: one message of N bytes bounced, median. Stream: about 256 MiB of N-byte
+messages one way (up to ``--window`` sends outstanding, as many receives posted ahead),
+then a small acknowledgement back; bytes over the time until it is in, median of 3 runs.
+Both print one JSON object, size -> figure.
 
 The measuring process starts its echo peer (``--serve``) as a child and the two swap
 worker addresses over the child's stdin/stdout.
@@ -70,6 +77,52 @@ async def _bounce(ucxx: Any, ep: Any, sizes: list[int], iters: int, first: bool)
     return out
 
 
+def stream_count(nbytes: int, quick: bool = False) -> int:
+    """Messages per stream run: about 256 MiB (32 MiB quick), 8 to 400 of them."""
+    return max(8, min(400, ((32 if quick else 256) << 20) // max(nbytes, 1)))
+
+
+async def _stream(ucxx: Any, ep: Any, sizes: list[int], window: int, quick: bool, first: bool) -> dict[str, float]:
+    import numpy as np
+    from ucxx._lib.arr import Array
+    from ucxx.types import Tag, TagMaskFull
+
+    worker = ucxx.core._get_ctx().worker
+
+    def drain(reqs: list[Any], keep: int) -> list[Any]:
+        while len(reqs) > keep:
+            worker.progress_once()
+            reqs = [r for r in reqs if not r.completed]
+        return reqs
+
+    out = {}
+    tag = 0
+    for n in sizes:
+        bufs = [np.ones(n, np.uint8) for _ in range(4)]   # a few, reused: as a stage reuses its memory
+        ack = np.zeros(8, np.uint8)
+        count, runs = stream_count(n, quick), []
+        for _ in range(4):   # the first run warms the size up
+            t0 = time.perf_counter()
+            if first:
+                pending: list[Any] = []
+                for i in range(count):
+                    pending = drain(pending, window - 1)
+                    pending.append(ep._ep.tag_send(Array(bufs[i % 4]), Tag(tag + i)))
+                drain([ep._ep.tag_recv(Array(ack), Tag(tag + count), TagMaskFull)] + pending, 0)
+            else:
+                posted = {}
+                for i in range(count):
+                    for j in range(i, min(count, i + window)):
+                        if j not in posted:
+                            posted[j] = ep._ep.tag_recv(Array(bufs[j % 4]), Tag(tag + j), TagMaskFull)
+                    drain([posted.pop(i)], 0)
+                drain([ep._ep.tag_send(Array(ack), Tag(tag + count))], 0)
+            runs.append(n * count / (time.perf_counter() - t0))
+            tag += count + 1
+        out[str(n)] = statistics.median(runs[1:]) / 1e9
+    return out
+
+
 async def _endpoint(ucxx: Any, address_hex: str, error_handling: bool) -> Any:
     addr = ucxx.get_ucx_address_from_buffer(bytes.fromhex(address_hex))
     return await ucxx.create_endpoint_from_worker_address(addr, endpoint_error_handling=error_handling)
@@ -108,44 +161,67 @@ async def endpoint_to_peer(ucxx: Any, peer_cmd: list[str], error_handling: bool)
             peer.wait()
 
 
-async def _serve(profile: str, sizes: list[int], iters: int) -> None:
-    ucxx, eh = init_ucxx(profile)
+async def _serve(args: argparse.Namespace, sizes: list[int]) -> None:
+    ucxx, eh = init_ucxx(args.profile)
     ep = await endpoint_to_measurer(ucxx, eh)
-    await _bounce(ucxx, ep, sizes, iters, first=False)
+    if args.stream:
+        await _stream(ucxx, ep, sizes, args.window, args.quick, first=False)
+    else:
+        await _bounce(ucxx, ep, sizes, args.iters, first=False)
     sys.stdin.readline()  # the measuring side is done: close only then
 
 
-async def _measure(profile: str, sizes: list[int], iters: int) -> dict[str, float]:
-    ucxx, eh = init_ucxx(profile)
-    cmd = [sys.executable, "-m", _MODULE, "--serve", "--profile", profile,
-           "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)]
+async def _measure(args: argparse.Namespace, sizes: list[int]) -> dict[str, float]:
+    ucxx, eh = init_ucxx(args.profile)
+    cmd = [sys.executable, "-m", _MODULE, "--serve", *_shared_args(args, sizes)]
     async with endpoint_to_peer(ucxx, cmd, eh) as ep:
-        return await _bounce(ucxx, ep, sizes, iters, first=True)
+        if args.stream:
+            return await _stream(ucxx, ep, sizes, args.window, args.quick, first=True)
+        return await _bounce(ucxx, ep, sizes, args.iters, first=True)
+
+
+def _shared_args(args: argparse.Namespace, sizes: list[int]) -> list[str]:
+    return ["--profile", args.profile, "--sizes", ",".join(map(str, sizes)), "--iters", str(args.iters),
+            "--window", str(args.window), *(["--stream"] if args.stream else []), *(["--quick"] if args.quick else [])]
+
+
+def _run_fresh(argv: list[str], timeout_s: float) -> dict[str, float] | None:
+    try:
+        out = subprocess.run([sys.executable, "-m", _MODULE, *argv], capture_output=True, text=True,
+                             timeout=timeout_s)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
+        return None
 
 
 def python_floor(profile: str, sizes: list[int], iters: int = 200, timeout_s: float = 120.0) -> dict[str, float] | None:
     """Median round trip (µs) per size, measured in fresh processes; None if it failed."""
-    try:
-        out = subprocess.run([sys.executable, "-m", _MODULE, "--profile", profile, "--sizes",
-                              ",".join(map(str, sizes)), "--iters", str(iters)],
-                             capture_output=True, text=True, timeout=timeout_s)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
-        return None
+    return _run_fresh(["--profile", profile, "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)], timeout_s)
+
+
+def python_ceiling(profile: str, sizes: list[int], window: int = 1, quick: bool = False,
+                   timeout_s: float = 300.0) -> dict[str, float] | None:
+    """Stream bandwidth (GB/s) per size, measured in fresh processes; None if it failed."""
+    return _run_fresh(["--profile", profile, "--sizes", ",".join(map(str, sizes)), "--stream",
+                       "--window", str(window), *(["--quick"] if quick else [])], timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="shm")
     p.add_argument("--sizes", required=True)
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--iters", type=int, default=200, help="round trips per size")
+    p.add_argument("--stream", action="store_true", help="measure one-way stream bandwidth (GB/s) instead")
+    p.add_argument("--window", type=int, default=1, help="stream: sends outstanding, receives posted ahead")
+    p.add_argument("--quick", action="store_true", help="stream: about 32 MiB per run instead of 256")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.window = max(1, args.window)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.serve:
-        asyncio.run(_serve(args.profile, sizes, args.iters))
+        asyncio.run(_serve(args, sizes))
     else:
-        print(json.dumps(asyncio.run(_measure(args.profile, sizes, args.iters))), flush=True)
+        print(json.dumps(asyncio.run(_measure(args, sizes))), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``stagemesh bench transport`` runs end to end (one UCX profile and gRPC, one size, two
 frames in flight in the bandwidth runs) and reports the decode step against its Python
-floor (bare ucxx between two processes)."""
+floor and the bandwidth against its Python ceiling (bare ucxx between two processes)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.transport.conftest import needs_ucx
 
 
 @needs_ucx
-def test_bench_transport_reports_every_plane_and_the_python_floor() -> None:
+def test_bench_transport_reports_every_plane_and_the_python_floor_and_ceiling() -> None:
     out = subprocess.run([sys.executable, "-m", "stagemesh.cli.main", "bench", "transport", "--quick", "--json",
                           "--transports", "ucx:shm,grpc", "--sizes", "4KiB", "--no-perftest", "--window", "2"],
                          capture_output=True, text=True, timeout=300)
@@ -26,3 +26,6 @@ def test_bench_transport_reports_every_plane_and_the_python_floor() -> None:
     floor = result["python_floor_us"]["ucx:shm"]
     assert floor is not None and floor > 0
     assert ucx["decode_step"]["vs_py_floor"] == ucx["decode_step"]["rtt_us"] / floor
+    ceiling = result["python_ceiling_gbps"]["ucx:shm"]["4096"]
+    assert ceiling > 0 and "grpc" not in result["python_ceiling_gbps"]
+    assert ucx["sizes"]["4096"]["bw_vs_bare_ucxx"] == ucx["sizes"]["4096"]["bw_gbps"] / ceiling
