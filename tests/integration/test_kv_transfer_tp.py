@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+import torch
 
+from stagekit.rpc import codec
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagemesh.launcher import Mesh, MeshSpec
 from tests.helpers.stage_client import generate, stage_info, tokens_of, wire
@@ -85,3 +87,26 @@ def test_kv_moves_between_different_tp_sizes(replicas: Replicas, direction: str)
     hits = stage_info(dest).prefix_hit_tokens
     assert tokens_of(generate(dest, prompt, max_tokens=10, ignore_eos=True)) == expected
     assert stage_info(dest).prefix_hit_tokens - hits == 64
+
+
+def _push(stage: str, head: stage_pb2.KvBlocksChunk) -> None:
+    with grpc.insecure_channel(stage) as ch:
+        stage_pb2_grpc.StageStub(ch).PushKvBlocks(iter([head]), timeout=30)
+
+
+def test_ill_fitting_kv_announcements_are_refused(replicas: Replicas) -> None:
+    """An announcement whose shape is not what a stage of its TP size sends, or whose TP size
+    cannot hold the model's KV heads, is INVALID_ARGUMENT; the stage keeps serving."""
+    dest = replicas.dest["grpc"]
+    tp1_shape = [5, 2, 1, 2, 16, 8]   # a TP1 stage's layout (for any head count: the shape is wrong for TP2)
+    f32 = codec.dtype_to_proto(torch.float32)
+    with pytest.raises(grpc.RpcError) as err:
+        _push(dest, stage_pb2.KvBlocksChunk(blocks=[0], start_layer=0, end_layer=5, tp_size=2, dtype=f32,
+                                            shape=tp1_shape))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not fit" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        _push(dest, stage_pb2.KvBlocksChunk(blocks=[0], start_layer=0, end_layer=5, tp_size=5, dtype=f32,
+                                            shape=tp1_shape))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not fit" in err.value.details() or "cannot hold" in err.value.details()
+    assert generate(dest, _prompt(20, 9), max_tokens=2)[-1].completion_tokens == 2
