@@ -51,8 +51,7 @@ def handler(node: StageNode) -> BulkHandler:
         except Exception:
             raise InvalidRequest("a KV push over UCX with an unreadable header") from None
         incoming = kv_blocks.check(node, head)
-        same_tp = incoming.src_tp == kv_blocks.tp_of(node)
-        views = kv_blocks.landing(node, incoming.blocks, part_bytes) if same_tp else None
+        views = kv_blocks.landing(node, incoming, part_bytes)
         if views is not None:
             await receive(views)   # into the reserved blocks themselves
             return

@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stagekit.bench import ceilings, ucx_pingpong
@@ -112,30 +113,29 @@ def _probe_rounds(cfg: BenchConfig) -> dict:
     return {name: _median_of(r) for name, r in runs.items()}
 
 
+def _bare_ucxx(cfg: BenchConfig, measure: Callable[[str], dict[str, float] | None],
+               sizes: list[int]) -> dict[str, dict[str, float | None]]:
+    """Per UCX transport and size, the median over ``cfg.repeat`` runs of ``measure(profile)``
+    (a bare-ucxx figure per size, measured in fresh processes; None where every run failed)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in cfg.transports:
+        if name.startswith("ucx"):
+            runs = [r for r in (measure(name.partition(":")[2] or "auto") for _ in range(cfg.repeat)) if r]
+            out[name] = {str(n): _median_or_none([r.get(str(n)) for r in runs]) for n in sizes}
+    return out
+
+
 def _python_floors(cfg: BenchConfig) -> dict[str, float | None]:
     """Per UCX transport, the median over rounds of bare ucxx's 512 KiB round trip (µs)."""
-    out: dict[str, float | None] = {}
-    for name in cfg.transports:
-        if not name.startswith("ucx"):
-            continue
-        runs = [ucx_pingpong.python_floor(name.partition(":")[2] or "auto", [DECODE_BYTES],
-                                          iters=50 if cfg.quick else 200) for _ in range(cfg.repeat)]
-        rtts = [r[str(DECODE_BYTES)] for r in runs if r]
-        out[name] = statistics.median(rtts) if rtts else None
-    return out
+    floors = _bare_ucxx(cfg, lambda profile: ucx_pingpong.python_floor(
+        profile, [DECODE_BYTES], iters=50 if cfg.quick else 200), [DECODE_BYTES])
+    return {name: per[str(DECODE_BYTES)] for name, per in floors.items()}
 
 
-def _python_ceilings(cfg: BenchConfig) -> dict[str, dict[str, float]]:
+def _python_ceilings(cfg: BenchConfig) -> dict[str, dict[str, float | None]]:
     """Per UCX transport and size, the median over rounds of bare ucxx's stream bandwidth (GB/s)."""
-    out: dict[str, dict[str, float]] = {}
-    for name in cfg.transports:
-        if not name.startswith("ucx"):
-            continue
-        runs = [ucx_pingpong.python_ceiling(name.partition(":")[2] or "auto", cfg.sizes, cfg.window, cfg.quick)
-                for _ in range(cfg.repeat)]
-        ok = [r for r in runs if r]
-        out[name] = {str(n): statistics.median(r[str(n)] for r in ok) for n in cfg.sizes} if ok else {}
-    return out
+    return _bare_ucxx(cfg, lambda profile: ucx_pingpong.python_ceiling(profile, cfg.sizes, cfg.window, cfg.quick),
+                      cfg.sizes)
 
 
 def run(cfg: BenchConfig) -> dict:

@@ -77,7 +77,7 @@ async def _bounce(ucxx: Any, ep: Any, sizes: list[int], iters: int, first: bool)
     return out
 
 
-def stream_count(nbytes: int, quick: bool = False) -> int:
+def _stream_count(nbytes: int, quick: bool = False) -> int:
     """Messages per stream run: about 256 MiB (32 MiB quick), 8 to 400 of them."""
     return max(8, min(400, ((32 if quick else 256) << 20) // max(nbytes, 1)))
 
@@ -100,7 +100,7 @@ async def _stream(ucxx: Any, ep: Any, sizes: list[int], window: int, quick: bool
     for n in sizes:
         bufs = [np.ones(n, np.uint8) for _ in range(4)]   # a few, reused: as a stage reuses its memory
         ack = np.zeros(8, np.uint8)
-        count, runs = stream_count(n, quick), []
+        count, runs = _stream_count(n, quick), []
         for _ in range(4):   # the first run warms the size up
             t0 = time.perf_counter()
             if first:
