@@ -76,17 +76,17 @@ def parts(node: StageNode, blocks: list[int], dest_blocks: list[int]) -> list[to
     return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for _, b, _, n in spans]
 
 
-def landing(node: StageNode, incoming: Incoming, part_bytes: tuple[int, ...]) -> list[torch.Tensor] | None:
+def landing(node: StageNode, blocks: list[int], part_bytes: tuple[int, ...],
+            src_tp: int = 1) -> list[torch.Tensor] | None:
     """Where each announced part lands in this stage's pool, as views of it, when the parts
-    are what ``parts`` sends for ``incoming.blocks`` here: a TP1 sender to this TP1 stage,
-    per layer, K then V, the same runs of blocks, each run consecutive among the blocks.
-    None when they are not (or the pool is on a GPU): the caller then receives into a
-    staging tensor and writes it."""
-    blocks = incoming.blocks
+    are what ``parts`` sends for ``blocks`` here: a TP1 sender (``src_tp``) to this TP1
+    stage, per layer, K then V, the same runs of blocks, each run consecutive among
+    ``blocks``. None when they are not (or the pool is on a GPU): the caller then receives
+    into a staging tensor and writes it."""
     pool = node.runtime.kv_cache.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
     groups = pool.shape[0] * 2
     per_block = pool[0, 0, 0].numel() * pool.element_size()
-    if pool.is_cuda or tp_of(node) != 1 or incoming.src_tp != 1 or not part_bytes or len(part_bytes) % groups:
+    if pool.is_cuda or tp_of(node) != 1 or src_tp != 1 or not part_bytes or len(part_bytes) % groups:
         return None
     seg_bytes = part_bytes[:len(part_bytes) // groups]
     if part_bytes != seg_bytes * groups or any(n <= 0 or n % per_block for n in seg_bytes):

@@ -51,7 +51,7 @@ def handler(node: StageNode) -> BulkHandler:
         except Exception:
             raise InvalidRequest("a KV push over UCX with an unreadable header") from None
         incoming = kv_blocks.check(node, head)
-        views = kv_blocks.landing(node, incoming, part_bytes)
+        views = kv_blocks.landing(node, incoming.blocks, part_bytes, incoming.src_tp)
         if views is not None:
             await receive(views)   # into the reserved blocks themselves
             return
