@@ -14,8 +14,9 @@ process that started it) exits, or until no frame moved for ``--idle-timeout`` s
   with negative ids).
 - ``source``: send step frames of ``--nbytes`` of fp16 tensor data, ``step_id`` 0, 1, 2...,
   each tensor filled with ``pattern(step_id)``, ``--interval`` seconds apart.
-- ``report``: print ``FRAME <step_id> ok|bad`` per frame received (checking the pattern)
-  and ``LOST <reason>`` once the inbound link is reported lost.
+- ``report``: print ``FRAME <step_id> ok|bad`` per step frame received (checking the
+  pattern), ``NOTICE 0 <reason>`` for a link-lost notice (``RESULT <step_id> <error>`` for
+  any other result frame) and ``LOST <reason>`` once the inbound link is reported lost.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ async def _role(role: str, host: TransportHost, nbytes: int, interval_s: float, 
                     return
                 continue
             watchdog.touch()
+            if frame.result is not None:   # a link-lost notice (the upstream died) or a step's result
+                kind = "NOTICE" if frame.result.link_lost else "RESULT"
+                print(f"{kind} {frame.result.step_id} {frame.result.error}", flush=True)
+                continue
             print(f"FRAME {frame.step.step_id if frame.step else -1} {'ok' if frame_ok(frame) else 'bad'}",
                   flush=True)
             continue

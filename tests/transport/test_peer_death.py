@@ -98,13 +98,16 @@ def _drain(tr: object) -> list:
 
 
 @needs_ucx
-def test_cma_profile_survivor_reports_or_shares_fate() -> None:
+@pytest.mark.parametrize("interval", ["0", "1"], ids=["mid-copy", "between-frames"])
+def test_cma_profile_survivor_reports_or_shares_fate(interval: str) -> None:
     """With cma (one-copy reads of the sender's memory, no error handling) UCX kills a
     receiver whose sender dies mid-copy (SIGABRT here): the documented fate-sharing. Both
     sides run as processes; the receiver must report the loss or be killed by UCX, never
-    hang, and never deliver a corrupt frame."""
+    hang, and never deliver a corrupt frame. A sender that dies between frames (paced a
+    second apart) leaves nothing to read: the receiver survives and reports the loss, both
+    as a link-lost notice passed on toward the head and as its inbound link lost."""
     receiver = spawn_peer("ucx:cma", "", "report")
-    sender = spawn_peer("ucx:cma", receiver.address, "source", "--nbytes", str(16 << 20))
+    sender = spawn_peer("ucx:cma", receiver.address, "source", "--nbytes", str(16 << 20), "--interval", interval)
     try:
         lines = []
         while sum(ln.startswith("FRAME ") for ln in lines) < 2:   # UCX may log on stdout too
@@ -117,10 +120,16 @@ def test_cma_profile_survivor_reports_or_shares_fate() -> None:
             raise AssertionError("the receiver hung after its sender died") from None
         lines += receiver.proc.stdout.read().splitlines()
         frames = [ln.split() for ln in lines if ln.startswith("FRAME ")]
-        assert frames[0] == ["FRAME", "0", "ok"] and all(f[2] == "ok" for f in frames)
+        assert frames[0] == ["FRAME", "0", "ok"] and all(f[2] == "ok" for f in frames), lines
+        assert [int(f[1]) for f in frames] == list(range(len(frames)))
+        assert not any(ln.startswith("RESULT ") for ln in lines), lines
         rc = receiver.proc.returncode
-        assert rc in (-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS) or any("LOST " in ln for ln in lines), \
-            (rc, lines)
+        reported = any(ln.startswith("LOST ") for ln in lines)
+        if interval != "0" or rc == 0:   # it survived: it must have said so both ways
+            assert rc == 0 and reported, (rc, lines)
+            assert sum(ln.startswith("NOTICE ") for ln in lines) == 1, lines
+        else:
+            assert rc in (-signal.SIGABRT, -signal.SIGSEGV, -signal.SIGBUS) or reported, (rc, lines)
     finally:
         sender.kill()
         receiver.kill()
