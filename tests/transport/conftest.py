@@ -26,10 +26,37 @@ from stagekit.transport.ucx_runtime import ucx_importable
 TEST_TLS = "posix,tcp"
 TRANSPORTS = ["grpc", "ucx:shm", "ucx:tcp", "ucx"]
 needs_ucx = pytest.mark.skipif(not ucx_importable(), reason="ucxx does not import here")
+# A same-host peer killed in the middle of a transfer may wedge this process's UCX
+# shared-memory receive FIFO for good (UcxRuntime.mark_shm_unsafe): the auto profile then
+# links over TCP, but every later test pinned to ``ucx:shm`` would find no one answering.
+# Tests that kill a UCX peer mid-transfer therefore run in a fresh pytest process of their own.
+own_process = pytest.mark.own_process
+_OWN_PROCESS_ENV = "STAGEMESH_TEST_OWN_PROCESS"
+_OWN_PROCESS_TIMEOUT_S = 240
 
 
-def transport_params(names: list[str] = TRANSPORTS) -> list:
-    return [pytest.param(n, marks=needs_ucx) if n.startswith("ucx") else n for n in names]
+def transport_params(names: list[str] = TRANSPORTS, own_process_for: tuple[str, ...] = ()) -> list:
+    """``names`` as test parameters; UCX ones skip without ucxx, those in ``own_process_for``
+    run in a process of their own."""
+    def marks(n: str) -> list:
+        return [needs_ucx] * n.startswith("ucx") + [own_process] * (n in own_process_for)
+
+    return [pytest.param(n, marks=marks(n)) for n in names]
+
+
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run an ``own_process`` test as ``python -m pytest <its id>`` in a child process
+    (which runs it here, in-process) and report the child's verdict."""
+    if pyfuncitem.get_closest_marker("own_process") is None or \
+            os.environ.get(_OWN_PROCESS_ENV) == pyfuncitem.nodeid:
+        return None
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                         cwd=pyfuncitem.config.rootpath, capture_output=True, text=True,
+                         env={**os.environ, _OWN_PROCESS_ENV: pyfuncitem.nodeid}, timeout=_OWN_PROCESS_TIMEOUT_S)
+    if run.returncode != 0:
+        pytest.fail(f"in its own process (exit {run.returncode}):\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}",
+                    pytrace=False)
+    return True
 
 
 class LoopThread:

@@ -18,9 +18,9 @@ import pytest
 
 from stagekit.bench.transport_peer import frame_ok, step_frame
 from stagekit.errors import StageUnavailable
-from tests.transport.conftest import LoopThread, link, needs_ucx, spawn_peer, transport_params, unlink
+from tests.transport.conftest import LoopThread, link, needs_ucx, own_process, spawn_peer, transport_params, unlink
 
-KILL_TRANSPORTS = transport_params(["grpc", "ucx:shm", "ucx:tcp"])
+KILL_TRANSPORTS = transport_params(["grpc", "ucx:shm", "ucx:tcp"], own_process_for=("ucx:shm",))
 REPORT_S = 5.0      # a lost link is reported within this (pidfd / TCP reset: well under a second)
 ORIGIN_STEP = 10**6
 
@@ -136,6 +136,7 @@ def test_cma_profile_survivor_reports_or_shares_fate(interval: str) -> None:
 
 
 @needs_ucx
+@own_process
 def test_a_restarted_neighbour_links_again(loop_thread: LoopThread) -> None:
     """Re-wiring to the same live peer keeps the link; after that peer dies, a new process
     in its place links both ways again and frames flow (the gateway's re-wire after a restart)."""
@@ -165,6 +166,7 @@ def test_a_restarted_neighbour_links_again(loop_thread: LoopThread) -> None:
         loop_thread.run(linked.host.stop())
 
 
+@own_process
 @pytest.mark.parametrize("name", transport_params(["ucx", "ucx:shm"]))
 def test_closing_a_link_to_a_stalled_then_dead_peer_never_blocks(name: str, loop_thread: LoopThread) -> None:
     """ucxx closes an endpoint without error handling by spinning until a flush completes,
