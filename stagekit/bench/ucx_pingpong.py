@@ -173,16 +173,19 @@ async def _serve(args: argparse.Namespace, sizes: list[int]) -> None:
 
 async def _measure(args: argparse.Namespace, sizes: list[int]) -> dict[str, float]:
     ucxx, eh = init_ucxx(args.profile)
-    cmd = [sys.executable, "-m", _MODULE, "--serve", *_shared_args(args, sizes)]
+    cmd = [sys.executable, "-m", _MODULE, "--serve",
+           *_argv(args.profile, sizes, args.iters, args.stream, args.window, args.quick)]
     async with endpoint_to_peer(ucxx, cmd, eh) as ep:
         if args.stream:
             return await _stream(ucxx, ep, sizes, args.window, args.quick, first=True)
         return await _bounce(ucxx, ep, sizes, args.iters, first=True)
 
 
-def _shared_args(args: argparse.Namespace, sizes: list[int]) -> list[str]:
-    return ["--profile", args.profile, "--sizes", ",".join(map(str, sizes)), "--iters", str(args.iters),
-            "--window", str(args.window), *(["--stream"] if args.stream else []), *(["--quick"] if args.quick else [])]
+def _argv(profile: str, sizes: list[int], iters: int = 200, stream: bool = False, window: int = 1,
+          quick: bool = False) -> list[str]:
+    """This module's command line for one measurement."""
+    return ["--profile", profile, "--sizes", ",".join(map(str, sizes)), "--iters", str(iters),
+            "--window", str(window), *(["--stream"] if stream else []), *(["--quick"] if quick else [])]
 
 
 def _run_fresh(argv: list[str], timeout_s: float) -> dict[str, float] | None:
@@ -196,14 +199,13 @@ def _run_fresh(argv: list[str], timeout_s: float) -> dict[str, float] | None:
 
 def python_floor(profile: str, sizes: list[int], iters: int = 200, timeout_s: float = 120.0) -> dict[str, float] | None:
     """Median round trip (µs) per size, measured in fresh processes; None if it failed."""
-    return _run_fresh(["--profile", profile, "--sizes", ",".join(map(str, sizes)), "--iters", str(iters)], timeout_s)
+    return _run_fresh(_argv(profile, sizes, iters=iters), timeout_s)
 
 
 def python_ceiling(profile: str, sizes: list[int], window: int = 1, quick: bool = False,
                    timeout_s: float = 300.0) -> dict[str, float] | None:
     """Stream bandwidth (GB/s) per size, measured in fresh processes; None if it failed."""
-    return _run_fresh(["--profile", profile, "--sizes", ",".join(map(str, sizes)), "--stream",
-                       "--window", str(window), *(["--quick"] if quick else [])], timeout_s)
+    return _run_fresh(_argv(profile, sizes, stream=True, window=window, quick=quick), timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:
