@@ -17,7 +17,7 @@ build the step).
 
     .venv/bin/python benchmarks/frame_path_proto.py --mode native [--profile shm] [--iters 300]
 
-Prints one JSON object. Compare with ``python -m stagekit.bench.ucx_pingpong --profile shm
+Prints one JSON object. Compare with ``python -m stagemesh.bench.ucx_pingpong --profile shm
 --sizes 524288`` (bare ucxx bouncing 512 KiB) in the same session.
 """
 
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stagekit.bench.transport_probe import decode_step
-from stagekit.bench.ucx_pingpong import endpoint_to_measurer, endpoint_to_peer, init_ucxx
-from stagekit.engine.step import Frame
 from stagekit.transport import frame_codec
+from stagekit.types.step import Frame
+from stagemesh.bench.transport_probe import decode_step
+from stagemesh.bench.ucx_pingpong import endpoint_to_measurer, endpoint_to_peer, init_ucxx
 
 _ALIGN = 64
 _CAP = 1 << 20

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from stagekit.client import AsyncGenerationClient, GenerationClient  # noqa: E402
 from stagekit.config.model_config import load_model_config  # noqa: E402
 from stagekit.demo import write_demo_model  # noqa: E402
-from stagekit.parallel.tp_executor import free_port  # noqa: E402
+from stagekit.ports import free_port  # noqa: E402
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc  # noqa: E402
 from stagemesh.launcher import Mesh, MeshSpec  # noqa: E402
 

@@ -19,11 +19,11 @@ from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, Unauthorized, error_body, gateway_error_body
-from gateway.handling import ClientDisconnected, check_model
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.pool import ReplicaPool
 from gateway.replica import ReplicaClient
+from gateway.request_run import ClientDisconnected, check_model
 from gateway.routing import PrefixIndex, Router, make_router
 from gateway.rpc.server import GenerationServer
 from gateway.schemas import ChatCompletionRequest, CompletionRequest

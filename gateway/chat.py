@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse, Response
 from gateway.errors import InvalidRequest
 from gateway.fanout import ChoiceResult
 from gateway.generation import ChoiceDelta
-from gateway.handling import RequestRun, check_model, make_jobs, new_request_id
 from gateway.logprobs import chat_logprobs
 from gateway.prompts import chat_prompt
+from gateway.request_run import RequestRun, check_model, make_jobs, new_request_id
 from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, stop_strings
 from gateway.schemas import ChatCompletionRequest
 from gateway.state import GatewayState

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse, Response
 from gateway.errors import InvalidRequest
 from gateway.fanout import ChoiceResult
 from gateway.generation import ChoiceDelta
-from gateway.handling import RequestRun, check_model, make_jobs, new_request_id
 from gateway.logprobs import completion_logprobs
 from gateway.prompts import completion_prompts
+from gateway.request_run import RequestRun, check_model, make_jobs, new_request_id
 from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, stop_strings
 from gateway.schemas import CompletionRequest
 from gateway.state import GatewayState

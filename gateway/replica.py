@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from gateway import codec
+from gateway import stage_proto
 from gateway.admission import ReplicaGate
 from gateway.domain import GenerateChunk, SamplingParams, StageInfo
 from gateway.errors import GatewayError, InvalidRequest, Unavailable, from_rpc_error
@@ -89,13 +89,13 @@ class ReplicaClient:
         """Tell every stage its pipeline, last stage first; returns the head's info."""
         head: StageInfo | None = None
         for stage in reversed(range(len(self.addresses))):
-            request = codec.wire_request(self.addresses, stage, self.transport)
+            request = stage_proto.wire_request(self.addresses, stage, self.transport)
             try:
                 reply = await self._stub(stage).Wire(request, timeout=self.rpc_timeout_s)
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, where=self._where(stage)) from err
             if stage == 0:
-                head = codec.info_from_proto(reply.info)
+                head = stage_proto.info_from_proto(reply.info)
         assert head is not None
         self.head_info = head
         self.wired = True
@@ -128,7 +128,7 @@ class ReplicaClient:
             reply = await self._stub(stage).GetInfo(stage_pb2.GetInfoRequest(), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, where=self._where(stage)) from err
-        return codec.info_from_proto(reply)
+        return stage_proto.info_from_proto(reply)
 
     async def tokenizer_files(self) -> dict[str, bytes]:
         try:
@@ -137,7 +137,7 @@ class ReplicaClient:
             )
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, where=self._where(0)) from err
-        return codec.tokenizer_files_from_proto(reply)
+        return stage_proto.tokenizer_files_from_proto(reply)
 
     async def probe(self) -> bool:
         """Ask every stage for its info; re-wire when one forgot its pipeline (a restart)."""
@@ -177,10 +177,10 @@ class ReplicaClient:
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
     ) -> AsyncIterator[GenerateChunk]:
         """Stream one request from the head; closing the iterator cancels the call."""
-        call = self._stub(0).Generate(codec.generate_request(request_id, prompt_token_ids, sampling))
+        call = self._stub(0).Generate(stage_proto.generate_request(request_id, prompt_token_ids, sampling))
         try:
             async for reply in call:
-                yield codec.chunk_from_proto(reply)
+                yield stage_proto.chunk_from_proto(reply)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, where=self._where(0)) from err
         finally:
@@ -188,7 +188,7 @@ class ReplicaClient:
 
     async def abort(self, request_id: str) -> bool:
         try:
-            reply = await self._stub(0).Abort(codec.abort_request(request_id), timeout=self.rpc_timeout_s)
+            reply = await self._stub(0).Abort(stage_proto.abort_request(request_id), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             logger.debug("abort %s on replica %d failed: %s", request_id, self.index, err.code().name)
             return False

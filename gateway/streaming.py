@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from gateway.errors import GatewayError, error_body, gateway_error_body
 from gateway.generation import ChoiceDelta
-from gateway.handling import RequestRun
+from gateway.request_run import RequestRun
 
 logger = logging.getLogger("stagemesh.gateway")
 

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stagekit.errors import InvalidRequest
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 
 
 def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:

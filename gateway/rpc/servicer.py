@@ -13,8 +13,8 @@ from gateway.auth import ApiKeys
 from gateway.chat import prepare_chat
 from gateway.completions import prepare_completion
 from gateway.errors import GatewayError, Unauthorized
-from gateway.handling import RequestRun
-from gateway.rpc import codec
+from gateway.request_run import RequestRun
+from gateway.rpc import generation_proto
 from gateway.schemas import ChatCompletionRequest
 from gateway.state import GatewayState
 from stagekit.rpc.pb import generation_pb2, generation_pb2_grpc
@@ -39,7 +39,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise Unauthorized("Incorrect API key provided.")
 
     def _prepare(self, request: generation_pb2.GenerationRequest, method: str) -> tuple[RequestRun, bool]:
-        req, with_logprobs = codec.request_from_proto(request)
+        req, with_logprobs = generation_proto.request_from_proto(request)
         endpoint = _SERVICE + method
         if isinstance(req, ChatCompletionRequest):
             run, _ = prepare_chat(req, self.state, endpoint)
@@ -65,10 +65,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 async with aclosing(run.deltas()) as deltas:
                     async for d in deltas:
                         if d.text or d.tokens or d.finish_reason is not None:
-                            yield codec.chunk_to_proto(
+                            yield generation_proto.chunk_to_proto(
                                 run.request_id, d.index, d.text, d.tokens, d.finish_reason, with_logprobs
                             )
-                yield codec.usage_chunk(run.request_id, run.usage())
+                yield generation_proto.usage_chunk(run.request_id, run.usage())
             except BaseException as err:
                 run.finish(err)
                 raise
@@ -99,7 +99,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 run.finish(err)
                 raise
             run.finish("ok")
-            return codec.complete_response(run.request_id, self.state.model_name, results, run.usage(), with_logprobs)
+            return generation_proto.complete_response(run.request_id, self.state.model_name, results, run.usage(),
+                                                      with_logprobs)
         except GatewayError as err:
             code = err.grpc_code
             await self._abort(context, err)
@@ -121,7 +122,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         code = grpc.StatusCode.OK
         try:
             self._authorize(context)
-            return codec.models_response([self.state.model_card()])
+            return generation_proto.models_response([self.state.model_card()])
         except GatewayError as err:
             code = err.grpc_code
             await self._abort(context, err)

@@ -23,7 +23,7 @@ import torch
 
 from stagekit.errors import InvalidRequest
 from stagekit.parallel.kv_heads import check_tp, resplit_kv, transfer_shape
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def announce(node: StageNode, dest_blocks: list[int]) -> stage_pb2.KvBlocksChunk
     """What a sender says before the data: where it goes and what it is."""
     lay, kv = node.layout, node.runtime.kv_cache
     return stage_pb2.KvBlocksChunk(blocks=dest_blocks, start_layer=lay.start_layer, end_layer=lay.end_layer,
-                                   tp_size=lay.tp_size, dtype=codec.dtype_to_proto(kv.dtype),
+                                   tp_size=lay.tp_size, dtype=stage_proto.dtype_to_proto(kv.dtype),
                                    shape=list(shape_of(node, dest_blocks)))
 
 
@@ -149,7 +149,7 @@ def check(node: StageNode, head: stage_pb2.KvBlocksChunk) -> Incoming:
     if (head.start_layer, head.end_layer) != (lay.start_layer, lay.end_layer):
         raise InvalidRequest(f"KV of layers {head.start_layer}:{head.end_layer} cannot go into a stage holding "
                              f"layers {lay.start_layer}:{lay.end_layer}")
-    dtype = codec.dtype_from_proto(head.dtype)
+    dtype = stage_proto.dtype_from_proto(head.dtype)
     blocks = list(head.blocks)
     want = shape_of(node, blocks, src_tp)
     if dtype != kv.dtype or tuple(head.shape) != want:

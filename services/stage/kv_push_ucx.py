@@ -1,5 +1,5 @@
 """The UCX data path of a KV transfer, taken when both stages run the UCX data plane: one
-bulk transfer (stagekit.transport.ucx_bulk) from the sending stage's worker to the
+bulk transfer (stagekit.transport.ucx.bulk) from the sending stage's worker to the
 receiving stage's, outside the step links. The header is the announcement (a serialised
 ``KvBlocksChunk`` without data); the payload is sent straight from the pool's memory, one
 part per layer, K/V and run of consecutive blocks (the blocks are pinned: no step writes
@@ -20,9 +20,9 @@ import torch
 from services.stage import kv_blocks
 from stagekit.errors import InvalidRequest
 from stagekit.rpc.pb import stage_pb2
-from stagekit.transport.ucx_bulk import MAX_PARTS
-from stagekit.transport.ucx_bulk_inbox import BulkHandler, Receive
-from stagekit.transport.ucx_transport import UcxTransport
+from stagekit.transport.ucx.bulk import MAX_PARTS
+from stagekit.transport.ucx.bulk_inbox import BulkHandler, Receive
+from stagekit.transport.ucx.transport import UcxTransport
 
 if TYPE_CHECKING:
     from services.stage.node import StageNode

@@ -29,7 +29,7 @@ from stagekit.rpc.pb import stage_pb2
 
 if TYPE_CHECKING:
     from services.stage.node import StageNode
-    from stagekit.transport.ucx_transport import UcxTransport
+    from stagekit.transport.ucx.transport import UcxTransport
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,6 @@ def _ucx_transport(node: StageNode) -> UcxTransport | None:
     """This stage's transport if it is the UCX data plane (imported only then: it needs numpy)."""
     if node.transport.name != "ucx":
         return None
-    from stagekit.transport.ucx_transport import UcxTransport
+    from stagekit.transport.ucx.transport import UcxTransport
 
     return node.transport if isinstance(node.transport, UcxTransport) else None

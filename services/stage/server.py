@@ -17,7 +17,7 @@ from services.stage.servicer import StageServicer
 from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.parallel.tp_executor import TPExecutor
+from stagekit.engine.tp_executor import TPExecutor
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.factory import make_transport
 

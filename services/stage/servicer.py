@@ -9,7 +9,7 @@ import grpc
 from services.stage import kv_push_grpc, kv_transfer
 from services.stage.node import StageNode
 from stagekit.errors import InvalidRequest
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
 from stagekit.rpc.status import status_for, stream_errors, unary_errors
 
@@ -80,11 +80,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def Generate(self, request: stage_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[stage_pb2.GenerateResponse]:
         engine = self._engine()
-        params = codec.sampling_from_proto(request.sampling)
+        params = stage_proto.sampling_from_proto(request.sampling)
         async for out in engine.generate(request.request_id, list(request.prompt_token_ids), params):
             yield stage_pb2.GenerateResponse(
                 request_id=request.request_id, token_ids=out.token_ids, logprobs=out.logprobs,
-                top_logprobs=codec.tops_to_proto(out.top_logprobs),
+                top_logprobs=stage_proto.tops_to_proto(out.top_logprobs),
                 finish_reason=_FINISH.get(out.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
                 prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
             )

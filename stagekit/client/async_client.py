@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from stagekit.client import codec
+from stagekit.client import generation_proto
 from stagekit.client.channel import DEFAULT_TIMEOUT, ChannelConfig, deadline_for, remaining
 from stagekit.client.errors import error_from_rpc
 from stagekit.client.retry import RetryPolicy
@@ -51,11 +51,11 @@ class AsyncGenerationStream:
             if msg is grpc.aio.EOF:
                 raise StopAsyncIteration
             self.request_id = msg.request_id or self.request_id
-            if codec.is_usage(msg):
-                self.usage = codec.usage_from_proto(msg.usage)
+            if generation_proto.is_usage(msg):
+                self.usage = generation_proto.usage_from_proto(msg.usage)
                 continue
             self._received = True
-            return codec.chunk_from_proto(msg)
+            return generation_proto.chunk_from_proto(msg)
 
     def cancel(self) -> None:
         if self._call is not None:
@@ -100,7 +100,7 @@ class AsyncGenerationClient:
         **params: Any,
     ) -> AsyncGenerationStream:
         """Stream the output (``async for chunk in client.generate(...)``)."""
-        msg = codec.request_to_proto(GenerationRequest.build(prompt, messages=messages, **params))
+        msg = generation_proto.request_to_proto(GenerationRequest.build(prompt, messages=messages, **params))
         deadline = deadline_for(timeout, self.config.timeout_s)
 
         def start(left: float | None) -> Any:
@@ -116,12 +116,12 @@ class AsyncGenerationClient:
         timeout: float | None | object = DEFAULT_TIMEOUT,
         **params: Any,
     ) -> Completion:
-        msg = codec.request_to_proto(GenerationRequest.build(prompt, messages=messages, **params))
-        return codec.completion_from_proto(await self._unary(self._stub.Complete, msg, timeout))
+        msg = generation_proto.request_to_proto(GenerationRequest.build(prompt, messages=messages, **params))
+        return generation_proto.completion_from_proto(await self._unary(self._stub.Complete, msg, timeout))
 
     async def list_models(self, *, timeout: float | None | object = DEFAULT_TIMEOUT) -> list[Model]:
-        reply = await self._unary(self._stub.ListModels, codec.list_models_request(), timeout)
-        return codec.models_from_proto(reply)
+        reply = await self._unary(self._stub.ListModels, generation_proto.list_models_request(), timeout)
+        return generation_proto.models_from_proto(reply)
 
     async def _unary(self, method: Callable[..., Any], msg: Any, timeout: float | None | object) -> Any:
         deadline = deadline_for(timeout, self.config.timeout_s)

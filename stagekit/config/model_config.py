@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from stagekit.config.architectures import ARCHITECTURES
 from stagekit.errors import InvalidRequest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +38,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    # the whole config.json as read, for family-specific fields the typed ones do not cover
+    hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def max_model_len(self) -> int:
@@ -63,8 +66,6 @@ def _as_list(x: object) -> list[int]:
 def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
     """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from an HF model
     directory; InvalidRequest names what is missing or unsupported."""
-    from stagekit.models.registry import SUPPORTED_ARCHITECTURES, qkv_bias_for
-
     root = Path(path)
     if not root.is_dir():
         raise InvalidRequest(f"model directory {str(root)!r} does not exist")
@@ -73,11 +74,11 @@ def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
         raise InvalidRequest(f"model directory {str(root)!r} has no config.json")
     cfg = json.loads(cfg_file.read_text())
     archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise InvalidRequest(
             f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     num_heads = int(cfg["num_attention_heads"])
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -90,7 +91,8 @@ def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
     if gen_file.is_file():
         eos += [i for i in _as_list(json.loads(gen_file.read_text()).get("eos_token_id")) if i not in eos]
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+    family = ARCHITECTURES[arch]
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", family.sliding_window_default) else None
     return ModelConfig(
         path=str(root.resolve()),
         name=name or root.resolve().name,
@@ -107,9 +109,10 @@ def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias_for(arch, cfg),
+        qkv_bias=family.has_qkv_bias(cfg),
         checkpoint_dtype=dtype if dtype in DTYPES else "float32",
         eos_token_ids=eos,
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=window,
+        hf_config=cfg,
     )

@@ -16,14 +16,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from stagekit.engine.kv_imports import KvImports
-from stagekit.engine.sampling_params import SamplingParams
 from stagekit.engine.scheduler import Scheduler, StepOutcome
 from stagekit.engine.sequence import Sequence, SequenceStatus, TokenOutput
 from stagekit.engine.stage_runtime import StageRuntime
-from stagekit.engine.step import Frame, StepHeader, StepResult
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
-from stagekit.models.stage_model import IntermediateTensors
 from stagekit.transport.base import Transport
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import Frame, IntermediateTensors, StepHeader, StepResult
 
 log = logging.getLogger(__name__)
 

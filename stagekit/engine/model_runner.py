@@ -7,14 +7,15 @@ from __future__ import annotations
 import torch
 
 from stagekit.config.model_config import load_model_config
-from stagekit.engine.forward_batch import ForwardBatch, SeqSlice
-from stagekit.engine.kv_cache import PagedKVCache, available_memory
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.kv.forward_batch import ForwardBatch
+from stagekit.kv.kv_cache import PagedKVCache, available_memory
 from stagekit.layers.cpu_packed import pack_model_weights
 from stagekit.loader.safetensors_loader import load_weights
-from stagekit.models.stage_model import IntermediateTensors, StageModel
+from stagekit.models.stage_model import StageModel
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
+from stagekit.types.step import IntermediateTensors, SeqSlice
 
 
 class ModelRunner:

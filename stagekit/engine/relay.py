@@ -10,9 +10,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from stagekit.engine.stage_runtime import StageRuntime
-from stagekit.engine.step import Frame, StepResult
-from stagekit.models.stage_model import IntermediateTensors
 from stagekit.transport.base import Transport
+from stagekit.types.step import Frame, IntermediateTensors, StepResult
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stagekit.engine.sampling_params import SamplingParams
+from stagekit.types.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -16,10 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from stagekit.engine.block_manager import BlockManager
-from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.prefix_cache import BLOCK_SIZE, block_hashes
 from stagekit.engine.sequence import Sequence, SequenceStatus
-from stagekit.engine.step import NewSeq, StepHeader, StepResult
+from stagekit.types.step import NewSeq, SeqSlice, StepHeader, StepResult
 
 
 @dataclass(slots=True)

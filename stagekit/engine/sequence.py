@@ -6,7 +6,7 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
-from stagekit.engine.sampling_params import SamplingParams
+from stagekit.types.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -10,9 +10,8 @@ import torch
 
 from stagekit.engine.sampler import Sampler
 from stagekit.engine.stats import StageStats
-from stagekit.engine.step import StepHeader, StepResult
-from stagekit.models.stage_model import IntermediateTensors
-from stagekit.parallel.tp_executor import TPExecutor
+from stagekit.engine.tp_executor import TPExecutor
+from stagekit.types.step import IntermediateTensors, StepHeader, StepResult
 
 
 class StageRuntime:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stagekit.engine.forward_batch import ForwardBatch
 from stagekit.kernels.paged_decode import paged_decode
+from stagekit.kv.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from stagekit.config.model_config import ModelConfig
-from stagekit.engine.forward_batch import ForwardBatch
+from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.layers.activation import SiluAndMul
 from stagekit.layers.attention import Attention
 from stagekit.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear

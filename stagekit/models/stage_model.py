@@ -8,26 +8,17 @@ index>...``) so the loader maps names without knowing the layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from stagekit.config.model_config import ModelConfig
-from stagekit.engine.forward_batch import ForwardBatch
+from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from stagekit.layers.norm import RMSNorm
 from stagekit.models.registry import decoder_layer_class
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
-
-
-@dataclass(slots=True)
-class IntermediateTensors:
-    """What flows between stages: hidden states and the residual stream, both [T, hidden]."""
-
-    hidden_states: torch.Tensor
-    residual: torch.Tensor | None
+from stagekit.types.step import IntermediateTensors
 
 
 class StageModel(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from stagekit.engine.step import Frame
+from stagekit.types.step import Frame
 
 
 class Transport(abc.ABC):

@@ -1,7 +1,7 @@
 """Pick a data plane by name: ``grpc`` always works; ``ucx`` where ucxx imports.
 
 ``ucx`` may name a profile of UCX settings: ``ucx:auto``, ``ucx:shm``, ``ucx:cma``, ``ucx:tcp``
-(see ucx_settings); plain ``ucx`` takes STAGEMESH_UCX_PROFILE, else ``auto``.
+(see ucx/settings); plain ``ucx`` takes STAGEMESH_UCX_PROFILE, else ``auto``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ TRANSPORTS = ("ucx", "grpc")
 
 
 def default_transport() -> str:
-    from stagekit.transport.ucx_runtime import ucx_importable
+    from stagekit.transport.ucx.runtime import ucx_importable
 
     return "ucx" if ucx_importable() else "grpc"
 
@@ -35,18 +35,18 @@ def make_transport(name: str | None = None) -> Transport:
             name = "grpc"
     name = name or default_transport()
     if name == "grpc":
-        from stagekit.transport.grpc_transport import GrpcTransport
+        from stagekit.transport.grpc.transport import GrpcTransport
 
         return GrpcTransport()
     base, _, profile = name.partition(":")
     if base == "ucx":
-        from stagekit.transport.ucx_runtime import ucx_importable
+        from stagekit.transport.ucx.runtime import ucx_importable
 
         if not ucx_importable():
             raise InvalidRequest("the ucx data plane needs the ucxx package (pip install 'stagemesh[ucx]'); "
                                  "use --transport grpc")
-        from stagekit.transport.ucx_settings import UcxSettings
-        from stagekit.transport.ucx_transport import UcxTransport
+        from stagekit.transport.ucx.settings import UcxSettings
+        from stagekit.transport.ucx.transport import UcxTransport
 
         return UcxTransport(UcxSettings.from_env(profile or None))
     raise InvalidRequest(f"unknown transport {name!r} (available: {', '.join(TRANSPORTS)})")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stagekit.engine.step import Frame
 from stagekit.errors import InvalidRequest
 from stagekit.transport import step_codec
+from stagekit.types.step import Frame
 
 ENVELOPE_BYTES = 16 << 10
 INLINE_BYTES = 8 << 10

@@ -15,7 +15,7 @@ stage after the lost link is alive (a single failure), so the notice always gets
 
 from __future__ import annotations
 
-from stagekit.engine.step import Frame, StepResult
+from stagekit.types.step import Frame, StepResult
 
 _CAP = 4096  # both sets are bounded: a step whose result never comes back must not leak
 

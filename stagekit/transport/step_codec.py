@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import struct
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.step import StepHeader, StepResult
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2
+from stagekit.types.step import SeqSlice, StepHeader, StepResult
 
 _HEADER = struct.Struct("<qIIIII")
 _RESULT = struct.Struct("<qIBII")
@@ -38,7 +37,7 @@ def encode_header(h: StepHeader) -> bytes:
     extra = b""
     if h.new_seqs:
         extra = stage_pb2.StepHeader(new_seqs=[
-            stage_pb2.NewSeqSampling(seq_id=x.seq_id, sampling=codec.sampling_to_proto(x.params))
+            stage_pb2.NewSeqSampling(seq_id=x.seq_id, sampling=stage_proto.sampling_to_proto(x.params))
             for x in h.new_seqs]).SerializeToString()
     nf, npre = len(h.freed_seq_ids), len(h.preempted_seq_ids)
     try:
@@ -71,7 +70,7 @@ def decode_header(raw: bytes | memoryview) -> StepHeader:
     new_seqs = []
     if extra_len:
         p = stage_pb2.StepHeader.FromString(bytes(raw[off:off + extra_len]))
-        new_seqs = codec.header_from_proto(p).new_seqs
+        new_seqs = stage_proto.header_from_proto(p).new_seqs
     return StepHeader(step_id, seqs, list(rest[:nf]), new_seqs, list(rest[nf:]))
 
 
@@ -80,7 +79,7 @@ def encode_result(r: StepResult) -> bytes:
     if len(r.token_ids) != n or len(r.logprobs) != n:
         raise ValueError(f"step {r.step_id} result: seq_ids, token_ids and logprobs differ in length")
     err = r.error.encode()
-    tops = stage_pb2.StepResult(top_logprobs=codec.tops_to_proto(r.top_logprobs)).SerializeToString() \
+    tops = stage_pb2.StepResult(top_logprobs=stage_proto.tops_to_proto(r.top_logprobs)).SerializeToString() \
         if r.top_logprobs else b""
     try:
         body = struct.pack(f"<{n}q{n}i{n}f", *r.seq_ids, *r.token_ids, *r.logprobs)
@@ -100,6 +99,6 @@ def decode_result(raw: bytes | memoryview) -> StepResult:
     tops: list[list[tuple[int, float]]] = []
     if tops_len:
         p = stage_pb2.StepResult.FromString(bytes(raw[off + err_len:off + err_len + tops_len]))
-        tops = codec.result_from_proto(p).top_logprobs
+        tops = stage_proto.result_from_proto(p).top_logprobs
     return StepResult(step_id, list(v[:n]), list(v[n:2 * n]), list(v[2 * n:]), tops, error,
                       bool(flags & _LINK_LOST))

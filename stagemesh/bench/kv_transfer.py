@@ -87,7 +87,7 @@ def prompt(length: int, round_: int, vocab: int, seed: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stagekit.bench.ceilings import memcpy_bandwidth
+    from stagemesh.bench.ceilings import memcpy_bandwidth
 
     model = kv_model_dir(args.model)
     planes = [t for t in args.transport.split(",") if t]

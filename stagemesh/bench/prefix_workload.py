@@ -108,7 +108,7 @@ def _prefix_counts(heads: list[str]) -> tuple[int, int]:
 
 def _one_mesh(label: str, spec_kw: dict, model: str, name: str, prompts: list[list[int]],
               args: argparse.Namespace) -> RunResult:
-    from stagekit.parallel.tp_executor import free_port
+    from stagekit.ports import free_port
     from stagemesh.launcher import Mesh, MeshSpec
 
     mesh = Mesh(MeshSpec(model=model, port=free_port(), **spec_kw), tempfile.mkdtemp(prefix="stagemesh-bench-"))

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, transport: str) -> Mesh:
-    from stagekit.parallel.tp_executor import free_port
+    from stagekit.ports import free_port
     from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
     spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=args.tp, threads=args.threads,

@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_transport(args: argparse.Namespace) -> int:
-    from stagekit.bench import transport as bench
-    from stagekit.transport.ucx_runtime import ucx_importable
+    from stagekit.transport.ucx.runtime import ucx_importable
+    from stagemesh.bench import transport as bench
 
     cfg = bench.BenchConfig(quick=args.quick, perftest=not args.no_perftest, repeat=max(1, args.repeat),
                             window=max(1, args.window))

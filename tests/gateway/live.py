@@ -13,7 +13,7 @@ from typing import Any
 
 from stagekit.config.model_config import load_model_config
 from stagekit.demo import write_demo_model
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 from stagemesh.launcher import Mesh, MeshSpec
 
 

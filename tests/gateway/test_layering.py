@@ -8,7 +8,7 @@ from pathlib import Path
 import gateway
 
 GATEWAY_DIR = Path(gateway.__file__).parent
-PB_ALLOWED = {"codec.py", "replica.py", "rpc/codec.py", "rpc/servicer.py", "rpc/server.py"}
+PB_ALLOWED = {"stage_proto.py", "replica.py", "rpc/generation_proto.py", "rpc/servicer.py", "rpc/server.py"}
 
 
 def imported_modules(path: Path) -> set[str]:

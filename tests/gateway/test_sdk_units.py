@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from stagekit.client import GenerationRequest, RetryPolicy, Unauthenticated, error_from_rpc
-from stagekit.client.codec import request_to_proto
+from stagekit.client.generation_proto import request_to_proto
 from stagekit.errors import CapacityExceeded, DeadlineExceeded, InvalidRequest, StagemeshError
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 from tests.unit.test_parallel_layers import TP, _checks
 
 pytestmark = pytest.mark.gpu

@@ -8,9 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.step import Frame, StepHeader
-from stagekit.transport.ucx_runtime import ucx_importable
+from stagekit.transport.ucx.runtime import ucx_importable
+from stagekit.types.step import Frame, SeqSlice, StepHeader
 from tests.transport.conftest import LoopThread, link, shared_loop, unlink
 
 pytestmark = [pytest.mark.gpu,

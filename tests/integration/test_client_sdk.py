@@ -29,7 +29,7 @@ from stagekit.client import (
     NotFound,
     Unauthenticated,
 )
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 from tests.gateway.harness import wait_for
 
 KEY = "sk-local"  # the README's Clients section uses this key

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagemesh.launcher import Mesh, MeshSpec
 from tests.helpers.stage_client import generate, stage_info, tokens_of, wire
@@ -99,7 +99,7 @@ def test_ill_fitting_kv_announcements_are_refused(replicas: Replicas) -> None:
     cannot hold the model's KV heads, is INVALID_ARGUMENT; the stage keeps serving."""
     dest = replicas.dest["grpc"]
     tp1_shape = [5, 2, 1, 2, 16, 8]   # a TP1 stage's layout (for any head count: the shape is wrong for TP2)
-    f32 = codec.dtype_to_proto(torch.float32)
+    f32 = stage_proto.dtype_to_proto(torch.float32)
     with pytest.raises(grpc.RpcError) as err:
         _push(dest, stage_pb2.KvBlocksChunk(blocks=[0], start_layer=0, end_layer=5, tp_size=2, dtype=f32,
                                             shape=tp1_shape))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stagekit.transport.ucx_runtime import ucx_importable
+from stagekit.transport.ucx.runtime import ucx_importable
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.helpers.checkpoints import NUM_NEW, PROMPTS
 from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wire

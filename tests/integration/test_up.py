@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 
 
 def _children(pid: int) -> list[int]:

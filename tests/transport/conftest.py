@@ -1,6 +1,6 @@
 """Transport tests run this side in the test process, on one event loop in a background
 thread for the whole session (the process's UCX context is bound to the loop that made
-it), and the other side as a real peer process (stagekit.bench.transport_peer)."""
+it), and the other side as a real peer process (stagekit.testing.transport_peer)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from stagekit.bench.transport_host import TransportHost
+from stagekit.testing.transport_host import TransportHost
 from stagekit.transport.base import Transport
-from stagekit.transport.ucx_runtime import ucx_importable
+from stagekit.transport.ucx.runtime import ucx_importable
 
 # Every UCX profile a peer may run; this process serves them all from one UCX context
 # (error handling is chosen per endpoint). No cma here: a peer dying mid-copy would
@@ -88,11 +88,11 @@ def make_test_transport(name: str, timeout_s: float = 10.0) -> Transport:
     """This side's transport for a peer running ``name``; ``timeout_s``: its UCX part and
     send timeouts."""
     if name == "grpc":
-        from stagekit.transport.grpc_transport import GrpcTransport
+        from stagekit.transport.grpc.transport import GrpcTransport
 
         return GrpcTransport()
-    from stagekit.transport.ucx_settings import UcxSettings
-    from stagekit.transport.ucx_transport import UcxTransport
+    from stagekit.transport.ucx.settings import UcxSettings
+    from stagekit.transport.ucx.transport import UcxTransport
 
     profile = name.partition(":")[2] or None
     return UcxTransport(replace(UcxSettings.from_env(profile), tls=TEST_TLS, part_timeout_s=timeout_s,
@@ -120,7 +120,7 @@ class Peer:
 
 def spawn_peer(name: str, connect: str, role: str, *extra: str, env: dict[str, str] | None = None) -> Peer:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", name, "--connect", connect,
+        [sys.executable, "-m", "stagekit.testing.transport_peer", "--transport", name, "--connect", connect,
          "--role", role, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     for _ in range(100):  # UCX logs to stdout too: skip its lines

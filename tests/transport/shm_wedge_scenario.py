@@ -11,8 +11,8 @@ import os
 import signal
 import time
 
-from stagekit.bench.transport_peer import frame_ok, step_frame
-from stagekit.transport import ucx_wire
+from stagekit.testing.transport_peer import frame_ok, step_frame
+from stagekit.transport.ucx import wire
 from tests.transport.conftest import LoopThread, link, unlink
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     out["mid_frame"] = lt.run(_kill_mid_frame(tr, src.peer.proc.pid))
     out["inbound_lost"] = tr.inbound_lost
     out["shm_unsafe"] = tr._rt.shm_unsafe  # type: ignore[attr-defined]
-    out["published_unsafe"] = ucx_wire.PeerAddress.unpack(tr.local_address()).shm_unsafe
+    out["published_unsafe"] = wire.PeerAddress.unpack(tr.local_address()).shm_unsafe
     src.peer.kill()
     lt.run(src.host.stop())
     try:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
-from stagekit.transport import ucx_bulk, ucx_wire
+from stagekit.transport.ucx import bulk as ucx_bulk
+from stagekit.transport.ucx import wire as ucx_wire
 
 
 def test_a_bulk_hello_round_trips() -> None:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.step import Frame, StepHeader, StepResult
 from stagekit.errors import InvalidRequest
-from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport import frame_codec
 from stagekit.transport.origin_steps import OriginSteps
 from stagekit.transport.recv_pool import RecvPool
-from stagekit.transport.ucx_settings import UcxSettings
+from stagekit.transport.ucx import wire
+from stagekit.transport.ucx.settings import UcxSettings
+from stagekit.types.step import Frame, SeqSlice, StepHeader, StepResult
 
 
 def _slot(envelope: np.ndarray) -> np.ndarray:
@@ -57,22 +57,22 @@ def test_corrupt_envelopes_are_rejected() -> None:
 
 
 def test_tags_keep_links_frames_and_parts_apart() -> None:
-    tags = {ucx_wire.frame_tag(link, seq, part) for link in (1, 2) for seq in (0, 1, 2**24 - 1) for part in (0, 1, 2)}
+    tags = {wire.frame_tag(link, seq, part) for link in (1, 2) for seq in (0, 1, 2**24 - 1) for part in (0, 1, 2)}
     assert len(tags) == 18 and all(t >> 63 == 0 for t in tags)
-    assert ucx_wire.frame_tag(5, 2**24, 0) == ucx_wire.frame_tag(5, 0, 0)  # seq wraps
-    control = {ucx_wire.hello_tag(7), ucx_wire.welcome_tag(7)}
+    assert wire.frame_tag(5, 2**24, 0) == wire.frame_tag(5, 0, 0)  # seq wraps
+    control = {wire.hello_tag(7), wire.welcome_tag(7)}
     assert len(control) == 2 and all(t >> 63 == 1 for t in control)
 
 
 def test_address_and_hello_round_trip() -> None:
-    me = ucx_wire.PeerAddress(b"\x01\x02worker", inbox=0xDEADBEEF, pid=1234, host="node-7")
-    assert ucx_wire.PeerAddress.unpack(me.pack()) == me
-    hello = ucx_wire.Hello(99, me, error_handling=True)
-    got = ucx_wire.Hello.unpack(hello.pack() + b"\0" * 100)   # read from a larger slot
+    me = wire.PeerAddress(b"\x01\x02worker", inbox=0xDEADBEEF, pid=1234, host="node-7")
+    assert wire.PeerAddress.unpack(me.pack()) == me
+    hello = wire.Hello(99, me, error_handling=True)
+    got = wire.Hello.unpack(hello.pack() + b"\0" * 100)   # read from a larger slot
     assert got.link_id == 99 and got.error_handling and got.sender.worker_address == me.worker_address
-    assert ucx_wire.unpack_welcome(ucx_wire.pack_welcome(ucx_wire.WELCOME_OK)) == ucx_wire.WELCOME_OK
+    assert wire.unpack_welcome(wire.pack_welcome(wire.WELCOME_OK)) == wire.WELCOME_OK
     with pytest.raises(ValueError):
-        ucx_wire.PeerAddress.unpack(b"grpc")
+        wire.PeerAddress.unpack(b"grpc")
 
 
 def test_origin_steps_tracks_only_steps_started_here() -> None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-from stagekit.bench.transport_host import TransportHost
-from stagekit.bench.transport_peer import frame_ok, step_frame
-from stagekit.transport.grpc_transport import GrpcTransport
+from stagekit.testing.transport_host import TransportHost
+from stagekit.testing.transport_peer import frame_ok, step_frame
+from stagekit.transport.grpc.transport import GrpcTransport
 from tests.transport.conftest import LoopThread
 
 

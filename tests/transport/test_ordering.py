@@ -7,8 +7,8 @@ import asyncio
 
 import torch
 
-from stagekit.bench.transport_peer import frame_ok, step_frame
-from stagekit.engine.step import Frame, StepResult
+from stagekit.testing.transport_peer import frame_ok, step_frame
+from stagekit.types.step import Frame, StepResult
 from tests.transport.conftest import Linked, LoopThread
 
 SIZES = [0, 100, 4096, 64 << 10, 1 << 20, 3 << 20]

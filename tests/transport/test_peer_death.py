@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from stagekit.bench.transport_peer import frame_ok, step_frame
 from stagekit.errors import StageUnavailable
+from stagekit.testing.transport_peer import frame_ok, step_frame
 from tests.transport.conftest import LoopThread, link, needs_ucx, own_process, spawn_peer, transport_params, unlink
 
 KILL_TRANSPORTS = transport_params(["grpc", "ucx:shm", "ucx:tcp"], own_process_for=("ucx:shm",))

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from stagekit.bench.peer_watchdog import EXIT_IDLE, _alive
+from stagekit.testing.peer_watchdog import EXIT_IDLE, _alive
 
-PEER = [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", "grpc", "--role", "echo"]
+PEER = [sys.executable, "-m", "stagekit.testing.transport_peer", "--transport", "grpc", "--role", "echo"]
 # A host that starts a peer sharing its stdin and stdout, says the peer's pid, and waits.
 HOST = ("import subprocess, sys\n"
         f"p = subprocess.Popen({PEER!r})\n"

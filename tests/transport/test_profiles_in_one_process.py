@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stagekit.bench.transport_peer import frame_ok, step_frame
+from stagekit.testing.transport_peer import frame_ok, step_frame
 from tests.transport.conftest import LoopThread, link, needs_ucx, unlink
 
 

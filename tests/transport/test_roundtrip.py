@@ -8,9 +8,8 @@ import asyncio
 
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.sampling_params import SamplingParams
-from stagekit.engine.step import Frame, NewSeq, StepHeader, StepResult
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import Frame, NewSeq, SeqSlice, StepHeader, StepResult
 from tests.transport.conftest import Linked, LoopThread
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,

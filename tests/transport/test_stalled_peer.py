@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from stagekit.bench.transport_peer import frame_ok, step_frame
 from stagekit.errors import StageUnavailable
+from stagekit.testing.transport_peer import frame_ok, step_frame
 from tests.transport.conftest import Linked, LoopThread, link, transport_params
 
 STALL_TRANSPORTS = transport_params(["ucx:shm", "ucx:tcp"])

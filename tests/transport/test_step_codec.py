@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.sampling_params import SamplingParams
-from stagekit.engine.step import NewSeq, StepHeader, StepResult
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2
 from stagekit.transport import step_codec
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import NewSeq, SeqSlice, StepHeader, StepResult
 
 
 def _via_proto_header(h: StepHeader) -> StepHeader:
-    return codec.header_from_proto(stage_pb2.StepHeader.FromString(codec.header_to_proto(h).SerializeToString()))
+    raw = stage_proto.header_to_proto(h).SerializeToString()
+    return stage_proto.header_from_proto(stage_pb2.StepHeader.FromString(raw))
 
 
 def _via_proto_result(r: StepResult) -> StepResult:
-    return codec.result_from_proto(stage_pb2.StepResult.FromString(codec.result_to_proto(r).SerializeToString()))
+    raw = stage_proto.result_to_proto(r).SerializeToString()
+    return stage_proto.result_from_proto(stage_pb2.StepResult.FromString(raw))
 
 
 HEADERS = [

@@ -8,8 +8,8 @@ import torch
 
 from services.stage import kv_blocks
 from services.stage.kv_blocks import joint_runs
-from stagekit.engine.kv_cache import PagedKVCache
-from stagekit.engine.kv_cache import block_runs as runs
+from stagekit.kv.kv_cache import PagedKVCache
+from stagekit.kv.kv_cache import block_runs as runs
 
 
 def test_runs_of_consecutive_blocks() -> None:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from stagekit.engine.kv_cache import PagedKVCache
+from stagekit.kv.kv_cache import PagedKVCache
 
 POOL_BYTES = 64 << 20
 

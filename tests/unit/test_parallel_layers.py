@@ -16,7 +16,7 @@ from stagekit.layers.linear import (
 )
 from stagekit.layers.weight_source import TensorSource
 from stagekit.parallel.group import init_tp_group
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 
 TP = 2
 

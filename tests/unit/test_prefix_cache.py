@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from stagekit.engine.block_manager import BlockManager
 from stagekit.engine.prefix_cache import block_hashes
-from stagekit.engine.sampling_params import SamplingParams
 from stagekit.engine.scheduler import Scheduler
 from stagekit.engine.sequence import Sequence
-from stagekit.engine.step import StepResult
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import StepResult
 
 
 def test_hashes_are_chained_over_full_blocks() -> None:

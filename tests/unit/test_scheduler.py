@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from stagekit.engine.sampling_params import SamplingParams
 from stagekit.engine.scheduler import Scheduler
 from stagekit.engine.sequence import Sequence
-from stagekit.engine.step import StepResult
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import StepResult
 
 
 def _seq(i: int, prompt_len: int, max_tokens: int = 4, **kw) -> Sequence:

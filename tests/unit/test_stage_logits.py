@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.group import init_tp_group
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
+from stagekit.types.step import SeqSlice
 from tests.helpers.checkpoints import PROMPTS
 
 SPLITS = [[(0, 5)], [(0, 3), (3, 5)], [(0, 1), (1, 4), (4, 5)]]  # PP1, PP2, PP3 uneven

@@ -13,7 +13,7 @@ requests, with the reason. A lost link from upstream is also reported on toward 
 as a link-lost notice (origin_steps), which the head treats the same way, so a ring of
 four or more stages learns of a dead stage that is not the head's neighbour. Frames are
 delivered whole or not at all. With the ``cma`` profile a neighbour dying while this
-process copies out of its memory makes UCX abort this process instead (see ucx_settings).
+process copies out of its memory makes UCX abort this process instead (see ucx/settings).
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import secrets
 
 import torch
 
-from stagekit.engine.step import Frame
 from stagekit.errors import StageUnavailable
-from stagekit.transport import ucx_bulk, ucx_wire
 from stagekit.transport.base import Transport
 from stagekit.transport.origin_steps import OriginSteps, lost_notice, refusal
-from stagekit.transport.ucx_bulk_inbox import BulkHandler, BulkInbox
-from stagekit.transport.ucx_inbound import InboundLink, Inbox
-from stagekit.transport.ucx_outbound import OutboundLink
-from stagekit.transport.ucx_runtime import UcxRuntime
-from stagekit.transport.ucx_settings import UcxSettings
+from stagekit.transport.ucx import bulk, wire
+from stagekit.transport.ucx.bulk_inbox import BulkHandler, BulkInbox
+from stagekit.transport.ucx.inbound import InboundLink, Inbox
+from stagekit.transport.ucx.outbound import OutboundLink
+from stagekit.transport.ucx.runtime import UcxRuntime
+from stagekit.transport.ucx.settings import UcxSettings
+from stagekit.types.step import Frame
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class UcxTransport(Transport):
         self._rt: UcxRuntime | None = None
         self._inbox: Inbox | None = None
         self._out: OutboundLink | None = None
-        self._me: ucx_wire.PeerAddress | None = None
+        self._me: wire.PeerAddress | None = None
         self._bulk_handler: BulkHandler | None = None
         self._bulk_inbox: BulkInbox | None = None
         self.inbound_lost = ""    # why the upstream link failed (until an upstream connects again)
@@ -72,7 +72,7 @@ class UcxTransport(Transport):
         if self._rt is None:
             rt = UcxRuntime.get(self.settings)
             inbox = secrets.randbits(32)
-            self._me = ucx_wire.PeerAddress(rt.worker_address(), inbox, os.getpid(), ucx_wire.this_host())
+            self._me = wire.PeerAddress(rt.worker_address(), inbox, os.getpid(), wire.this_host())
             self._inbox = Inbox(rt, self.settings, inbox, self._deliver, self._linked, self._inbound_lost)
             self._rt = rt
             if self._bulk_handler is not None:
@@ -81,7 +81,7 @@ class UcxTransport(Transport):
         return self._rt
 
     def serve_bulk(self, handler: BulkHandler) -> None:
-        """Accept one-off bulk transfers (header + payload; see ucx_bulk) on this stage's inbox,
+        """Accept one-off bulk transfers (header + payload; see ucx/bulk) on this stage's inbox,
         each handed to ``handler``. Call once, before or after the transport started."""
         self._bulk_handler = handler
         if self._rt is not None and self._bulk_inbox is None:
@@ -95,11 +95,11 @@ class UcxTransport(Transport):
         published ``peer_transport_address``; its errors raised here."""
         rt = self._start()
         try:
-            peer = ucx_wire.PeerAddress.unpack(peer_transport_address)
+            peer = wire.PeerAddress.unpack(peer_transport_address)
         except ValueError as e:
             raise StageUnavailable(f"stage {peer_name}: {e}") from None
         assert self._me is not None
-        await ucx_bulk.send_bulk(rt, self.settings, self._me, peer_name, peer, header, parts)
+        await bulk.send_bulk(rt, self.settings, self._me, peer_name, peer, header, parts)
 
     @property
     def description(self) -> str:
@@ -118,7 +118,7 @@ class UcxTransport(Transport):
         if not peer_transport_address:
             raise StageUnavailable(f"stage {peer_address} publishes no UCX address: it runs another data plane")
         try:
-            peer = ucx_wire.PeerAddress.unpack(peer_transport_address)
+            peer = wire.PeerAddress.unpack(peer_transport_address)
         except ValueError as e:
             raise StageUnavailable(f"stage {peer_address}: {e}") from None
         out = self._out

@@ -11,26 +11,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
 from multiprocessing.connection import Connection
 
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
-from stagekit.models.stage_model import IntermediateTensors
 from stagekit.parallel.group import init_tp_group
-from stagekit.parallel.worker import worker_main
+from stagekit.ports import free_port
+from stagekit.types.step import IntermediateTensors, SeqSlice
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TPExecutor:

@@ -12,7 +12,7 @@ inbox id; the receiver checks the header and answers with a *verdict* (an error,
 once it posted the receives of the parts into a tensor of the announced dtype and shape);
 the sender then sends the parts, and the receiver answers *done* (OK, or the error that
 writing the tensor raised). Errors travel as a code and a message and are raised again as the same typed
-error on the sender. The tags are control tags of their own (ucx_wire), so a transfer
+error on the sender. The tags are control tags of their own (ucx/wire), so a transfer
 never replaces or disturbs the step link from upstream.
 
 Nothing waits forever: the verdict within ``connect_timeout_s``, the data and done within
@@ -40,12 +40,13 @@ from stagekit.errors import (
     StagemeshError,
     StageUnavailable,
 )
-from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport import frame_codec
 from stagekit.transport.peer_watch import PeerWatch
-from stagekit.transport.ucx_progress import WaitAborted
-from stagekit.transport.ucx_runtime import UcxRuntime
-from stagekit.transport.ucx_settings import UcxSettings
-from stagekit.transport.ucx_wire import PeerAddress
+from stagekit.transport.ucx import wire
+from stagekit.transport.ucx.progress import WaitAborted
+from stagekit.transport.ucx.runtime import UcxRuntime
+from stagekit.transport.ucx.settings import UcxSettings
+from stagekit.transport.ucx.wire import PeerAddress
 
 BULK_HELLO_BYTES = 256 << 10
 STATUS_BYTES = 4 << 10
@@ -131,7 +132,7 @@ async def send_bulk(rt: UcxRuntime, s: UcxSettings, me: PeerAddress, peer_name: 
     them, else raises its typed error (StageUnavailable when it cannot be reached or dies,
     DeadlineExceeded when it stalls). The parts must not change until this returns. ``s``:
     the sending transport's settings (error handling, timeouts)."""
-    same_host = peer.host == ucx_wire.this_host()
+    same_host = peer.host == wire.this_host()
     eh = rt.link_error_handling(s, peer)
     tid = secrets.randbits(31) | 1
     lost: asyncio.Future[str] = rt.loop.create_future()
@@ -156,14 +157,14 @@ async def send_bulk(rt: UcxRuntime, s: UcxSettings, me: PeerAddress, peer_name: 
     reqs: list[Any] = []
     ok = False
     try:
-        reqs += [rt.recv(ep, verdict, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)),
-                 rt.send(ep, hello, ucx_wire.bulk_hello_tag(peer.inbox))]
+        reqs += [rt.recv(ep, verdict, wire.bulk_tag(wire.BULK_VERDICT, tid)),
+                 rt.send(ep, hello, wire.bulk_hello_tag(peer.inbox))]
         await wait_transfer(rt, reqs, s.connect_timeout_s, lost, f"UCX transfer to stage {peer_name}", "answer")
         raise_status(verdict, f"stage {peer_name}")
-        reqs.append(rt.recv(ep, done, ucx_wire.bulk_tag(ucx_wire.BULK_DONE, tid)))
+        reqs.append(rt.recv(ep, done, wire.bulk_tag(wire.BULK_DONE, tid)))
         for i, t in enumerate(parts):
             if t.numel():
-                reqs.append(rt.send(ep, frame_codec.wire_view(t), ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)))
+                reqs.append(rt.send(ep, frame_codec.wire_view(t), wire.bulk_tag(wire.BULK_DATA, tid, i)))
         await wait_transfer(rt, reqs, data_timeout(s, sum(part_bytes)), lost, f"UCX transfer to stage {peer_name}",
                             "data")
         raise_status(done, f"stage {peer_name}")

@@ -13,8 +13,8 @@ import torch
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.models.stage_model import IntermediateTensors
 from stagekit.parallel.group import GroupCoordinator, init_tp_group
+from stagekit.types.step import IntermediateTensors
 
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:

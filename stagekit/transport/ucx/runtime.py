@@ -16,9 +16,9 @@ import os
 from typing import Any
 
 from stagekit.transport.recv_pool import RecvPool
-from stagekit.transport.ucx_progress import UcxProgress
-from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
-from stagekit.transport.ucx_wire import PeerAddress, this_host
+from stagekit.transport.ucx.progress import UcxProgress
+from stagekit.transport.ucx.settings import UcxSettings, prepare_environment
+from stagekit.transport.ucx.wire import PeerAddress, this_host
 
 log = logging.getLogger(__name__)
 

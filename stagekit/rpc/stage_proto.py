@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.sampling_params import SamplingParams
-from stagekit.engine.step import Frame, NewSeq, StepHeader, StepResult
 from stagekit.errors import InvalidRequest
 from stagekit.rpc.pb import common_pb2, stage_pb2
+from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.step import Frame, NewSeq, SeqSlice, StepHeader, StepResult
 
 _DTYPES = {
     torch.float32: common_pb2.DTYPE_FLOAT32,

@@ -9,7 +9,7 @@ exactly their requests with the reason; later sends on a failed link raise
 StageUnavailable until the stage is re-wired, and so do steps this stage would originate
 while the stream from upstream is down (their results could not come back); a lost stream
 from upstream is reported on toward the head as a link-lost notice (origin_steps). A sender says
-``hello`` when it opens a stream and ``bye`` before it closes one (see grpc_control), which
+``hello`` when it opens a stream and ``bye`` before it closes one (see grpc/control.py), which
 is how a receiver tells a re-wire from a dead neighbour: either way its stream just ends.
 """
 
@@ -21,14 +21,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from stagekit.engine.step import Frame
 from stagekit.errors import StageUnavailable
-from stagekit.rpc import codec
+from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
-from stagekit.transport import grpc_control
 from stagekit.transport.base import Transport
-from stagekit.transport.grpc_control import BYE, HELLO
+from stagekit.transport.grpc import control
+from stagekit.transport.grpc.control import BYE, HELLO
 from stagekit.transport.origin_steps import OriginSteps, lost_notice, refusal
+from stagekit.types.step import Frame
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +50,22 @@ class GrpcTransport(Transport):
         self._call_task: asyncio.Task | None = None
         self._peer = ""
         self._error: str = ""
-        self._streams = grpc_control.InboundStreams(self._inbound_lost)
+        self._streams = control.InboundStreams(self._inbound_lost)
         self.inbound_lost = ""    # why the stream from upstream failed (until an upstream says hello)
         self.ring_broken = ""     # a link-lost notice came back (until this stage is re-wired)
 
     async def deliver(self, frame: stage_pb2.Frame) -> None:
         """Called by the stage's PushFrames handler for every frame it receives, inside the
         handler's task: that task ending is how this side learns the stream ended."""
-        control = grpc_control.control_of(frame)
+        kind = control.control_of(frame)
         stream = asyncio.current_task()
-        if control == HELLO:
+        if kind == HELLO:
             self.inbound_lost = ""
-        if control is not None:
-            self._streams.seen(stream, closing=control == BYE)
+        if kind is not None:
+            self._streams.seen(stream, closing=kind == BYE)
             return
         self._streams.seen(stream)
-        f = codec.frame_from_proto(frame)
+        f = stage_proto.frame_from_proto(frame)
         if f.result is not None and f.result.link_lost:
             self.ring_broken = f.result.error
             log.error("link-lost notice from downstream: %s", f.result.error)
@@ -78,7 +78,7 @@ class GrpcTransport(Transport):
         self._peer, self._error, self.ring_broken = peer_address, "", ""
         self._channel = grpc.aio.insecure_channel(peer_address, options=_OPTIONS)
         self._outbox = asyncio.Queue()
-        self._outbox.put_nowait(grpc_control.control_frame(HELLO))
+        self._outbox.put_nowait(control.control_frame(HELLO))
         stub = stage_pb2_grpc.StageStub(self._channel)
         self._call_task = asyncio.create_task(self._pump(stub, self._outbox))
 
@@ -90,7 +90,7 @@ class GrpcTransport(Transport):
             while (item := await outbox.get()) is not _CLOSE:
                 yield item
             closing = True
-            yield grpc_control.control_frame(BYE)
+            yield control.control_frame(BYE)
 
         try:
             await stub.PushFrames(frames())
@@ -111,7 +111,7 @@ class GrpcTransport(Transport):
         if self._call_task.done():
             raise StageUnavailable(f"data-plane link to {self._peer} is down ({self._error or 'closed'})")
         self._origin.sent(frame)
-        await self._outbox.put(codec.frame_to_proto(frame))
+        await self._outbox.put(stage_proto.frame_to_proto(frame))
 
     async def recv(self) -> Frame:
         return await self._inbound.get()

@@ -7,7 +7,7 @@ is one sender->receiver connection (a fresh random id per ``connect``); ``seq`` 
 frames, so the receiver posts exactly the next frame's tags and frames on a link can only
 be read in order (seq wraps at 2**24: far more frames than can ever be in flight).
 Control messages set the top bit: ``hello`` carries the receiver's inbox id, ``welcome``
-the link id. One-off bulk transfers (KV blocks between replicas, see ucx_bulk) have kinds
+the link id. One-off bulk transfers (KV blocks between replicas, see ucx/bulk) have kinds
 of their own, so they never touch the step links: a ``bulk hello`` on the inbox id, then
 the receiver's verdict, the data and its done status on the transfer's id.
 """

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stagekit.bench import ceilings, ucx_pingpong
-from stagekit.transport.ucx_settings import PROFILES
+from stagekit.transport.ucx.settings import PROFILES
+from stagemesh.bench import ceilings, ucx_pingpong
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
 QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20]
@@ -51,7 +51,7 @@ def _ucx_setup(name: str) -> tuple[str, bool] | None:
 
 
 def probe(name: str, sizes: list[int], quick: bool, window: int = 1) -> dict:
-    cmd = [sys.executable, "-m", "stagekit.bench.transport_probe", "--transport", name,
+    cmd = [sys.executable, "-m", "stagemesh.bench.transport_probe", "--transport", name,
            "--sizes", ",".join(map(str, sizes)), "--window", str(window), *(["--quick"] if quick else [])]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from stagekit.engine.step import Frame
 from stagekit.errors import StageUnavailable
-from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport import frame_codec
 from stagekit.transport.peer_watch import PeerWatch
-from stagekit.transport.ucx_progress import WaitAborted
-from stagekit.transport.ucx_runtime import UcxRuntime, process_running
-from stagekit.transport.ucx_settings import UcxSettings
-from stagekit.transport.ucx_wire import PeerAddress
+from stagekit.transport.ucx import wire
+from stagekit.transport.ucx.progress import WaitAborted
+from stagekit.transport.ucx.runtime import UcxRuntime, process_running
+from stagekit.transport.ucx.settings import UcxSettings
+from stagekit.transport.ucx.wire import PeerAddress
+from stagekit.types.step import Frame
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class OutboundLink:
 
     async def open(self, me: PeerAddress) -> None:
         s, peer = self.settings, self.peer
-        same_host = peer.host == ucx_wire.this_host()
+        same_host = peer.host == wire.this_host()
         error_handling = self.rt.link_error_handling(s, peer)
         failed = await self._open(me, error_handling)
         if failed and not error_handling and same_host and s.error_handling is None and process_running(peer.pid):
@@ -73,23 +74,23 @@ class OutboundLink:
             raise StageUnavailable(f"cannot reach stage {self.peer_name} over UCX ({s.describe()}): {e}") from None
         if error_handling:
             self._ep.set_close_callback(self._ep_closed)
-        hello = np.frombuffer(ucx_wire.Hello(self.link_id, me, error_handling).pack(), dtype=np.uint8)
+        hello = np.frombuffer(wire.Hello(self.link_id, me, error_handling).pack(), dtype=np.uint8)
         welcome = np.zeros(8, dtype=np.uint8)
-        reqs = [self.rt.recv(self._ep, welcome, ucx_wire.welcome_tag(self.link_id)),
-                self.rt.send(self._ep, hello, ucx_wire.hello_tag(peer.inbox))]
+        reqs = [self.rt.recv(self._ep, welcome, wire.welcome_tag(self.link_id)),
+                self.rt.send(self._ep, hello, wire.hello_tag(peer.inbox))]
         self._waiting += 1
         try:
             await self.rt.progress.wait(reqs, timeout=s.connect_timeout_s)
-            status = ucx_wire.unpack_welcome(welcome)
+            status = wire.unpack_welcome(welcome)
         except Exception as e:
             self.parked += [hello, welcome, reqs]
             what = f"no answer within {s.connect_timeout_s:.0f}s" if isinstance(e, TimeoutError) else str(e)
-            same_host = peer.host == ucx_wire.this_host()
+            same_host = peer.host == wire.this_host()
             hint = "" if same_host or error_handling else f" (profile {s.profile} reaches this host only)"
             return what + hint
         finally:
             self._waiting -= 1
-        if status != ucx_wire.WELCOME_OK:
+        if status != wire.WELCOME_OK:
             raise StageUnavailable(f"stage {self.peer_name} refused the UCX link (status {status})")
         return ""
 
@@ -123,14 +124,14 @@ class OutboundLink:
         self.seq += 1
         envelope, header, inline = frame_codec.encode(Frame(frame.step, frame.result, tensors), seq)
         bufs: list[object] = [envelope]
-        tags = [ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_ENVELOPE)]
+        tags = [wire.frame_tag(self.link_id, seq, wire.PART_ENVELOPE)]
         if header:
             bufs.append(np.frombuffer(header, dtype=np.uint8))
-            tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_HEADER))
+            tags.append(wire.frame_tag(self.link_id, seq, wire.PART_HEADER))
         for i, t in enumerate([] if inline else tensors):
             if t.numel():
                 bufs.append(frame_codec.wire_view(t))
-                tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
+                tags.append(wire.frame_tag(self.link_id, seq, wire.PART_TENSOR0 + i))
         reqs: list[Any] = []
         self._waiting += 1
         try:
@@ -164,6 +165,6 @@ class OutboundLink:
             self.lost = "closed"
             self._lost_future.set_result(None)
         if self._ep is not None:
-            same_host = self.peer.host == ucx_wire.this_host()
+            same_host = self.peer.host == wire.this_host()
             self.rt.drop_endpoint(self._ep, self.error_handling, settled, self.peer.pid if same_host else None)
             self._ep = None

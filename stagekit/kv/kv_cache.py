@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
+from stagekit.types.step import SeqSlice
 
 
 def available_memory(device: torch.device, ranks_sharing_host: int = 1) -> int:

@@ -13,22 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stagekit.types.step import SeqSlice
+
 if TYPE_CHECKING:
-    from stagekit.engine.kv_cache import PagedKVCache
-
-
-@dataclass(slots=True)
-class SeqSlice:
-    """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``;
-    ``new_blocks`` extend its block table before the step. Treated as immutable; not
-    frozen because frozen dataclasses construct 3-4x slower, and every step message
-    builds one per sequence."""
-
-    seq_id: int
-    num_computed: int
-    num_new: int
-    sample: bool = True
-    new_blocks: tuple[int, ...] = ()
+    from stagekit.kv.kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """A data-plane peer process for the transport benchmark and tests.
 
-    python -m stagekit.bench.transport_peer --transport ucx:tcp --connect HOST:PORT --role echo
+    python -m stagekit.testing.transport_peer --transport ucx:tcp --connect HOST:PORT --role echo
 
 It hosts a transport (see transport_host), links it to the transport hosted at
 ``--connect`` (if given), prints ``PEER READY <its address>`` and then plays its role
@@ -31,12 +31,11 @@ import sys
 
 import torch
 
-from stagekit.bench.peer_watchdog import PeerWatchdog
-from stagekit.bench.transport_host import TransportHost
-from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.engine.step import Frame, StepHeader
+from stagekit.testing.peer_watchdog import PeerWatchdog
+from stagekit.testing.transport_host import TransportHost
 from stagekit.transport.factory import make_transport
+from stagekit.types.step import Frame, SeqSlice, StepHeader
 
 
 def pattern(step_id: int) -> float:

@@ -4,8 +4,8 @@ waiting: tight ``progress_once`` loops). Whatever Python code sits on a data pla
 ucxx costs at least the round trip and moves at most the stream's bandwidth;
 ``ucx_perftest`` (C) gives both without Python.
 
-    python -m stagekit.bench.ucx_pingpong --profile shm --sizes 4096,524288   # round trips, µs
-    python -m stagekit.bench.ucx_pingpong --profile shm --sizes 1048576 --stream --window 4   # GB/s
+    python -m stagemesh.bench.ucx_pingpong --profile shm --sizes 4096,524288   # round trips, µs
+    python -m stagemesh.bench.ucx_pingpong --profile shm --sizes 1048576 --stream --window 4   # GB/s
 
 Round trip: one message of N bytes bounced, median. Stream: about 256 MiB of N-byte
 messages one way (up to ``--window`` sends outstanding, as many receives posted ahead),
@@ -30,10 +30,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from stagekit.transport.ucx_settings import UcxSettings, prepare_environment
+from stagekit.transport.ucx.settings import UcxSettings, prepare_environment
 
 _START_S = 60.0
-_MODULE = "stagekit.bench.ucx_pingpong"
+_MODULE = "stagemesh.bench.ucx_pingpong"
 
 
 def init_ucxx(profile: str) -> tuple[Any, bool]:

@@ -13,8 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stagekit.engine.forward_batch import SeqSlice
-from stagekit.engine.sampling_params import SamplingParams
+from stagekit.types.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SeqSlice:
+    """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``;
+    ``new_blocks`` extend its block table before the step. Treated as immutable; not
+    frozen because frozen dataclasses construct 3-4x slower, and every step message
+    builds one per sequence."""
+
+    seq_id: int
+    num_computed: int
+    num_new: int
+    sample: bool = True
+    new_blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +67,11 @@ class Frame:
     step: StepHeader | None = None
     result: StepResult | None = None
     tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class IntermediateTensors:
+    """What flows between stages: hidden states and the residual stream, both [T, hidden]."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor | None

@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stagekit.engine.step import Frame
-from stagekit.transport import frame_codec, ucx_wire
+from stagekit.transport import frame_codec
 from stagekit.transport.peer_watch import PeerWatch
-from stagekit.transport.ucx_progress import WaitAborted, Watch
-from stagekit.transport.ucx_runtime import UcxRuntime, cuda_present
-from stagekit.transport.ucx_settings import UcxSettings
+from stagekit.transport.ucx import wire
+from stagekit.transport.ucx.progress import WaitAborted, Watch
+from stagekit.transport.ucx.runtime import UcxRuntime, cuda_present
+from stagekit.transport.ucx.settings import UcxSettings
+from stagekit.types.step import Frame
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class InboundLink:
     """Invariant: frames are delivered in ``seq`` order, each exactly once and complete;
     after ``stop`` or a loss nothing more is delivered."""
 
-    def __init__(self, rt: UcxRuntime, settings: UcxSettings, ep: Any, hello: ucx_wire.Hello,
+    def __init__(self, rt: UcxRuntime, settings: UcxSettings, ep: Any, hello: wire.Hello,
                  deliver: Callable[[Frame], None], on_lost: Callable[[str], None]) -> None:
         self.rt, self.settings, self.ep, self.hello = rt, settings, ep, hello
         self.link_id = hello.link_id
@@ -59,7 +60,7 @@ class InboundLink:
     def start(self) -> None:
         if self.hello.error_handling:
             self.ep.set_close_callback(lambda: self.rt.loop.call_soon(self._lose, "UCX endpoint to the sender failed"))
-        if self.hello.sender.host == ucx_wire.this_host() and self.peer_pid != os.getpid():
+        if self.hello.sender.host == wire.this_host() and self.peer_pid != os.getpid():
             self._watch = PeerWatch(self.peer_pid, self._peer_exited)
         self._receive()
 
@@ -74,7 +75,7 @@ class InboundLink:
         if not self._dropped:   # never blocks: see UcxRuntime.drop_endpoint
             self._dropped = True
             settled = self.welcomed and not self.lost and not self._mid_frame
-            same_host = self.hello.sender.host == ucx_wire.this_host()
+            same_host = self.hello.sender.host == wire.this_host()
             self.rt.drop_endpoint(self.ep, self.hello.error_handling, settled, self.peer_pid if same_host else None)
 
     def _lose(self, reason: str) -> None:
@@ -95,8 +96,8 @@ class InboundLink:
                 if self._stopped.done():
                     return
                 if self._env_req is None:
-                    self._env_req = rt.recv(self.ep, self._slot, ucx_wire.frame_tag(self.link_id, self._seq,
-                                                                                    ucx_wire.PART_ENVELOPE))
+                    self._env_req = rt.recv(self.ep, self._slot, wire.frame_tag(self.link_id, self._seq,
+                                                                                    wire.PART_ENVELOPE))
                 if self._rest is None:
                     if not self._env_req.completed:
                         self._waiting = rt.progress.watch([self._env_req], self._receive, idle=True)
@@ -150,7 +151,7 @@ class InboundLink:
         header = np.empty(env.header_len, dtype=np.uint8) if env.overflow else None
         if header is not None:
             bufs.append(header)
-            tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_HEADER))
+            tags.append(wire.frame_tag(self.link_id, seq, wire.PART_HEADER))
         cuda = cuda_present()
         tensors = []
         for i, spec in enumerate(env.specs):
@@ -161,7 +162,7 @@ class InboundLink:
             tensors.append(t)
             if spec.nbytes:
                 bufs.append(frame_codec.wire_view(t))
-                tags.append(ucx_wire.frame_tag(self.link_id, seq, ucx_wire.PART_TENSOR0 + i))
+                tags.append(wire.frame_tag(self.link_id, seq, wire.PART_TENSOR0 + i))
         self._mid_frame = bool(bufs)
         reqs = [self.rt.recv(self.ep, b, tag) for b, tag in zip(bufs, tags, strict=True)]
         return env, header, tensors, reqs, bufs
@@ -175,7 +176,7 @@ class Inbox:
                  on_link: Callable[[InboundLink], None], on_lost: Callable[[str], None]) -> None:
         self.rt, self.settings, self.inbox = rt, settings, inbox
         self._deliver, self._on_link, self._on_lost = deliver, on_link, on_lost
-        self._hello_buf = np.empty(ucx_wire.HELLO_BYTES, dtype=np.uint8)
+        self._hello_buf = np.empty(wire.HELLO_BYTES, dtype=np.uint8)
         self._stopped: asyncio.Future[None] = rt.loop.create_future()
         self.link: InboundLink | None = None
         self.retired: list[InboundLink] = []   # stopped links: they may own still-posted buffers
@@ -183,10 +184,10 @@ class Inbox:
 
     async def _accept(self) -> None:
         while True:
-            req = self.rt.recv(None, self._hello_buf, ucx_wire.hello_tag(self.inbox))
+            req = self.rt.recv(None, self._hello_buf, wire.hello_tag(self.inbox))
             try:
                 await self.rt.progress.wait([req], abort=self._stopped, idle=True)
-                hello = ucx_wire.Hello.unpack(self._hello_buf)
+                hello = wire.Hello.unpack(self._hello_buf)
             except WaitAborted:
                 return
             except Exception as e:
@@ -197,17 +198,17 @@ class Inbox:
             except Exception as e:
                 log.error("could not accept the UCX link from process %d: %s", hello.sender.pid, e)
 
-    async def _welcome(self, hello: ucx_wire.Hello) -> None:
+    async def _welcome(self, hello: wire.Hello) -> None:
         s = self.settings
         ep = await self.rt.endpoint(hello.sender.worker_address, hello.error_handling)
-        msg = np.frombuffer(ucx_wire.pack_welcome(ucx_wire.WELCOME_OK), dtype=np.uint8)
+        msg = np.frombuffer(wire.pack_welcome(wire.WELCOME_OK), dtype=np.uint8)
         link = InboundLink(self.rt, s, ep, hello, self._deliver, self._on_lost)
         if self.link is not None:
             self.link.stop()
             self.retired.append(self.link)
         self.link = link
         link.start()   # post the first envelope receive before the sender can send frames
-        await self.rt.progress.wait([self.rt.send(ep, msg, ucx_wire.welcome_tag(hello.link_id))],
+        await self.rt.progress.wait([self.rt.send(ep, msg, wire.welcome_tag(hello.link_id))],
                                     timeout=s.connect_timeout_s)
         link.welcomed = True
         self._on_link(link)

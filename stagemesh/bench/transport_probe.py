@@ -1,6 +1,6 @@
 """Measure one data-plane transport against a peer process; prints one JSON object.
 
-    python -m stagekit.bench.transport_probe --transport ucx:shm --sizes 4096,1048576 --window 4
+    python -m stagemesh.bench.transport_probe --transport ucx:shm --sizes 4096,1048576 --window 4
 
 Run as its own process per transport because UCX keeps one context (one UCX_TLS) per
 process. For each size it measures, through the real Transport API (envelope + tensor,
@@ -28,11 +28,10 @@ import time
 
 import torch
 
-from stagekit.bench.transport_host import TransportHost
-from stagekit.engine.forward_batch import SeqSlice
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.engine.step import Frame, StepHeader, StepResult
+from stagekit.testing.transport_host import TransportHost
 from stagekit.transport.factory import make_transport
+from stagekit.types.step import Frame, SeqSlice, StepHeader, StepResult
 
 _PEER_START_S = 60.0
 
@@ -50,7 +49,7 @@ def _tensor_frame(step_id: int, nbytes: int) -> Frame:
 
 async def _spawn_peer(name: str, me: str, role: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stagekit.bench.transport_peer", "--transport", name, "--connect", me, "--role", role],
+        [sys.executable, "-m", "stagekit.testing.transport_peer", "--transport", name, "--connect", me, "--role", role],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     loop = asyncio.get_running_loop()
     for _ in range(100):  # UCX logs to stdout too: skip its lines

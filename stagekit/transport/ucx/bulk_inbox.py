@@ -1,4 +1,4 @@
-"""The receiving side of UCX bulk transfers (see ucx_bulk): a loop that takes bulk hellos
+"""The receiving side of UCX bulk transfers (see ucx/bulk): a loop that takes bulk hellos
 on this stage's inbox id (a tag kind of their own: the step link from upstream is never
 touched) and serves each transfer in a task of its own.
 
@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from stagekit.errors import InvalidRequest
-from stagekit.transport import frame_codec, ucx_bulk, ucx_wire
+from stagekit.transport import frame_codec
 from stagekit.transport.peer_watch import PeerWatch
-from stagekit.transport.ucx_progress import WaitAborted
-from stagekit.transport.ucx_runtime import UcxRuntime
-from stagekit.transport.ucx_settings import UcxSettings
+from stagekit.transport.ucx import bulk, wire
+from stagekit.transport.ucx.progress import WaitAborted
+from stagekit.transport.ucx.runtime import UcxRuntime
+from stagekit.transport.ucx.settings import UcxSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,19 @@ class BulkInbox:
 
     def __init__(self, rt: UcxRuntime, settings: UcxSettings, inbox: int, handler: BulkHandler) -> None:
         self.rt, self.settings, self.inbox, self.handler = rt, settings, inbox, handler
-        self._buf = np.empty(ucx_bulk.BULK_HELLO_BYTES, dtype=np.uint8)
+        self._buf = np.empty(bulk.BULK_HELLO_BYTES, dtype=np.uint8)
         self._stopped: asyncio.Future[None] = rt.loop.create_future()
         self._serving: set[asyncio.Task] = set()
         self._task = rt.loop.create_task(self._accept(), name=f"ucx-bulk-inbox-{inbox:x}")
 
     async def _accept(self) -> None:
         while True:
-            req = self.rt.recv(None, self._buf, ucx_wire.bulk_hello_tag(self.inbox))
+            req = self.rt.recv(None, self._buf, wire.bulk_hello_tag(self.inbox))
             try:
                 await self.rt.progress.wait([req], abort=self._stopped, idle=True)
-                hello = ucx_bulk.BulkHello.unpack(self._buf)
+                hello = bulk.BulkHello.unpack(self._buf)
             except WaitAborted:
-                ucx_bulk.PARKED.append((self._buf, req))
+                bulk.PARKED.append((self._buf, req))
                 return
             except Exception as e:
                 log.error("bad UCX bulk hello on inbox %x: %s", self.inbox, e)
@@ -62,7 +63,7 @@ class BulkInbox:
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, hello: ucx_bulk.BulkHello) -> None:
+    async def _serve(self, hello: bulk.BulkHello) -> None:
         rt, s, tid = self.rt, self.settings, hello.transfer_id
         try:
             ep = await rt.endpoint(hello.sender.worker_address, hello.error_handling)
@@ -80,7 +81,7 @@ class BulkInbox:
             ep.set_close_callback(lambda: rt.loop.call_soon(lose, "UCX endpoint to the sender failed"))
         pid = hello.sender.pid
         watch = (PeerWatch(pid, lambda: lose(f"sending process {pid} exited"))
-                 if hello.sender.host == ucx_wire.this_host() and pid != os.getpid() else None)
+                 if hello.sender.host == wire.this_host() and pid != os.getpid() else None)
         kept: list[object] = []   # everything a posted request points at
         posted: list = []         # every request posted on ep
         answered = [False]
@@ -92,14 +93,14 @@ class BulkInbox:
                 raise InvalidRequest(f"the sender announced {sum(hello.part_bytes)} bytes for destinations of "
                                      f"{total}")
             views = _lay(hello.part_bytes, flats)
-            reqs = [rt.recv(ep, v, ucx_wire.bulk_tag(ucx_wire.BULK_DATA, tid, i)) for i, v in views]
-            ok = ucx_bulk.pack_status(None)
+            reqs = [rt.recv(ep, v, wire.bulk_tag(wire.BULK_DATA, tid, i)) for i, v in views]
+            ok = bulk.pack_status(None)
             kept.extend([dests, flats, views, ok, reqs])
-            reqs.append(rt.send(ep, ok, ucx_wire.bulk_tag(ucx_wire.BULK_VERDICT, tid)))
+            reqs.append(rt.send(ep, ok, wire.bulk_tag(wire.BULK_VERDICT, tid)))
             posted.extend(reqs)
             answered[0] = True
-            timeout = ucx_bulk.data_timeout(s, total)
-            await ucx_bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
+            timeout = bulk.data_timeout(s, total)
+            await bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
 
         error: BaseException | None = None
         try:
@@ -110,10 +111,10 @@ class BulkInbox:
         clean = False
         try:
             if not lost.done():
-                status = ucx_bulk.pack_status(error)
+                status = bulk.pack_status(error)
                 kept.append(status)
-                kind = ucx_wire.BULK_DONE if answered[0] else ucx_wire.BULK_VERDICT
-                posted.append(rt.send(ep, status, ucx_wire.bulk_tag(kind, tid)))
+                kind = wire.BULK_DONE if answered[0] else wire.BULK_VERDICT
+                posted.append(rt.send(ep, status, wire.bulk_tag(kind, tid)))
                 await rt.progress.wait(posted[-1:], timeout=s.connect_timeout_s, abort=lost)
                 clean = error is None
         except Exception as e:  # the sender times out on its own
@@ -122,7 +123,7 @@ class BulkInbox:
             if watch is not None:
                 watch.close()
             if not clean:   # a request may still be posted: keep what it points at
-                ucx_bulk.PARKED.append(kept)
+                bulk.PARKED.append(kept)
             rt.loop.call_later(_CLOSE_AFTER_S, lambda: rt.drop_endpoint(   # never blocks the loop
                 ep, hello.error_handling, bool(posted) and all(r.completed for r in posted),
                 pid if watch is not None else None))

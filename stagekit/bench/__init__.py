@@ -1,1 +1,0 @@
-"""Benchmarks of stagemesh's parts (``stagemesh bench ...``) and the tools they share."""

@@ -1,0 +1,1 @@
+"""The UCX data plane (ucxx): links between neighbouring stages, bulk KV transfers, progress."""
