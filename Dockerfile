@@ -47,7 +47,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -q -c constraints.txt -r /tmp/requirements.txt grpcio-tools
 
 # 3. the project: protos generated, then installed (not editable) into the venv.
-COPY README.md /src/
+COPY README.md setup.py MANIFEST.in /src/
 COPY scripts/gen_protos.py /src/scripts/
 COPY protos /src/protos
 COPY stagekit /src/stagekit

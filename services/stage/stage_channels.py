@@ -1,6 +1,7 @@
 """gRPC channels from this stage to other stages, kept per address for the control calls of
 KV transfers (reserve, commit, GetInfo, SendKvBlocks, the gRPC push): a fresh channel per call cost a
-connection set-up each, 2-4 ms of a transfer's ~13 ms fixed cost.
+connection set-up each, a large share of a transfer's fixed cost (docs/benchmarks.md, "KV transfer between
+replicas").
 
 A kept channel whose connection failed (the stage died or was replaced on the same
 address) is in TRANSIENT_FAILURE and would make the next call wait out gRPC's reconnect

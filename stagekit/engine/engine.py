@@ -2,9 +2,10 @@
 
 One step: schedule -> run this stage's layers (compute thread) -> send the step down the
 pipeline and wait for the last stage's sampled tokens (or sample here when the head is
-also the last stage) -> postprocess (append tokens, finish, free). One step is in flight
-at a time; the step ids and the pending-result table are the seam for keeping one
-micro-batch per stage in flight.
+also the last stage) -> postprocess (append tokens, finish, free). Up to
+``pipeline_depth`` steps are in flight at once (one per stage of the pipeline, set when
+the pipeline is wired), each over sequences no other in-flight step holds; results come
+back by step id through the pending-result table.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ the garbage collector's sight, so that collections during serving only walk what
 allocates.
 
 Without it, every full collection in a stage process walks torch's and the model's
-object graph: ~50 ms each here, a pause in the middle of some decode step. vLLM does
-the same after its engine has started.
+object graph, a pause of tens of milliseconds in the middle of some decode step
+(docs/benchmarks.md, "Measurements behind design choices"). vLLM does the same after its engine has started.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ On the CPU the native kernel (paged_decode.c; fp32, bf16 or fp16 cache, fp32 ari
 reads each sequence's blocks in place, once, for all its query heads. Elsewhere torch
 versions copy the context first: on CUDA one gather of the whole batch into a padded
 tensor and two batched matmuls (no per-sequence launches); on the CPU without a compiler,
-per sequence, a gather of its whole blocks and two small matmuls, about 3x the native
-kernel's time at batch 32 (a padded batch gather was 9x: the CPU pays for every copied byte).
+per sequence, a gather of its whole blocks and two small matmuls: several times the
+native kernel's time, and a padded batch gather is slower still, because the CPU pays for
+every copied byte (docs/benchmarks.md, "Measurements behind design choices").
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         # untouched pages of a large host allocation are not resident until written: stages on one
         # host share its memory lazily, but a block's first write then page-faults (a KV import into
-        # fresh blocks ran at ~1.5 GB/s instead of ~5); ``prefault`` zero-fills the pool up front
+        # fresh blocks ran at a third of the speed); ``prefault`` zero-fills the pool up front
         shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
         self.kv = (torch.zeros if prefault else torch.empty)(shape, dtype=dtype, device=device)
         self.tables: dict[int, list[int]] = {}
@@ -107,7 +107,7 @@ class PagedKVCache:
 
     def write_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
         """Write ``data`` ([layers, 2, n, kv_heads, block_size, head_dim]) into ``blocks``."""
-        for i, b, n in block_runs(blocks):   # index_put on dim 2 was 3-10x slower than these copies
+        for i, b, n in block_runs(blocks):   # index_put on dim 2 was several times slower
             self.kv[:, :, b:b + n].copy_(data[:, :, i:i + n])
 
     def __contains__(self, seq_id: int) -> bool:

@@ -1,10 +1,10 @@
 """oneDNN-prepacked weights for fp32 linear layers on the CPU.
 
-Measured on this project's 2-core benchmark box (torch 2.13, ~125M Llama shapes): a step's
-matmuls took 27.6 ms (F.linear) vs 9-10 ms prepacked at 1 token, 47 vs 13-16 ms at 8 and
-74 vs 40 ms at 32 — MKL's small-M GEMM is far from the memory-bandwidth floor, oneDNN with a
-weight reordered once is not. Results equal F.linear to ~1e-6. Once packed, the dense copy
-of the weight is released (the packed one is the only copy kept).
+At the token counts of decode, MKL's small-M GEMM behind F.linear is far from the
+memory-bandwidth floor; oneDNN with a weight reordered once is not (the step's matmuls
+take about a third of F.linear's time at one token: docs/benchmarks.md, "Measurements
+behind design choices"). Results equal F.linear to ~1e-6. Once packed, the dense copy of
+the weight is released (the packed one is the only copy kept).
 """
 
 from __future__ import annotations

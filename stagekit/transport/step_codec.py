@@ -1,10 +1,11 @@
 """Step headers and results as packed binary, for the UCX frame envelope.
 
-Building and parsing a protobuf StepHeader costs about 2 µs per sequence in Python
-(one sub-message each): 150 µs per hop for a 32-sequence decode step, more than UCX
-needs to move its 512 KiB of hidden states. Here the per-sequence fields travel as
-columns, each packed by one ``struct`` call. The widths are the protobuf's (ids int64,
-counts and block ids int32, logprobs float32), so both data planes carry the same values.
+Building and parsing a protobuf StepHeader costs microseconds per sequence in Python
+(one sub-message each): for a 32-sequence decode step, more per hop than UCX needs to move
+its 512 KiB of hidden states (docs/benchmarks.md, "Measurements behind design choices").
+Here the per-sequence fields travel as columns, each packed by one ``struct`` call. The
+widths are the protobuf's (ids int64, counts and block ids int32, logprobs float32), so
+both data planes carry the same values.
 The rare parts (sampling parameters of joining sequences, top logprobs) stay protobuf
 bytes inside the header.
 

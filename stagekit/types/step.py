@@ -20,8 +20,8 @@ from stagekit.types.sampling_params import SamplingParams
 class SeqSlice:
     """Tokens ``[num_computed, num_computed + num_new)`` of sequence ``seq_id``;
     ``new_blocks`` extend its block table before the step. Treated as immutable; not
-    frozen because frozen dataclasses construct 3-4x slower, and every step message
-    builds one per sequence."""
+    frozen because frozen dataclasses construct several times slower, and every step
+    message builds one per sequence (docs/benchmarks.md, "Measurements behind design choices")."""
 
     seq_id: int
     num_computed: int

@@ -80,7 +80,7 @@ def _median_of(runs: list[dict]) -> dict:
 
 def _perftest_ceilings(setups: set[tuple[str, bool]], sizes: list[int], quick: bool, repeat: int = 1) -> dict:
     """Per UCX setup and size, ucx_perftest's bandwidth and round trip: medians over
-    ``repeat`` runs (one run of a size swings 2-10x on a shared 2-core box)."""
+    ``repeat`` runs (single runs of one size swing several-fold on a shared box)."""
     out: dict = {}
     for tls, eh in sorted(setups):
         key = f"{tls}{' +eh' if eh else ''}"

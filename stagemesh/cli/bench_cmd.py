@@ -10,7 +10,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -55,6 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
+    from stagemesh.bench import gateway, memory_soak
+
+    g = which.add_parser("gateway", help="what the gateway adds: latency and request rate vs the stages direct",
+                         description=gateway.__doc__.split("\n\n")[0])
+    gateway.add_arguments(g)
+    g.set_defaults(func=gateway.run)
+    m = which.add_parser("soak", help="resident memory of the stage processes over many requests",
+                         description=memory_soak.__doc__.split("\n\n")[0])
+    memory_soak.add_arguments(m)
+    m.set_defaults(func=memory_soak.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from stagekit.parallel.tp_executor import free_port
+from stagekit.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PB_MODULES = ("common_pb2", "common_pb2_grpc", "stage_pb2", "stage_pb2_grpc", "generation_pb2",

@@ -3,7 +3,7 @@
 of 20-59 tokens, 8-16 new tokens, prefix caching on, prompts sharing some prefixes), RSS
 of every stage process after each 100 requests.
 
-    python benchmarks/rss_soak.py [--requests 1000] [--kv-cache-memory 64MiB] [--transport grpc]
+    stagemesh bench soak [--requests 1000] [--kv-cache-memory 64MiB] [--transport grpc]
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ def _wire(pipeline: list[str]) -> None:
             stage_pb2_grpc.StageStub(ch).Wire(stage_pb2.WireRequest(pipeline=pipeline, index=i), timeout=30)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--kv-cache-memory", default="64MiB")
     p.add_argument("--transport", default=None, help="ucx or grpc (default: the stages' default)")
     p.add_argument("--pp", type=int, default=2, choices=[1, 2])
     p.add_argument("--stage-args", default="", help="extra stage options, e.g. --no-prefix-caching")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="stagemesh-soak-"))
     model = write_demo_model(root / "demo")
     splits = [(0, 2), (2, 4)] if args.pp == 2 else [(0, 4)]
@@ -65,7 +66,4 @@ def main() -> None:
                 print(f"after {min(args.requests, start + 100)}: {rss} MiB", flush=True)
     finally:
         mesh.stop()
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -12,7 +12,7 @@ own process, then in the same run:
    directly (the ceiling the gateway is measured against); with the gateway process's CPU
    time per request, which other load on the machine does not distort the way it does rates.
 
-    .venv/bin/python benchmarks/gateway_bench.py [--dp 1] [--json]
+    stagemesh bench gateway [--dp 1] [--json]
 
 Client, gateway and stages share the machine's cores, so the rates are those of the whole
 loopback setup, not of the gateway alone.
@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -35,15 +34,12 @@ from pathlib import Path
 import grpc
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from stagekit.client import AsyncGenerationClient, GenerationClient  # noqa: E402
-from stagekit.config.model_config import load_model_config  # noqa: E402
-from stagekit.demo import write_demo_model  # noqa: E402
-from stagekit.ports import free_port  # noqa: E402
-from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc  # noqa: E402
-from stagemesh.launcher import Mesh, MeshSpec  # noqa: E402
+from stagekit.client import AsyncGenerationClient, GenerationClient
+from stagekit.config.model_config import load_model_config
+from stagekit.demo import write_demo_model
+from stagekit.ports import free_port
+from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
+from stagemesh.launcher import Mesh, MeshSpec
 
 PROMPT = [3, 200, 201, 202, 203, 50, 60, 70]
 _ids = itertools.count()
@@ -201,8 +197,7 @@ async def rate(mesh: Mesh, grpc_target: str, model: str, concurrency: int, secon
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model directory (default: the demo model)")
     parser.add_argument("--dp", type=int, default=1, help="replicas behind the gateway")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per stage")
@@ -211,7 +206,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each rate run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     model = args.model or str(write_demo_model(root / "demo"))
@@ -246,6 +243,3 @@ def main() -> int:
               f"p99 {row['p99_ms']:7.2f} ms   errors {row['errors']}{cpu}")  # fmt: skip
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
