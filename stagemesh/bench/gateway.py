@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import httpx
 
 from stagekit.client import AsyncGenerationClient, GenerationClient
 from stagekit.config.model_config import load_model_config
@@ -63,6 +62,8 @@ def stage_request(max_tokens: int) -> stage_pb2.GenerateRequest:
 
 
 def latency(mesh: Mesh, grpc_target: str, model: str, n: int, max_tokens: int) -> dict[str, dict[str, float]]:
+    import httpx  # a test extra: imported here so that `stagemesh` starts in an image without it
+
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     times: dict[str, list[float]] = {"direct_stage": [], "gateway_rest": [], "gateway_grpc": []}
     with (
