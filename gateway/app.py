@@ -18,7 +18,7 @@ from gateway.bodylimit import BodyLimitMiddleware
 from gateway.chat import create_chat_completion
 from gateway.completions import create_completion
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, Unauthorized, error_body, gateway_error_body
+from gateway.errors import Unauthorized, error_body, face_of, gateway_error_body
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.pool import ReplicaPool
@@ -29,6 +29,7 @@ from gateway.rpc.server import GenerationServer
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState, get_state
 from gateway.tokenizing import TokenizerFactory, load_tokenizer
+from stagekit.errors import StagemeshError
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -51,9 +52,10 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def on_gateway_error(request: Request, err: GatewayError) -> JSONResponse:
-        return JSONResponse(gateway_error_body(err), status_code=err.status_code, headers=err.headers)
+    @app.exception_handler(StagemeshError)
+    async def on_error(request: Request, err: StagemeshError) -> JSONResponse:
+        face = face_of(err)
+        return JSONResponse(gateway_error_body(err), status_code=face.status_code, headers=dict(face.headers))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

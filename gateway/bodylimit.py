@@ -7,7 +7,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import PayloadTooLarge, gateway_error_body
+from gateway.errors import PayloadTooLarge, face_of, gateway_error_body
 
 
 class BodyLimitMiddleware:
@@ -30,7 +30,7 @@ class BodyLimitMiddleware:
             err = self._error()
             body = json.dumps(gateway_error_body(err)).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+            await send({"type": "http.response.start", "status": face_of(err).status_code, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         received = 0
@@ -42,7 +42,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # FastAPI turns anything but an HTTPException raised while reading into a 400.
-                    raise HTTPException(413, self._error().message)
+                    raise HTTPException(413, str(self._error()))
             return message
 
         await self.app(scope, counting_receive, send)

@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.errors import InvalidRequest
 from gateway.fanout import ChoiceResult
 from gateway.generation import ChoiceDelta
 from gateway.logprobs import completion_logprobs
@@ -17,6 +16,7 @@ from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fi
 from gateway.schemas import CompletionRequest
 from gateway.state import GatewayState
 from gateway.streaming import sse_response, start_stream
+from stagekit.errors import InvalidRequest
 
 
 def _check_unsupported(req: CompletionRequest) -> None:

@@ -1,7 +1,7 @@
 """Domain types the gateway passes around.
 
-Protobuf never leaves `codec.py` / `replica.py`; everything past them speaks these
-frozen dataclasses.
+Protobuf never leaves `stage_proto.py` / `replica.py`; everything past them speaks these
+frozen dataclasses (and stagekit's `SamplingParams`, the one type stages speak too).
 """
 
 from __future__ import annotations
@@ -16,21 +16,6 @@ class FinishReason(str, Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How the replica picks tokens; ``temperature == 0`` is greedy, ``top_k == 0`` is off."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 16
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    top_logprobs: int = 0
 
 
 @dataclass(frozen=True, slots=True)

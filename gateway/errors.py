@@ -1,123 +1,100 @@
-"""Gateway errors and their two faces: the gRPC status a stage sent, the OpenAI error JSON we send.
+"""How the gateway shows an error: HTTP status, OpenAI error JSON, gRPC status.
 
-Every failure a handler can report is a `GatewayError`. Each class names its HTTP status and
-its gRPC code once: `from_rpc_error` maps a stage's status to a gateway error with that table,
-the Generation servicer maps a gateway error back to a status, and `error_body` renders one
-as OpenAI's JSON.
+The gateway raises stagekit's errors (`InvalidRequest`, `NotFound`, `CapacityExceeded`,
+`StageUnavailable`, `DeadlineExceeded`) and the few refinements only a gateway has, defined
+here. `FACES` is the one table from an error class to what the caller sees; a class without
+a row takes its nearest base's (a `StagemeshError` with no row of its own is a 500).
+`from_rpc_error` reads the same table backwards for a stage's status, the Generation
+servicer aborts with a face's gRPC code, and `gateway_error_body` renders OpenAI's JSON.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-
-class GatewayError(Exception):
-    """An error with an HTTP status and OpenAI's ``type`` / ``code`` / ``param`` fields."""
-
-    status_code = 500
-    grpc_code = grpc.StatusCode.INTERNAL
-    error_type = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """Extra HTTP headers of the error response."""
-        return {}
+from stagekit.errors import (
+    CapacityExceeded,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    StagemeshError,
+    StageUnavailable,
+)
 
 
-class InvalidRequest(GatewayError):
-    status_code = 400
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    error_type = "invalid_request_error"
+class Unauthorized(StagemeshError):
+    """The API key is missing or not one this gateway accepts."""
 
 
-class Unauthorized(GatewayError):
-    status_code = 401
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    error_type = "invalid_request_error"
-    code = "invalid_api_key"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
+class PayloadTooLarge(InvalidRequest):
+    """The request body is above the gateway's ``--max-body-bytes``."""
 
 
-class NotFound(GatewayError):
-    status_code = 404
-    grpc_code = grpc.StatusCode.NOT_FOUND
-    error_type = "invalid_request_error"
-    code = "not_found"
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt is above the gateway's ``--max-prompt-tokens``."""
 
 
 class ModelNotFound(NotFound):
-    code = "model_not_found"
+    """The request names a model this gateway does not serve."""
 
 
-class PayloadTooLarge(GatewayError):
-    status_code = 413
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    error_type = "invalid_request_error"
-    code = "request_too_large"
+class InternalError(StagemeshError):
+    """Something failed that the caller cannot fix: a stage's unexpected status, a broken stream."""
 
 
-class Overloaded(GatewayError):
-    """The replica (or every replica) refused the request for lack of capacity."""
+@dataclass(frozen=True, slots=True)
+class ErrorFace:
+    """What a caller sees of one error class: HTTP status, OpenAI ``type`` and ``code``,
+    the gRPC code of the Generation API, and extra HTTP headers."""
 
-    status_code = 429
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    error_type = "rate_limit_error"
-    code = "overloaded"
-    retry_after_s = 1
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+    status_code: int
+    error_type: str
+    code: str | None
+    grpc_code: grpc.StatusCode
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class Unavailable(GatewayError):
-    """No replica could serve the request (stage down, none healthy)."""
+_REQUEST = "invalid_request_error"
 
-    status_code = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-    error_type = "service_unavailable"
-    code = "unavailable"
-
-
-class DeadlineExceeded(GatewayError):
-    status_code = 504
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
-    error_type = "timeout_error"
-    code = "deadline_exceeded"
-
-
-class InternalError(GatewayError):
-    status_code = 500
-    error_type = "server_error"
-    code = "internal_error"
-
-
-# A stage's status -> our error, by the classes' own codes; anything else is internal.
-_FROM_STATUS: dict[grpc.StatusCode, type[GatewayError]] = {
-    cls.grpc_code: cls for cls in (InvalidRequest, NotFound, Overloaded, Unavailable, DeadlineExceeded)
+FACES: dict[type[StagemeshError], ErrorFace] = {
+    InvalidRequest: ErrorFace(400, _REQUEST, None, grpc.StatusCode.INVALID_ARGUMENT),
+    ContextLengthExceeded: ErrorFace(400, _REQUEST, "context_length_exceeded", grpc.StatusCode.INVALID_ARGUMENT),
+    PayloadTooLarge: ErrorFace(413, _REQUEST, "request_too_large", grpc.StatusCode.INVALID_ARGUMENT),
+    Unauthorized: ErrorFace(401, _REQUEST, "invalid_api_key", grpc.StatusCode.UNAUTHENTICATED,
+                            {"WWW-Authenticate": "Bearer"}),
+    NotFound: ErrorFace(404, _REQUEST, "not_found", grpc.StatusCode.NOT_FOUND),
+    ModelNotFound: ErrorFace(404, _REQUEST, "model_not_found", grpc.StatusCode.NOT_FOUND),
+    CapacityExceeded: ErrorFace(429, "rate_limit_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                {"Retry-After": "1"}),
+    StageUnavailable: ErrorFace(503, "service_unavailable", "unavailable", grpc.StatusCode.UNAVAILABLE),
+    DeadlineExceeded: ErrorFace(504, "timeout_error", "deadline_exceeded", grpc.StatusCode.DEADLINE_EXCEEDED),
+    StagemeshError: ErrorFace(500, "server_error", "internal_error", grpc.StatusCode.INTERNAL),
 }
 
 
-def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError, *, where: str = "") -> GatewayError:
-    """The gateway error for a failed stage call; the stage's own message is kept."""
+def face_of(err: StagemeshError) -> ErrorFace:
+    """The row of ``err``'s class, else of its nearest base that has one."""
+    return next(FACES[cls] for cls in type(err).__mro__ if cls in FACES)
+
+
+# A stage's status -> our error, by the same table; anything else is internal.
+_FROM_STATUS: dict[grpc.StatusCode, type[StagemeshError]] = {
+    FACES[cls].grpc_code: cls
+    for cls in (InvalidRequest, NotFound, CapacityExceeded, StageUnavailable, DeadlineExceeded)
+}
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError | grpc.RpcError, *, where: str = "") -> StagemeshError:
+    """The error for a failed stage call; the stage's own message is kept."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _FROM_STATUS.get(code, InternalError)
     message = details or code.name
-    if cls in (Unavailable, InternalError) and where:
+    if cls in (StageUnavailable, InternalError) and where:
         message = f"{where}: {code.name}: {message}"
     return cls(message)
 
@@ -126,5 +103,7 @@ def error_body(message: str, error_type: str, *, param: str | None = None, code:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def gateway_error_body(err: GatewayError) -> dict[str, Any]:
-    return error_body(err.message, err.error_type, param=err.param, code=err.code)
+def gateway_error_body(err: StagemeshError) -> dict[str, Any]:
+    """OpenAI's error JSON for ``err``: its message and ``param``, its class's type and code."""
+    face = face_of(err)
+    return error_body(str(err), face.error_type, param=err.param, code=face.code)

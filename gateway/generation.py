@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
-from gateway.domain import FinishReason, GenerateChunk, SamplingParams
-from gateway.errors import InternalError, Overloaded, Unavailable
+from gateway.domain import FinishReason, GenerateChunk
+from gateway.errors import InternalError
 from gateway.pool import Lease, ReplicaPool
 from gateway.textstream import TextAssembler, TokenOutput
 from gateway.tokenizing import TokenizerLike
+from stagekit.errors import CapacityExceeded, StageUnavailable
+from stagekit.types.sampling_params import SamplingParams
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -97,9 +99,9 @@ async def generate_choice(
                 async for delta in deltas:
                     yield delta
             return
-        except (Unavailable, Overloaded) as err:
-            if isinstance(err, Unavailable):
-                replica.mark_unhealthy(err.message)
+        except (StageUnavailable, CapacityExceeded) as err:
+            if isinstance(err, StageUnavailable):
+                replica.mark_unhealthy(str(err))
             if (state.generated and not migrate) or not pool.has_other(tried):
                 raise
             kind = "migration" if state.generated else "retry"
@@ -110,7 +112,7 @@ async def generate_choice(
                 job.request_id,
                 replica.index,
                 len(state.generated),
-                err.message,
+                err,
                 "continuing" if state.generated else "retrying",
             )
         finally:

@@ -10,10 +10,10 @@ from typing import Any
 
 from gateway.config import AdmissionLimits
 from gateway.domain import StageInfo
-from gateway.errors import Overloaded, Unavailable
 from gateway.metrics import GatewayMetrics
 from gateway.replica import ReplicaClient
 from gateway.routing import PrefixIndex, RoundRobinRouter, Router
+from stagekit.errors import CapacityExceeded, StageUnavailable
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -51,7 +51,7 @@ class ReplicaPool:
     answering is taken out, one that answers again (re-wired if a stage restarted) comes back.
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
-    it is refused with `Overloaded` (429) at once.
+    it is refused with `CapacityExceeded` (429) at once.
     """
 
     def __init__(
@@ -119,15 +119,15 @@ class ReplicaPool:
         return any(r.healthy and r.index not in exclude for r in self.replicas)
 
     def choose(self, prompt_token_ids: Sequence[int], exclude: frozenset[int] = frozenset()) -> ReplicaClient:
-        """Route a request (no slot taken): raises `Unavailable` or `Overloaded`."""
+        """Route a request (no slot taken): raises `StageUnavailable` or `CapacityExceeded`."""
         healthy = [r for r in self.replicas if r.healthy and r.index not in exclude]
         if not healthy:
-            raise Unavailable("no healthy replica is available")
+            raise StageUnavailable("no healthy replica is available")
         candidates = [r for r in healthy if r.gate.can_run_now]
         if not candidates and self.num_waiting < self.admission.max_waiting_total:
             candidates = [r for r in healthy if r.gate.can_queue]
         if not candidates:
-            raise Overloaded(
+            raise CapacityExceeded(
                 f"all {len(healthy)} healthy replica(s) are at capacity "
                 f"({sum(r.gate.running for r in healthy)} running, {self.num_waiting} waiting); retry later"
             )
@@ -148,7 +148,7 @@ class ReplicaPool:
             replica.gate.outstanding_tokens += tokens
             try:
                 await replica.gate.acquire()
-            except Unavailable:
+            except StageUnavailable:
                 replica.gate.outstanding_tokens -= tokens
                 skip.add(replica.index)
                 continue

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.errors import InvalidRequest
 from gateway.schemas import ChatMessage, PromptInput
 from gateway.tokenizing import TokenizerLike
+from stagekit.errors import InvalidRequest
 
 _CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 

@@ -11,9 +11,11 @@ import grpc
 
 from gateway import stage_proto
 from gateway.admission import ReplicaGate
-from gateway.domain import GenerateChunk, SamplingParams, StageInfo
-from gateway.errors import GatewayError, InvalidRequest, Unavailable, from_rpc_error
+from gateway.domain import GenerateChunk, StageInfo
+from gateway.errors import from_rpc_error
+from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
+from stagekit.types.sampling_params import SamplingParams
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -108,14 +110,14 @@ class ReplicaClient:
         while True:
             try:
                 info = await self.wire()
-            except GatewayError as err:
+            except StagemeshError as err:
                 # A stage that answers "invalid" (e.g. another data plane) will not change its mind.
                 if isinstance(err, InvalidRequest) or time.monotonic() + delay > deadline:
-                    self.last_error = err.message
+                    self.last_error = str(err)
                     raise
-                if err.message != last_logged:
-                    logger.info("waiting for replica %d: %s", self.index, err.message)
-                    last_logged = err.message
+                if str(err) != last_logged:
+                    logger.info("waiting for replica %d: %s", self.index, err)
+                    last_logged = str(err)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -147,8 +149,8 @@ class ReplicaClient:
                 await self.wire()
             else:
                 self.head_info = infos[0]
-        except GatewayError as err:
-            self.mark_unhealthy(err.message)
+        except StagemeshError as err:
+            self.mark_unhealthy(str(err))
             return False
         self.mark_healthy()
         return True
@@ -164,7 +166,7 @@ class ReplicaClient:
         changed = self.healthy
         self.healthy, self.last_error = False, reason
         # Whoever waits for a slot here retries elsewhere.
-        self.gate.fail_waiters(Unavailable(f"replica {self.index} went down: {reason}"))
+        self.gate.fail_waiters(StageUnavailable(f"replica {self.index} went down: {reason}"))
         if changed:
             logger.warning("replica %d taken out: %s", self.index, reason)
             self._notify()

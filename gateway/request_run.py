@@ -11,12 +11,13 @@ from contextlib import aclosing
 
 from fastapi import Request
 
-from gateway.domain import SamplingParams
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import ModelNotFound, face_of
 from gateway.fanout import ChoiceResult, merge
 from gateway.generation import ChoiceDelta, ChoiceJob, generate_choice
 from gateway.sampling import for_choice
 from gateway.state import GatewayState
+from stagekit.errors import StagemeshError
+from stagekit.types.sampling_params import SamplingParams
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -130,8 +131,8 @@ class RequestRun:
         metrics = self.state.metrics
         metrics.running.dec()
         metrics.generation_tokens.inc(self.completion_tokens)
-        if isinstance(outcome, GatewayError):
-            outcome = f"error {outcome.status_code} {outcome.message}"
+        if isinstance(outcome, StagemeshError):
+            outcome = f"error {face_of(outcome).status_code} {outcome}"
         elif isinstance(outcome, ClientDisconnected):
             outcome = "client disconnected"
         elif isinstance(outcome, BaseException):

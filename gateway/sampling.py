@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gateway.config import RequestLimits
-from gateway.domain import SamplingParams
-from gateway.errors import InvalidRequest
+from gateway.errors import ContextLengthExceeded
 from gateway.prompts import check_token_ids
 from gateway.schemas import SamplingFields
+from stagekit.errors import InvalidRequest
+from stagekit.types.sampling_params import SamplingParams
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -48,10 +49,9 @@ def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
 
 def check_prompt_limit(prompt_len: int, limits: RequestLimits) -> None:
     if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
-        raise InvalidRequest(
+        raise ContextLengthExceeded(
             f"The prompt has {prompt_len} tokens, above this gateway's limit of {limits.max_prompt_tokens}.",
             param="prompt",
-            code="context_length_exceeded",
         )
 
 

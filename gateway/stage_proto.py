@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.domain import FinishReason, GenerateChunk, SamplingParams, StageInfo, TopLogprob
+from gateway.domain import FinishReason, GenerateChunk, StageInfo, TopLogprob
 from stagekit.rpc.pb import common_pb2, stage_pb2
+from stagekit.types.sampling_params import SamplingParams
 
 _FINISH_FROM_PROTO = {
     common_pb2.FINISH_REASON_STOP: FinishReason.STOP,

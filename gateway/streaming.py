@@ -10,9 +10,10 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from gateway.errors import GatewayError, error_body, gateway_error_body
+from gateway.errors import error_body, gateway_error_body
 from gateway.generation import ChoiceDelta
 from gateway.request_run import RequestRun
+from stagekit.errors import StagemeshError
 
 logger = logging.getLogger("stagemesh.gateway")
 
@@ -73,7 +74,7 @@ def sse_response(
             for chunk in tail() if tail else []:
                 yield sse_event(chunk)
             outcome = "ok"
-        except GatewayError as err:
+        except StagemeshError as err:
             outcome = err
             yield sse_event(gateway_error_body(err))
         except Exception as err:

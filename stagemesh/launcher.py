@@ -19,14 +19,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 from stagekit.ports import free_port
 
 
 def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:
     """Even contiguous split; earlier stages take the remainder one layer each."""
     if not 1 <= pp <= num_layers:
-        raise InvalidRequest(f"--pp {pp} must be between 1 and the model's {num_layers} layers")
+        raise ConfigError(f"--pp {pp} must be between 1 and the model's {num_layers} layers")
     base, extra = divmod(num_layers, pp)
     out, start = [], 0
     for i in range(pp):

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.errors import InvalidRequest
 from gateway.fanout import ChoiceResult
 from gateway.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from gateway.textstream import TokenOutput
+from stagekit.errors import InvalidRequest
 from stagekit.rpc.pb import common_pb2, generation_pb2
 
 _FINISH = {

@@ -12,11 +12,12 @@ import grpc
 from gateway.auth import ApiKeys
 from gateway.chat import prepare_chat
 from gateway.completions import prepare_completion
-from gateway.errors import GatewayError, Unauthorized
+from gateway.errors import Unauthorized, face_of
 from gateway.request_run import RequestRun
 from gateway.rpc import generation_proto
 from gateway.schemas import ChatCompletionRequest
 from gateway.state import GatewayState
+from stagekit.errors import StagemeshError
 from stagekit.rpc.pb import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger("stagemesh.gateway")
@@ -25,8 +26,8 @@ _SERVICE = "/stagemesh.v1.Generation/"
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    """Decode -> the REST API's prepare step -> run -> encode. A `GatewayError` becomes its own
-    gRPC code (with ``retry-after`` metadata on RESOURCE_EXHAUSTED); a key is required in the
+    """Decode -> the REST API's prepare step -> run -> encode. A `StagemeshError` becomes its
+    face's gRPC code (with ``retry-after`` metadata on RESOURCE_EXHAUSTED); a key is required in the
     ``authorization: Bearer KEY`` metadata when the gateway has keys."""
 
     def __init__(self, state: GatewayState, keys: ApiKeys) -> None:
@@ -50,9 +51,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         self.state.metrics.requests.labels(endpoint=_SERVICE + method, status=code.name).inc()
 
-    async def _abort(self, context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-        trailing = (("retry-after", str(getattr(err, "retry_after_s", 1))),) if err.status_code == 429 else ()
-        await context.abort(err.grpc_code, err.message, trailing_metadata=trailing)
+    async def _abort(self, context: grpc.aio.ServicerContext, err: StagemeshError) -> None:
+        face = face_of(err)
+        retry_after = face.headers.get("Retry-After")
+        trailing = (("retry-after", retry_after),) if retry_after is not None else ()
+        await context.abort(face.grpc_code, str(err), trailing_metadata=trailing)
 
     async def Generate(
         self, request: generation_pb2.GenerationRequest, context: grpc.aio.ServicerContext
@@ -73,8 +76,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 run.finish(err)
                 raise
             run.finish("ok")
-        except GatewayError as err:
-            code = err.grpc_code
+        except StagemeshError as err:
+            code = face_of(err).grpc_code
             await self._abort(context, err)
         except asyncio.CancelledError:  # the client left or its deadline passed
             code = grpc.StatusCode.CANCELLED
@@ -101,8 +104,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             run.finish("ok")
             return generation_proto.complete_response(run.request_id, self.state.model_name, results, run.usage(),
                                                       with_logprobs)
-        except GatewayError as err:
-            code = err.grpc_code
+        except StagemeshError as err:
+            code = face_of(err).grpc_code
             await self._abort(context, err)
             raise AssertionError("unreachable: abort raises") from err
         except asyncio.CancelledError:
@@ -123,8 +126,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             self._authorize(context)
             return generation_proto.models_response([self.state.model_card()])
-        except GatewayError as err:
-            code = err.grpc_code
+        except StagemeshError as err:
+            code = face_of(err).grpc_code
             await self._abort(context, err)
             raise AssertionError("unreachable: abort raises") from err
         finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from stagekit.config.architectures import ARCHITECTURES
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -53,7 +53,7 @@ class ModelConfig:
         """``auto`` takes the checkpoint's dtype (fp32 when it names none)."""
         name = self.checkpoint_dtype if requested == "auto" else requested
         if name not in DTYPES:
-            raise InvalidRequest(f"unsupported dtype {name!r} (use auto, float32, bfloat16 or float16)")
+            raise ConfigError(f"unsupported dtype {name!r} (use auto, float32, bfloat16 or float16)")
         return DTYPES[name]
 
 
@@ -65,18 +65,18 @@ def _as_list(x: object) -> list[int]:
 
 def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
     """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from an HF model
-    directory; InvalidRequest names what is missing or unsupported."""
+    directory; ConfigError names what is missing or unsupported."""
     root = Path(path)
     if not root.is_dir():
-        raise InvalidRequest(f"model directory {str(root)!r} does not exist")
+        raise ConfigError(f"model directory {str(root)!r} does not exist")
     cfg_file = root / "config.json"
     if not cfg_file.is_file():
-        raise InvalidRequest(f"model directory {str(root)!r} has no config.json")
+        raise ConfigError(f"model directory {str(root)!r} has no config.json")
     cfg = json.loads(cfg_file.read_text())
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
-        raise InvalidRequest(
+        raise ConfigError(
             f"unsupported architecture {archs or cfg.get('model_type')!r}; "
             f"supported: {', '.join(sorted(ARCHITECTURES))}"
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 from tqdm import tqdm
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 from stagekit.layers.weight_source import SafetensorsSource, default_weight_loader
 from stagekit.models.stage_model import StageModel
 
@@ -30,7 +30,7 @@ def checkpoint_files(root: Path) -> dict[str, str]:
         return dict(json.loads(index.read_text())["weight_map"])
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise InvalidRequest(f"model directory {str(root)!r} has no *.safetensors files")
+        raise ConfigError(f"model directory {str(root)!r} has no *.safetensors files")
     names: dict[str, str] = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
@@ -61,7 +61,7 @@ def _targets(model: StageModel, name: str) -> list[tuple[str, object]]:
 
 
 def load_weights(model: StageModel, show_progress: bool = True) -> None:
-    """Fill every parameter of ``model`` from its checkpoint; InvalidRequest names any
+    """Fill every parameter of ``model`` from its checkpoint; ConfigError names any
     tensor the checkpoint lacks."""
     root = Path(model.cfg.path)
     params = dict(model.named_parameters())
@@ -99,7 +99,7 @@ def _check_complete(model: StageModel, params: dict, loaded: set[str]) -> None:
         if not need <= got:
             missing.append(name)
     if missing:
-        raise InvalidRequest(
+        raise ConfigError(
             f"checkpoint {model.cfg.path!r} is missing tensors for: {', '.join(sorted(missing)[:8])}"
             + (" ..." if len(missing) > 8 else "")
         )

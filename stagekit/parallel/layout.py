@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,20 +32,20 @@ class StageLayout:
         return self.end_layer - self.start_layer
 
     def validate(self, num_heads: int, num_kv_heads: int) -> None:
-        """Raise InvalidRequest naming the problem when the layout cannot hold the model."""
+        """Raise ConfigError naming the problem when the layout cannot hold the model."""
         if not 0 <= self.start_layer < self.end_layer <= self.num_layers:
-            raise InvalidRequest(
+            raise ConfigError(
                 f"layer range {self.start_layer}:{self.end_layer} is outside the model's "
                 f"{self.num_layers} layers (need 0 <= start < end <= {self.num_layers})"
             )
         if self.tp_size < 1:
-            raise InvalidRequest(f"tp size must be >= 1, got {self.tp_size}")
+            raise ConfigError(f"tp size must be >= 1, got {self.tp_size}")
         if num_heads % self.tp_size:
-            raise InvalidRequest(
+            raise ConfigError(
                 f"tp size {self.tp_size} does not divide the model's {num_heads} attention heads"
             )
         if num_kv_heads % self.tp_size and self.tp_size % num_kv_heads:
-            raise InvalidRequest(
+            raise ConfigError(
                 f"tp size {self.tp_size} and the model's {num_kv_heads} KV heads: one must divide the other"
             )
 
@@ -62,5 +62,5 @@ def parse_layers(spec: str, num_layers: int | None = None) -> tuple[int, int]:
         else:
             raise ValueError
     except ValueError:
-        raise InvalidRequest(f"--layers must look like A:B (half-open layer range), got {spec!r}") from None
+        raise ConfigError(f"--layers must look like A:B (half-open layer range), got {spec!r}") from None
     return start, end

@@ -1,5 +1,9 @@
 """One mapping between our errors and gRPC status codes, used by every servicer (server
-side) and every client (to raise the same typed errors again)."""
+side) and every client (to raise the same typed errors again).
+
+`ConfigError` (a process started with settings that cannot work) maps to FAILED_PRECONDITION:
+it is raised at start-up and should never reach a servicer, but if one does, the honest
+answer is "this server is not set up to do that", not the caller's INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import grpc
 
 from stagekit.errors import (
     CapacityExceeded,
+    ConfigError,
     DeadlineExceeded,
     InvalidRequest,
     NotFound,
@@ -27,6 +32,7 @@ _CODES: list[tuple[type[StagemeshError], grpc.StatusCode]] = [
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 from stagekit.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def make_transport(name: str | None = None) -> Transport:
     if name is None and default_transport() == "ucx":
         try:
             return make_transport("ucx")
-        except InvalidRequest:  # a bad STAGEMESH_UCX_* setting: say so rather than fall back
+        except ConfigError:  # a bad STAGEMESH_UCX_* setting: say so rather than fall back
             raise
         except Exception as e:
             log.warning("the UCX data plane did not start (%s); using grpc", e)
@@ -43,10 +43,10 @@ def make_transport(name: str | None = None) -> Transport:
         from stagekit.transport.ucx.runtime import ucx_importable
 
         if not ucx_importable():
-            raise InvalidRequest("the ucx data plane needs the ucxx package (pip install 'stagemesh[ucx]'); "
-                                 "use --transport grpc")
+            raise ConfigError("the ucx data plane needs the ucxx package (pip install 'stagemesh[ucx]'); "
+                              "use --transport grpc")
         from stagekit.transport.ucx.settings import UcxSettings
         from stagekit.transport.ucx.transport import UcxTransport
 
         return UcxTransport(UcxSettings.from_env(profile or None))
-    raise InvalidRequest(f"unknown transport {name!r} (available: {', '.join(TRANSPORTS)})")
+    raise ConfigError(f"unknown transport {name!r} (available: {', '.join(TRANSPORTS)})")

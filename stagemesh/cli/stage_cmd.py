@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _kv_memory(text: str) -> dict:
     """``--kv-cache-memory``: a size, or a percentage of the memory free at start-up."""
-    from stagekit.errors import InvalidRequest
+    from stagekit.errors import ConfigError
 
     if text.strip().endswith("%"):
         try:
@@ -55,7 +55,7 @@ def _kv_memory(text: str) -> dict:
         except ValueError:
             share = -1.0
         if not 0 < share <= 0.95:
-            raise InvalidRequest(f"--kv-cache-memory {text}: a share must be between 0% and 95%")
+            raise ConfigError(f"--kv-cache-memory {text}: a share must be between 0% and 95%")
         return {"kv_cache_memory_fraction": share}
     return {"kv_cache_memory_bytes": parse_bytes(text)}
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from services.stage.server import run as serve
     from stagekit.config.model_config import load_model_config
     from stagekit.engine.stage_spec import StageSpec
-    from stagekit.errors import InvalidRequest
+    from stagekit.errors import ConfigError
     from stagekit.parallel.layout import StageLayout, parse_layers
 
     try:
@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
         start, end = parse_layers(args.layers, cfg.num_layers)
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
         if not 1 <= args.block_size <= 256:
-            raise InvalidRequest(f"--block-size {args.block_size} must be between 1 and 256 tokens")
+            raise ConfigError(f"--block-size {args.block_size} must be between 1 and 256 tokens")
         if not args.step_timeout > 0:
-            raise InvalidRequest(f"--step-timeout {args.step_timeout} must be a positive number of seconds")
+            raise ConfigError(f"--step-timeout {args.step_timeout} must be a positive number of seconds")
         cfg.torch_dtype(args.dtype)
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
@@ -84,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault,
         )
-    except InvalidRequest as e:
+    except ConfigError as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2
     try:
         serve(spec, args.host, args.port, args.ready_file, args.transport, metrics_port=args.metrics_port)
-    except InvalidRequest as e:
+    except ConfigError as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2
     return 0

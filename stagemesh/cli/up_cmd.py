@@ -60,7 +60,7 @@ def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str
 
 def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
-    from stagekit.errors import InvalidRequest
+    from stagekit.errors import ConfigError
     from stagemesh.launcher import Mesh, MeshSpec, split_layers
 
     model = args.model
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_model_config(model)
         splits = split_layers(cfg.num_layers, args.pp)
-    except InvalidRequest as e:
+    except ConfigError as e:
         print(f"stagemesh up: error: {e}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="stagemesh-up-")

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.admission import ReplicaGate
 from gateway.config import AdmissionLimits
-from gateway.errors import Unavailable
+from stagekit.errors import StageUnavailable
 from tests.gateway.fake_stage import FakeStage
 from tests.gateway.harness import GatewayThread
 
@@ -51,8 +51,8 @@ def test_gate_cancelled_and_failed_waiters() -> None:
         leaving.cancel()
         await asyncio.sleep(0)
         assert gate.waiting == 1
-        gate.fail_waiters(Unavailable("replica down"))
-        with pytest.raises(Unavailable):
+        gate.fail_waiters(StageUnavailable("replica down"))
+        with pytest.raises(StageUnavailable):
             await failing
         gate.release()
         assert (gate.running, gate.waiting) == (0, 0)

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError
 
 # profile -> (UCX_TLS, endpoint error handling; None: off on the same host, on across hosts)
 PROFILES: dict[str, tuple[str, bool | None]] = {
@@ -56,7 +56,7 @@ class UcxSettings:
     @classmethod
     def for_profile(cls, profile: str) -> UcxSettings:
         if profile not in PROFILES:
-            raise InvalidRequest(f"unknown UCX profile {profile!r} (available: {', '.join(PROFILES)})")
+            raise ConfigError(f"unknown UCX profile {profile!r} (available: {', '.join(PROFILES)})")
         tls, eh = PROFILES[profile]
         return cls(profile=profile, tls=tls, error_handling=eh)
 
@@ -77,18 +77,18 @@ class UcxSettings:
         for field, var in (("spin_us", "SPIN_US"), ("part_timeout_s", "PART_TIMEOUT_S"),
                            ("send_timeout_s", "SEND_TIMEOUT_S"), ("connect_timeout_s", "CONNECT_TIMEOUT_S")):
             if f"STAGEMESH_UCX_{var}" in env:
-                changes[field] = float(env[f"STAGEMESH_UCX_{var}"])
+                changes[field] = _number(f"STAGEMESH_UCX_{var}", env[f"STAGEMESH_UCX_{var}"])
         return replace(s, **changes).validated()
 
     def validated(self) -> UcxSettings:
         if self.progress not in PROGRESS_MODES:
-            raise InvalidRequest(f"unknown UCX progress mode {self.progress!r} "
-                                 f"(available: {', '.join(PROGRESS_MODES)})")
+            raise ConfigError(f"unknown UCX progress mode {self.progress!r} "
+                              f"(available: {', '.join(PROGRESS_MODES)})")
         for name in ("part_timeout_s", "send_timeout_s", "connect_timeout_s"):
             if not getattr(self, name) > 0:
-                raise InvalidRequest(f"UCX setting {name} must be positive")
+                raise ConfigError(f"UCX setting {name} must be positive")
         if self.spin_us < 0:
-            raise InvalidRequest("UCX setting spin_us must not be negative")
+            raise ConfigError("UCX setting spin_us must not be negative")
         return self
 
     def link_error_handling(self, same_host: bool) -> bool:
@@ -114,3 +114,11 @@ def prepare_environment(cuda: bool) -> None:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     if not cuda:
         os.environ.setdefault("UCX_RNDV_FRAG_MEM_TYPE", "host")
+
+
+def _number(var: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        # a ValueError would make the default data plane fall back to gRPC in silence
+        raise ConfigError(f"{var} must be a number, got {text!r}") from None
