@@ -106,7 +106,7 @@ def test_async_streaming_chat_and_token_ids(up: tuple[str, str]) -> None:
             out = await c.complete([3, 200, 201], max_tokens=4, n=2, temperature=0.8, seed=3, logprobs=1)
             assert [ch.index for ch in out.choices] == [0, 1]
             assert all(len(ch.token_ids) == 4 and len(ch.logprobs) == 4 for ch in out.choices)
-            many = await asyncio.gather(*(c.complete(f"q{i}", max_tokens=3) for i in range(6)))
+            many = await asyncio.gather(*(c.complete(f"q{i}", max_tokens=3, ignore_eos=True) for i in range(6)))
             assert all(m.usage.completion_tokens == 3 for m in many)
 
     asyncio.run(main())
