@@ -17,9 +17,9 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.stage_world import join_stage_world
 from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
-from stagekit.parallel.group import init_tp_group
 from stagekit.ports import free_port
 from stagekit.types.step import IntermediateTensors, SeqSlice
 
@@ -44,8 +44,8 @@ class TPExecutor:
             self._conns.append(parent)
             self._procs.append(p)
         try:
-            group = init_tp_group(0, spec.tp_size, init_method)
-            self.runner = ModelRunner(spec, group)
+            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method)
+            self.runner = ModelRunner(spec, self.groups)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(startup_timeout_s):
                     raise StageUnavailable(f"TP rank {rank} did not start within {startup_timeout_s:.0f}s")
@@ -67,10 +67,10 @@ class TPExecutor:
             meta = (tuple(h.shape), h.dtype, r is not None)
         self._tell(("run", seqs, freed, input_ids, meta, preempted))
         if meta is not None and self._conns:
-            group = self.runner.group
-            group.broadcast(intermediate.hidden_states.contiguous())
+            tp = self.groups.tp
+            tp.broadcast(intermediate.hidden_states.contiguous())
             if intermediate.residual is not None:
-                group.broadcast(intermediate.residual.contiguous())
+                tp.broadcast(intermediate.residual.contiguous())
         try:
             return self.runner.run(seqs, freed, input_ids, intermediate, preempted)
         except RuntimeError as e:
@@ -84,16 +84,16 @@ class TPExecutor:
         the steps (the ranks' collectives must come in the same order everywhere)."""
         self._tell(("kv_read", blocks))
         local = self.runner.kv_cache.read_blocks(blocks)
-        return self.runner.group.all_gather(local.unsqueeze(0), dim=0).cpu()
+        return self.groups.tp.all_gather(local.unsqueeze(0), dim=0).cpu()
 
     def write_kv(self, blocks: list[int], data: torch.Tensor) -> None:
         """Write ``data`` ([tp, layers, 2, n, kv_heads per rank, block_size, head_dim], rank
         order, as ``read_kv`` gives it) into ``blocks`` of every rank's pool (same thread rule)."""
-        group = self.runner.group
-        if data.shape[0] != group.world_size:
-            raise ValueError(f"KV of {data.shape[0]} TP ranks for a stage of {group.world_size}")
+        tp = self.groups.tp
+        if data.shape[0] != tp.world_size:
+            raise ValueError(f"KV of {data.shape[0]} TP ranks for a stage of {tp.world_size}")
         self._tell(("kv_write", blocks, tuple(data.shape), data.dtype))
-        full = group.broadcast(data.to(group.device).contiguous())
+        full = tp.broadcast(data.to(tp.device).contiguous())
         self.runner.kv_cache.write_blocks(blocks, full[0])
 
     def _tell(self, msg: tuple) -> None:
@@ -115,6 +115,6 @@ class TPExecutor:
                 p.kill()
                 p.join(timeout=5)
         self._conns, self._procs = [], []
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.group.close()
+        world = getattr(self, "world", None)
+        if world is not None:
+            world.close()

@@ -12,24 +12,29 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.stage_world import join_stage_world
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.parallel.group import GroupCoordinator, init_tp_group
+from stagekit.parallel.group import GroupCoordinator
 from stagekit.types.step import IntermediateTensors
 
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
     try:
-        group = init_tp_group(rank, spec.tp_size, init_method)
-        runner = ModelRunner(spec, group)
+        world, groups = join_stage_world(rank, spec.tp_size, init_method)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    freeze_startup_heap()
-    conn.send(("ready", None))
     try:
-        _serve(runner, group, conn)
+        try:
+            runner = ModelRunner(spec, groups)
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+            return
+        freeze_startup_heap()
+        conn.send(("ready", None))
+        _serve(runner, groups.tp, conn)
     finally:
-        group.close()
+        world.close()
 
 
 def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> None:
