@@ -1,5 +1,5 @@
 """One TP rank's share of a stage: the sharded model and its KV cache. Every rank of the
-stage calls ``run`` with the same arguments each step; collectives inside the layers keep
+stage calls ``run`` with the same step each step; collectives inside the layers keep
 them in lockstep."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from stagekit.loader.safetensors_loader import load_weights
 from stagekit.models.stage_model import StageModel
 from stagekit.parallel.layout import StageLayout
 from stagekit.parallel.parallel_groups import ParallelGroups
-from stagekit.types.step import IntermediateTensors, SeqSlice
+from stagekit.types.step import IntermediateTensors, StepInputs
 
 
 class ModelRunner:
@@ -45,24 +45,23 @@ class ModelRunner:
                                      self.device, num_blocks, spec.block_size, prefault=spec.kv_prefault)
 
     @torch.inference_mode()
-    def run(
-        self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None, preempted: list[int] | None = None,
-    ) -> IntermediateTensors | torch.Tensor | None:
-        """Drop the tables of ``freed`` and ``preempted`` sequences, extend the step's, then
-        run the step. Returns IntermediateTensors, or on the last stage the fp32 logits of
-        the sampled sequences ([num_sampled, vocab]); None for an empty step."""
-        self.kv_cache.apply(seqs, freed, preempted or [])
-        if not seqs:
+    def run(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
+        """Drop the tables of the step's freed and preempted sequences, extend the tables of
+        its sequences, then run it. Returns IntermediateTensors, or on the last stage the fp32
+        logits of the sampled sequences ([num_sampled, vocab]); None for an empty step."""
+        header, device = step.header, self.device
+        self.kv_cache.apply(header.seqs, header.freed_seq_ids, header.preempted_seq_ids)
+        if not header.seqs:
             return None
-        batch = ForwardBatch.build(seqs, self.kv_cache, self.device)
+        batch = ForwardBatch.build(header.seqs, self.kv_cache, device)
         ids = None
-        if input_ids is not None:
-            ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        if intermediate is not None and intermediate.hidden_states.device != self.device:
+        if step.input_ids is not None:
+            ids = torch.tensor(step.input_ids, dtype=torch.int64, device=device)
+        intermediate = step.intermediate
+        if intermediate is not None and intermediate.hidden_states.device != device:
             intermediate = IntermediateTensors(
-                intermediate.hidden_states.to(self.device),
-                None if intermediate.residual is None else intermediate.residual.to(self.device),
+                intermediate.hidden_states.to(device),
+                None if intermediate.residual is None else intermediate.residual.to(device),
             )
         states = self.model(batch, input_ids=ids, intermediate=intermediate)
         if self.layout.is_last:

@@ -16,7 +16,7 @@ from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.parallel_groups import ParallelGroups
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.ports import free_port
-from stagekit.types.step import SeqSlice
+from stagekit.types.step import SeqSlice, StepHeader, StepInputs
 from tests.helpers.checkpoints import PROMPTS
 
 SPLITS = [[(0, 5)], [(0, 3), (3, 5)], [(0, 1), (1, 4), (4, 5)]]  # PP1, PP2, PP3 uneven
@@ -41,10 +41,10 @@ def _chain_logits(path: str, splits: list[tuple[int, int]], rank: int, tp: int, 
             n = -(-len(p) // BLOCK)
             seqs.append(SeqSlice(i, 0, len(p), sample=True, new_blocks=tuple(range(next_block, next_block + n))))
             next_block += n
-        ids = [t for p in PROMPTS for t in p]
+        header, ids = StepHeader(0, seqs), [t for p in PROMPTS for t in p]
         out = None
         for k, runner in enumerate(runners):
-            out = runner.run(seqs, [], ids if k == 0 else None, None if k == 0 else out)
+            out = runner.run(StepInputs(header, input_ids=ids) if k == 0 else StepInputs(header, intermediate=out))
         return out
 
 
