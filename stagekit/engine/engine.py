@@ -23,7 +23,7 @@ from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
 from stagekit.transport.base import Transport
 from stagekit.types.sampling_params import SamplingParams
-from stagekit.types.step import Frame, IntermediateTensors, StepHeader, StepResult
+from stagekit.types.step import Frame, IntermediateTensors, StepHeader, StepInputs, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Engine:
         seqs = {s.seq_id: s for s in self.scheduler.running.values()}
         input_ids = [t for s in header.seqs for t in seqs[s.seq_id].pending_token_ids()[: s.num_new]]
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.pool, self.runtime.process, header, input_ids, None)
+        out = await loop.run_in_executor(self.pool, self.runtime.process, StepInputs(header, input_ids=input_ids))
         if isinstance(out, StepResult):
             return out
         fut: asyncio.Future[StepResult] = loop.create_future()

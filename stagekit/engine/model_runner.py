@@ -1,5 +1,5 @@
 """One TP rank's share of a stage: the sharded model and its KV cache. Every rank of the
-stage calls ``run`` with the same arguments each step; collectives inside the layers keep
+stage calls ``run`` with the same step each step; collectives inside the layers keep
 them in lockstep."""
 
 from __future__ import annotations
@@ -13,55 +13,55 @@ from stagekit.kv.kv_cache import PagedKVCache, available_memory
 from stagekit.layers.cpu_packed import pack_model_weights
 from stagekit.loader.safetensors_loader import load_weights
 from stagekit.models.stage_model import StageModel
-from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
-from stagekit.types.step import IntermediateTensors, SeqSlice
+from stagekit.parallel.parallel_groups import ParallelGroups
+from stagekit.types.step import IntermediateTensors, StepInputs
 
 
 class ModelRunner:
     """Builds the shard from a StageSpec and runs forward passes over it."""
 
-    def __init__(self, spec: StageSpec, group: GroupCoordinator) -> None:
+    def __init__(self, spec: StageSpec, groups: ParallelGroups) -> None:
         if spec.num_threads > 0:
             torch.set_num_threads(spec.num_threads)
         self.cfg = load_model_config(spec.model_path, spec.model_name)
         self.layout = StageLayout(spec.start_layer, spec.end_layer, self.cfg.num_layers, spec.tp_size)
         self.layout.validate(self.cfg.num_heads, self.cfg.num_kv_heads)
         self.dtype = self.cfg.torch_dtype(spec.dtype)
-        self.group = group
-        self.model = StageModel(self.cfg, self.layout, group, self.dtype)
-        load_weights(self.model, show_progress=spec.show_progress and group.is_first_rank)
+        self.groups, self.device = groups, groups.device
+        tp = groups.tp
+        self.model = StageModel(self.cfg, self.layout, groups, self.dtype)
+        load_weights(self.model, show_progress=spec.show_progress and tp.is_first_rank)
         if spec.linear_kernel == "auto":
             pack_model_weights(self.model)
         num_kv_heads = max(1, self.cfg.num_kv_heads // spec.tp_size)
         shape = (self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, spec.block_size)
         budget = spec.kv_cache_memory_bytes
         if spec.kv_cache_memory_fraction > 0:
-            budget = int(available_memory(group.device, spec.tp_size) * spec.kv_cache_memory_fraction)
+            budget = int(available_memory(self.device, spec.tp_size) * spec.kv_cache_memory_fraction)
         # every rank must hold the same block ids: the smallest pool of the stage's ranks
-        num_blocks = group.min_int(budget // PagedKVCache.bytes_per_block(*shape))
+        num_blocks = tp.min_int(budget // PagedKVCache.bytes_per_block(*shape))
         self.kv_cache = PagedKVCache(self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype,
-                                     group.device, num_blocks, spec.block_size, prefault=spec.kv_prefault)
+                                     self.device, num_blocks, spec.block_size, prefault=spec.kv_prefault)
 
     @torch.inference_mode()
-    def run(
-        self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None, preempted: list[int] | None = None,
-    ) -> IntermediateTensors | torch.Tensor | None:
-        """Drop the tables of ``freed`` and ``preempted`` sequences, extend the step's, then
-        run the step. Returns IntermediateTensors, or on the last stage the fp32 logits of
-        the sampled sequences ([num_sampled, vocab]); None for an empty step."""
-        self.kv_cache.apply(seqs, freed, preempted or [])
-        if not seqs:
+    def run(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
+        """Drop the tables of the step's freed and preempted sequences, extend the tables of
+        its sequences, then run it. Returns IntermediateTensors, or on the last stage the fp32
+        logits of the sampled sequences ([num_sampled, vocab]); None for an empty step."""
+        header, device = step.header, self.device
+        self.kv_cache.apply(header.seqs, header.freed_seq_ids, header.preempted_seq_ids)
+        if not header.seqs:
             return None
-        batch = ForwardBatch.build(seqs, self.kv_cache, self.group.device)
+        batch = ForwardBatch.build(header.seqs, self.kv_cache, device)
         ids = None
-        if input_ids is not None:
-            ids = torch.tensor(input_ids, dtype=torch.int64, device=self.group.device)
-        if intermediate is not None and intermediate.hidden_states.device != self.group.device:
+        if step.input_ids is not None:
+            ids = torch.tensor(step.input_ids, dtype=torch.int64, device=device)
+        intermediate = step.intermediate
+        if intermediate is not None and intermediate.hidden_states.device != device:
             intermediate = IntermediateTensors(
-                intermediate.hidden_states.to(self.group.device),
-                None if intermediate.residual is None else intermediate.residual.to(self.group.device),
+                intermediate.hidden_states.to(device),
+                None if intermediate.residual is None else intermediate.residual.to(device),
             )
         states = self.model(batch, input_ids=ids, intermediate=intermediate)
         if self.layout.is_last:

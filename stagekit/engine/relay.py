@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.transport.base import Transport
-from stagekit.types.step import Frame, IntermediateTensors, StepResult
+from stagekit.types.step import Frame, IntermediateTensors, StepInputs, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class StageRelay:
                 continue
             header = frame.step
             inter = IntermediateTensors(frame.tensors[0], frame.tensors[1]) if frame.tensors else None
+            step = StepInputs(header, intermediate=inter)
             try:
-                out = await loop.run_in_executor(self.pool, self.runtime.process, header, None, inter)
+                out = await loop.run_in_executor(self.pool, self.runtime.process, step)
             except Exception as e:
                 log.exception("step %d failed on this stage", header.step_id)
                 await self._send(Frame(result=StepResult(header.step_id, [], [], [], error=str(e))))

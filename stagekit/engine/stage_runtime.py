@@ -11,7 +11,7 @@ import torch
 from stagekit.engine.sampler import Sampler
 from stagekit.engine.stats import StageStats
 from stagekit.engine.tp_executor import TPExecutor
-from stagekit.types.step import IntermediateTensors, StepHeader, StepResult
+from stagekit.types.step import IntermediateTensors, StepInputs, StepResult
 
 
 class StageRuntime:
@@ -25,20 +25,17 @@ class StageRuntime:
         self.sampler = Sampler(self.cfg.eos_token_ids) if self.layout.is_last else None
         self.stats = StageStats()
 
-    def process(
-        self, header: StepHeader, input_ids: list[int] | None = None,
-        intermediate: IntermediateTensors | None = None,
-    ) -> IntermediateTensors | StepResult | None:
+    def process(self, step: StepInputs) -> IntermediateTensors | StepResult | None:
         """Run one step. Returns the tensors for the next stage, or on the last stage the
         sampled tokens; None for a step with no sequences on a middle stage."""
+        header = step.header
         if self.sampler is not None:
             self.sampler.remove(header.freed_seq_ids)
             for ns in header.new_seqs:
                 self.sampler.add(ns.seq_id, ns.params)
         started = time.perf_counter()
         try:
-            out = self.executor.execute(header.seqs, header.freed_seq_ids, input_ids, intermediate,
-                                        header.preempted_seq_ids)
+            out = self.executor.execute(step)
         except Exception:
             self.stats.step_failures_total += 1
             raise

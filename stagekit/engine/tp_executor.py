@@ -1,27 +1,31 @@
 """Rank 0 of a stage drives its TP ranks.
 
 Rank 0 lives in the stage's gRPC process; ranks 1..t-1 are worker processes it spawns.
-Each step, rank 0 sends the step's metadata to every worker over a pipe (a pipe, not a
-collective, so idle workers can wait forever and notice when rank 0 dies: EOF) and
-broadcasts the input tensors over the device group; then every rank runs the same
-forward and the layers' collectives keep them in lockstep. Only rank 0 keeps outputs.
+Each step, rank 0 sends the step without its tensors (a ``RunStep``, tp_messages.py) to
+every worker over a pipe (a pipe, not a collective, so idle workers can wait forever and
+notice when rank 0 dies: EOF) and broadcasts the input tensors over the TP group; then every
+rank runs the same forward and the layers' collectives keep them in lockstep. Only rank 0
+keeps outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.stage_world import join_stage_world
+from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, ToWorker, WorkerReady, WriteKv
 from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
-from stagekit.parallel.group import init_tp_group
 from stagekit.ports import free_port
-from stagekit.types.step import IntermediateTensors, SeqSlice
+from stagekit.types.step import IntermediateTensors, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +48,33 @@ class TPExecutor:
             self._conns.append(parent)
             self._procs.append(p)
         try:
-            group = init_tp_group(0, spec.tp_size, init_method)
-            self.runner = ModelRunner(spec, group)
+            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method)
+            self.runner = ModelRunner(spec, self.groups)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(startup_timeout_s):
                     raise StageUnavailable(f"TP rank {rank} did not start within {startup_timeout_s:.0f}s")
-                kind, detail = conn.recv()
-                if kind != "ready":
-                    raise StageUnavailable(f"TP rank {rank} failed to start: {detail}")
+                reply = conn.recv()
+                if not isinstance(reply, WorkerReady):
+                    raise StageUnavailable(f"TP rank {rank} failed to start: {reply.detail}")
         except BaseException:
             self.shutdown()
             raise
         log.info("stage layers %d:%d ready on %d TP rank(s)", spec.start_layer, spec.end_layer, spec.tp_size)
 
-    def execute(
-        self, seqs: list[SeqSlice], freed: list[int], input_ids: list[int] | None,
-        intermediate: IntermediateTensors | None, preempted: list[int] | None = None,
-    ) -> IntermediateTensors | torch.Tensor | None:
-        meta = None
-        if intermediate is not None and seqs:
-            h, r = intermediate.hidden_states, intermediate.residual
-            meta = (tuple(h.shape), h.dtype, r is not None)
-        self._tell(("run", seqs, freed, input_ids, meta, preempted))
-        if meta is not None and self._conns:
-            group = self.runner.group
-            group.broadcast(intermediate.hidden_states.contiguous())
-            if intermediate.residual is not None:
-                group.broadcast(intermediate.residual.contiguous())
+    def execute(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
+        """Run ``step`` on every rank; rank 0's output (see ``ModelRunner.run``)."""
+        if self._conns:
+            inter = step.intermediate if step.header.seqs else None
+            meta = None if inter is None else TensorsMeta.of(inter)
+            # the step without its tensors: they follow over the TP group, not the pipe
+            self._tell(RunStep(dataclasses.replace(step, intermediate=None), meta))
+            if inter is not None:
+                tp = self.groups.tp
+                tp.broadcast(inter.hidden_states.contiguous())
+                if inter.residual is not None:
+                    tp.broadcast(inter.residual.contiguous())
         try:
-            return self.runner.run(seqs, freed, input_ids, intermediate, preempted)
+            return self.runner.run(step)
         except RuntimeError as e:
             if self._conns and not all(p.is_alive() for p in self._procs):
                 raise StageUnavailable(f"a TP rank of this stage died: {e}") from e
@@ -82,31 +84,32 @@ class TPExecutor:
         """Every rank's KV of ``blocks``, on the host in rank order:
         [tp, layers, 2, n, kv_heads per rank, block_size, head_dim]. Call on the thread that runs
         the steps (the ranks' collectives must come in the same order everywhere)."""
-        self._tell(("kv_read", blocks))
+        self._tell(ReadKv(blocks))
         local = self.runner.kv_cache.read_blocks(blocks)
-        return self.runner.group.all_gather(local.unsqueeze(0), dim=0).cpu()
+        return self.groups.tp.all_gather(local.unsqueeze(0), dim=0).cpu()
 
     def write_kv(self, blocks: list[int], data: torch.Tensor) -> None:
         """Write ``data`` ([tp, layers, 2, n, kv_heads per rank, block_size, head_dim], rank
         order, as ``read_kv`` gives it) into ``blocks`` of every rank's pool (same thread rule)."""
-        group = self.runner.group
-        if data.shape[0] != group.world_size:
-            raise ValueError(f"KV of {data.shape[0]} TP ranks for a stage of {group.world_size}")
-        self._tell(("kv_write", blocks, tuple(data.shape), data.dtype))
-        full = group.broadcast(data.to(group.device).contiguous())
+        tp = self.groups.tp
+        if data.shape[0] != tp.world_size:
+            raise ValueError(f"KV of {data.shape[0]} TP ranks for a stage of {tp.world_size}")
+        self._tell(WriteKv(blocks, tuple(data.shape), data.dtype))
+        full = tp.broadcast(data.to(tp.device).contiguous())
         self.runner.kv_cache.write_blocks(blocks, full[0])
 
-    def _tell(self, msg: tuple) -> None:
+    def _tell(self, msg: ToWorker) -> None:
+        data = ForkingPickler.dumps(msg)  # what Connection.send does, once for all workers
         for rank, conn in enumerate(self._conns, start=1):
             try:
-                conn.send(msg)
+                conn.send_bytes(data)
             except (BrokenPipeError, OSError) as e:
                 raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
 
     def shutdown(self) -> None:
         for conn in self._conns:
             try:
-                conn.send(("stop",))
+                conn.send(Stop())
             except OSError:
                 pass
         for p in self._procs:
@@ -115,6 +118,6 @@ class TPExecutor:
                 p.kill()
                 p.join(timeout=5)
         self._conns, self._procs = [], []
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.group.close()
+        world = getattr(self, "world", None)
+        if world is not None:
+            world.close()

@@ -1,7 +1,7 @@
-"""Main loop of TP ranks 1..t-1: wait for rank 0's step metadata on the pipe, receive
-the step's tensors from the broadcast, run the same forward; or read / write KV blocks
-for a KV transfer (``TPExecutor.read_kv`` / ``write_kv``). Exits when rank 0 says stop
-or its end of the pipe closes (rank 0 died), so no worker outlives its stage."""
+"""Main loop of TP ranks 1..t-1: wait for rank 0's next message on the pipe (tp_messages)
+and act on it: run a step (its tensors arrive by broadcast), or read / write KV blocks for
+a KV transfer (``TPExecutor.read_kv`` / ``write_kv``). Exits when rank 0 says stop or its
+end of the pipe closes (rank 0 died), so no worker outlives its stage."""
 
 from __future__ import annotations
 
@@ -12,51 +12,60 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.engine.stage_world import join_stage_world
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.parallel.group import GroupCoordinator, init_tp_group
+from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, WorkerFailed, WorkerReady, WriteKv
+from stagekit.parallel.group import GroupCoordinator
 from stagekit.types.step import IntermediateTensors
 
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
     try:
-        group = init_tp_group(rank, spec.tp_size, init_method)
-        runner = ModelRunner(spec, group)
+        world, groups = join_stage_world(rank, spec.tp_size, init_method)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
         return
-    freeze_startup_heap()
-    conn.send(("ready", None))
     try:
-        _serve(runner, group, conn)
+        try:
+            runner = ModelRunner(spec, groups)
+        except Exception as e:
+            conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
+            return
+        freeze_startup_heap()
+        conn.send(WorkerReady())
+        _serve(runner, groups.tp, conn)
     finally:
-        group.close()
+        world.close()
 
 
-def _serve(runner: ModelRunner, group: GroupCoordinator, conn: Connection) -> None:
+def _serve(runner: ModelRunner, tp: GroupCoordinator, conn: Connection) -> None:
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
-        if msg[0] == "stop":
-            return
-        if msg[0] == "kv_read":     # this rank's KV of the blocks, gathered to rank 0
-            group.all_gather(runner.kv_cache.read_blocks(msg[1]).unsqueeze(0), dim=0)
-            continue
-        if msg[0] == "kv_write":    # every rank's KV from rank 0; this rank keeps its own
-            _, blocks, shape, dtype = msg
-            full = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device))
-            runner.kv_cache.write_blocks(blocks, full[group.rank_in_group])
-            continue
-        _, seqs, freed, input_ids, meta, preempted = msg
-        intermediate = None
-        if meta is not None:
-            shape, dtype, has_residual = meta
-            hidden = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device))
-            residual = group.broadcast(torch.empty(shape, dtype=dtype, device=group.device)) if has_residual else None
-            intermediate = IntermediateTensors(hidden, residual)
-        try:
-            runner.run(seqs, freed, input_ids, intermediate, preempted)
-        except Exception:
-            traceback.print_exc()
-            return
+        match msg:
+            case RunStep(step=step, tensors=meta):
+                if meta is not None:
+                    step.intermediate = _receive(tp, meta)
+                try:
+                    runner.run(step)
+                except Exception:
+                    traceback.print_exc()
+                    return
+            case ReadKv(blocks=blocks):     # this rank's KV of the blocks, gathered to rank 0
+                tp.all_gather(runner.kv_cache.read_blocks(blocks).unsqueeze(0), dim=0)
+            case WriteKv(blocks=blocks, shape=shape, dtype=dtype):  # every rank's KV; keep this rank's
+                full = tp.broadcast(torch.empty(shape, dtype=dtype, device=tp.device))
+                runner.kv_cache.write_blocks(blocks, full[tp.rank_in_group])
+            case Stop():
+                return
+            case _:
+                raise TypeError(f"unknown message from TP rank 0: {type(msg).__name__}")
+
+
+def _receive(tp: GroupCoordinator, meta: TensorsMeta) -> IntermediateTensors:
+    """The step's tensors from rank 0's broadcasts (``TPExecutor.execute`` sends them)."""
+    hidden = tp.broadcast(torch.empty(meta.shape, dtype=meta.dtype, device=tp.device))
+    residual = tp.broadcast(torch.empty(meta.shape, dtype=meta.dtype, device=tp.device)) if meta.has_residual else None
+    return IntermediateTensors(hidden, residual)

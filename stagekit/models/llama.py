@@ -14,6 +14,7 @@ from stagekit.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from stagekit.layers.norm import RMSNorm
 from stagekit.layers.rotary import RotaryEmbedding
 from stagekit.parallel.group import GroupCoordinator
+from stagekit.parallel.parallel_groups import ParallelGroups
 
 
 class LlamaAttention(nn.Module):
@@ -66,12 +67,12 @@ class LlamaDecoderLayer(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, group: GroupCoordinator, local_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, local_idx: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, group, local_idx, dtype)
-        self.mlp = LlamaMLP(cfg, group, dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, group.device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, group.device)
+        self.self_attn = LlamaAttention(cfg, groups.tp, local_idx, dtype)
+        self.mlp = LlamaMLP(cfg, groups.tp, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, groups.device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, groups.device)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch

@@ -16,15 +16,17 @@ from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from stagekit.layers.norm import RMSNorm
 from stagekit.models.registry import decoder_layer_class
-from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
+from stagekit.parallel.parallel_groups import ParallelGroups
 from stagekit.types.step import IntermediateTensors
 
 
 class StageModel(nn.Module):
-    """Layers ``[layout.start_layer, layout.end_layer)`` of ``cfg``'s model on one TP rank."""
+    """Layers ``[layout.start_layer, layout.end_layer)`` of ``cfg``'s model on one TP rank.
+    Every layer is built with the rank's ``groups``: decoder layers take them all (a family
+    with experts needs ``groups.ep``), the embedding and head take ``groups.tp``."""
 
-    def __init__(self, cfg: ModelConfig, layout: StageLayout, group: GroupCoordinator, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, layout: StageLayout, groups: ParallelGroups, dtype: torch.dtype) -> None:
         super().__init__()
         layout.validate(cfg.num_heads, cfg.num_kv_heads)
         self.cfg, self.layout, self.dtype = cfg, layout, dtype
@@ -32,14 +34,14 @@ class StageModel(nn.Module):
         self.packed_modules_mapping: dict = layer_cls.packed_modules_mapping
         self.model = nn.Module()
         if layout.is_first:
-            self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
+            self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups.tp, dtype)
         self.model.layers = nn.ModuleDict({
-            str(i): layer_cls(cfg, group, i - layout.start_layer, dtype)
+            str(i): layer_cls(cfg, groups, i - layout.start_layer, dtype)
             for i in range(layout.start_layer, layout.end_layer)
         })
         if layout.is_last:
-            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, group.device)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group, dtype)
+            self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, groups.device)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, groups.tp, dtype)
 
     def forward(
         self, batch: ForwardBatch, input_ids: torch.Tensor | None = None,

@@ -1,6 +1,11 @@
-"""Process groups, rank layout and TP worker processes of a stage."""
+"""Process groups and their collectives, and the rank layout math of a stage."""
 
-from stagekit.parallel.group import GroupCoordinator, init_tp_group
+from stagekit.parallel.device_communicator import DeviceCommunicator
+from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
+from stagekit.parallel.parallel_groups import ParallelGroups
+from stagekit.parallel.parallel_world import ParallelWorld
+from stagekit.parallel.torch_communicator import TorchCommunicator
 
-__all__ = ["GroupCoordinator", "StageLayout", "init_tp_group"]
+__all__ = ["DeviceCommunicator", "GroupCoordinator", "ParallelGroups", "ParallelWorld", "StageLayout",
+           "TorchCommunicator"]

@@ -4,7 +4,9 @@ A step header names the sequences of the batch (with how many tokens each adds a
 KV blocks their tables gain), the sequences to free or preempt first, and the sampling
 parameters of sequences that join. The tensors
 (hidden_states, residual) travel beside it on the data plane. The last stage answers
-with a StepResult carrying one sampled token per sampled sequence.
+with a StepResult carrying one sampled token per sampled sequence. Inside a stage the
+header and that stage's inputs travel together as one StepInputs, from where they meet
+(the head's engine, a relay) down to every TP rank's model runner.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stagekit.types.pickling import reduce_by_fields
 from stagekit.types.sampling_params import SamplingParams
 
 
@@ -29,6 +32,8 @@ class SeqSlice:
     sample: bool = True
     new_blocks: tuple[int, ...] = ()
 
+    __reduce__ = reduce_by_fields
+
 
 @dataclass(frozen=True, slots=True)
 class NewSeq:
@@ -43,6 +48,8 @@ class StepHeader:
     freed_seq_ids: list[int] = field(default_factory=list)
     new_seqs: list[NewSeq] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; recomputed later
+
+    __reduce__ = reduce_by_fields
 
     @property
     def num_tokens(self) -> int:
@@ -75,3 +82,19 @@ class IntermediateTensors:
 
     hidden_states: torch.Tensor
     residual: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step as a stage computes it: the header (which sequences run, which to free or
+    preempt first) and the stage's inputs, token ids on the first stage (``input_ids``, one
+    per scheduled token, in ``header.seqs`` order) or the previous stage's tensors on the
+    others (``intermediate``). Built once where the header and the inputs meet, then passed
+    by reference down to ``ModelRunner.run`` and read-only below; a field added here reaches
+    every TP rank (the workers get it over their pipe, tensors aside)."""
+
+    header: StepHeader
+    input_ids: list[int] | None = None
+    intermediate: IntermediateTensors | None = None
+
+    __reduce__ = reduce_by_fields

@@ -14,6 +14,7 @@ from stagekit.config.model_config import load_model_config
 from stagekit.models.stage_model import StageModel
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.layout import StageLayout
+from stagekit.parallel.parallel_groups import ParallelGroups
 
 
 class _Recorder:
@@ -71,9 +72,9 @@ def test_rank_reads_only_its_layers_and_slices(hf_checkpoints: dict, monkeypatch
     path = Path(hf_checkpoints[arch].path)
     cfg = load_model_config(path)
     tp = 2
-    # a rank of a TP2 stage; loading needs no collectives, so no process group is set up
-    group = GroupCoordinator(ranks=list(range(tp)), rank_in_group=rank)
-    model = StageModel(cfg, StageLayout(start, end, cfg.num_layers, tp), group, torch.float32)
+    # a rank of a TP2 stage; loading needs no collectives, so no world is joined
+    groups = ParallelGroups(tp=GroupCoordinator(ranks=list(range(tp)), rank_in_group=rank))
+    model = StageModel(cfg, StageLayout(start, end, cfg.num_layers, tp), groups, torch.float32)
     weight_map = loader.checkpoint_files(path)  # tensor name -> file
     rec = _Recorder(loader.safe_open)
     monkeypatch.setattr(loader, "safe_open", rec)

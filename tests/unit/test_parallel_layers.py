@@ -15,7 +15,7 @@ from stagekit.layers.linear import (
     RowParallelLinear,
 )
 from stagekit.layers.weight_source import TensorSource
-from stagekit.parallel.group import init_tp_group
+from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.ports import free_port
 
 TP = 2
@@ -23,7 +23,8 @@ TP = 2
 
 def _checks(rank: int, init_method: str) -> None:
     torch.set_num_threads(1)
-    group = init_tp_group(rank, TP, init_method)
+    world = ParallelWorld(rank, TP, init_method)
+    group = world.new_group(range(TP))
     g = torch.Generator().manual_seed(0)  # same tensors on every rank
 
     def rand(*shape: int) -> torch.Tensor:
@@ -86,7 +87,7 @@ def _checks(rank: int, init_method: str) -> None:
     else:
         assert group.device.type != "cpu", "prepacking is expected to work for fp32 on the CPU"
     group.barrier()
-    group.close()
+    world.close()
 
 
 def test_sharded_layers_equal_dense() -> None:

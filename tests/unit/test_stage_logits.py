@@ -1,6 +1,6 @@
 """Raw fp32 logits, not just log-probabilities: the last prompt position's logits of a
 stage chain (every TP x PP split of the parity matrix, run in-process here: one
-ModelRunner per stage over the same TP group, hidden states and residual handed from stage
+ModelRunner per stage over the same TP groups, hidden states and residual handed from stage
 to stage) agree with transformers' within 1e-4, for the whole vocabulary. The parity
 matrix (tests/integration/test_parity.py) checks tokens and log-probabilities through real
 processes; log-probabilities hide a constant shift of the logits, this does not."""
@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
-from stagekit.parallel.group import init_tp_group
+from stagekit.parallel.parallel_groups import ParallelGroups
+from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.ports import free_port
-from stagekit.types.step import SeqSlice
+from stagekit.types.step import SeqSlice, StepHeader, StepInputs
 from tests.helpers.checkpoints import PROMPTS
 
 SPLITS = [[(0, 5)], [(0, 3), (3, 5)], [(0, 1), (1, 4), (4, 5)]]  # PP1, PP2, PP3 uneven
@@ -31,22 +32,20 @@ def _hf_logits(path: str) -> torch.Tensor:
 
 
 def _chain_logits(path: str, splits: list[tuple[int, int]], rank: int, tp: int, init_method: str) -> torch.Tensor:
-    group = init_tp_group(rank, tp, init_method)
-    try:
+    with ParallelWorld(rank, tp, init_method) as world:
+        groups = ParallelGroups(tp=world.new_group(range(tp)))
         runners = [ModelRunner(StageSpec(path, a, b, tp_size=tp, num_threads=1, show_progress=False,
-                                         kv_cache_memory_bytes=4 << 20), group) for a, b in splits]
+                                         kv_cache_memory_bytes=4 << 20), groups) for a, b in splits]
         seqs, next_block = [], 0
         for i, p in enumerate(PROMPTS):  # all prompts in one step, as a replica head batches them
             n = -(-len(p) // BLOCK)
             seqs.append(SeqSlice(i, 0, len(p), sample=True, new_blocks=tuple(range(next_block, next_block + n))))
             next_block += n
-        ids = [t for p in PROMPTS for t in p]
+        header, ids = StepHeader(0, seqs), [t for p in PROMPTS for t in p]
         out = None
         for k, runner in enumerate(runners):
-            out = runner.run(seqs, [], ids if k == 0 else None, None if k == 0 else out)
+            out = runner.run(StepInputs(header, input_ids=ids) if k == 0 else StepInputs(header, intermediate=out))
         return out
-    finally:
-        group.close()
 
 
 def _rank(rank: int, path: str, splits: list, tp: int, init_method: str, ref: torch.Tensor) -> None:
