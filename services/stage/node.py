@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 
-from services.stage.stage_channels import StageChannels
 from stagekit.engine.engine import Engine
 from stagekit.engine.relay import StageRelay
 from stagekit.engine.stage_runtime import StageRuntime
@@ -45,26 +44,18 @@ class StageNode:
         self.engine: Engine | None = None
         self.relay: StageRelay | None = None
         self.pipeline: list[str] = []
-        # KV transfer destinations: gRPC address -> (data plane, published address), asked once
-        self.kv_destinations: dict[str, tuple[str, bytes]] = {}
-        self.channels = StageChannels()   # to other stages, for KV transfers' control calls
         if self.layout.is_first:
-            spec = runtime.executor.spec
+            spec = runtime.spec
             self.engine = Engine(runtime, transport, pool, step_timeout_s=spec.step_timeout_s,
                                  max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens)
         else:
             self.relay = StageRelay(runtime, transport, pool)
-        if transport.name == "ucx":  # KV blocks pushed by other replicas' stages over UCX
-            from services.stage import kv_push_ucx
-
-            transport.serve_bulk(kv_push_ucx.handler(self))  # type: ignore[attr-defined]
 
     def start(self) -> None:
         (self.engine or self.relay).start()
 
     async def stop(self) -> None:
         await (self.engine or self.relay).stop()
-        await self.channels.close()
         await self.transport.close()
         self.pool.submit(self.runtime.shutdown).result()
         self.pool.shutdown(wait=True)
