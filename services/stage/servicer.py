@@ -8,7 +8,7 @@ import grpc
 
 from services.stage.kv_port import KvPort
 from services.stage.node import StageNode
-from stagekit.errors import InvalidRequest
+from stagekit.errors import InvalidRequest, StagemeshError
 from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
 from stagekit.rpc.status import status_for, stream_errors, unary_errors
@@ -125,6 +125,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def PushFrames(self, request_iterator: AsyncIterator[stage_pb2.Frame],
                          context: grpc.aio.ServicerContext) -> stage_pb2.PushFramesResponse:
-        async for frame in request_iterator:
-            await self.node.transport.deliver(frame)  # type: ignore[attr-defined]
+        try:
+            async for frame in request_iterator:
+                await self.node.transport.deliver(frame)
+        except StagemeshError as e:   # e.g. frames pushed to a stage that runs another data plane
+            await context.abort(status_for(e), str(e))
         return stage_pb2.PushFramesResponse()
