@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
-from services.stage import kv_blocks
+from services.stage.kv_blocks import KvBlocks
+from services.stage.stage_channels import StageChannels
 from stagekit.errors import InvalidRequest, StageUnavailable
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.rpc.status import error_for
-
-if TYPE_CHECKING:
-    from services.stage.node import StageNode
 
 PUSH_TIMEOUT_S = 300.0
 
@@ -27,20 +24,21 @@ def _chunk_bytes() -> int:
     return max(4096, int(os.environ.get("STAGEMESH_KV_CHUNK_BYTES", 1 << 20)))
 
 
-async def push(node: StageNode, blocks: list[int], destination: str, dest_blocks: list[int]) -> int:
+async def push(kv: KvBlocks, channels: StageChannels, blocks: list[int], destination: str,
+               dest_blocks: list[int]) -> int:
     """Stream this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at
-    ``destination``; returns the bytes sent."""
-    data = await kv_blocks.read_async(node, blocks)  # kv_blocks.shape_of
+    ``destination`` (on a channel of ``channels``); returns the bytes sent."""
+    data = await kv.read_async(blocks)  # BlockIO.shape
     raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().view("uint8").reshape(-1)
 
     async def chunks() -> AsyncIterator[stage_pb2.KvBlocksChunk]:
-        yield kv_blocks.announce(node, dest_blocks)
+        yield kv.announce(dest_blocks)
         step = _chunk_bytes()
         for i in range(0, raw.size, step):
             yield stage_pb2.KvBlocksChunk(data=raw[i:i + step].tobytes())
 
     try:
-        stub = stage_pb2_grpc.StageStub(node.channels.channel(destination))
+        stub = stage_pb2_grpc.StageStub(channels.channel(destination))
         reply = await stub.PushKvBlocks(chunks(), timeout=PUSH_TIMEOUT_S)
     except grpc.aio.AioRpcError as e:
         raise error_for(e.code(), f"stage {destination}: {e.details()}") from None
@@ -49,14 +47,14 @@ async def push(node: StageNode, blocks: list[int], destination: str, dest_blocks
     return int(raw.size)
 
 
-async def receive(node: StageNode, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) -> int:
+async def receive(kv: KvBlocks, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) -> int:
     """Write pushed blocks into this stage's pool; returns the bytes received."""
     it = chunks.__aiter__()
     try:
         head = await it.__anext__()
     except StopAsyncIteration:
         raise InvalidRequest("an empty KV push") from None
-    incoming = kv_blocks.check(node, head)
+    incoming = kv.check(head)
     buf = torch.empty(incoming.nbytes, dtype=torch.uint8)
     got = 0
     async for c in it:
@@ -67,5 +65,5 @@ async def receive(node: StageNode, chunks: AsyncIterator[stage_pb2.KvBlocksChunk
         got += n
     if got != buf.numel():
         raise InvalidRequest(f"KV push ended after {got} of {buf.numel()} bytes")
-    await kv_blocks.write(node, incoming.blocks, buf.view(incoming.dtype).view(incoming.shape), incoming.src_tp)
+    await kv.write(incoming.blocks, buf.view(incoming.dtype).view(incoming.shape), incoming.src_tp)
     return got

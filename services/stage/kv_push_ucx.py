@@ -13,35 +13,29 @@ the sender as the same typed errors."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from services.stage import kv_blocks
+from services.stage.kv_blocks import KvBlocks
 from stagekit.errors import InvalidRequest
 from stagekit.rpc.pb import stage_pb2
 from stagekit.transport.ucx.bulk import MAX_PARTS
 from stagekit.transport.ucx.bulk_inbox import BulkHandler, Receive
 from stagekit.transport.ucx.transport import UcxTransport
 
-if TYPE_CHECKING:
-    from services.stage.node import StageNode
 
-
-async def push(transport: UcxTransport, node: StageNode, blocks: list[int], destination: str,
+async def push(transport: UcxTransport, kv: KvBlocks, blocks: list[int], destination: str,
                destination_address: bytes, dest_blocks: list[int]) -> int:
     """Send this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``,
     whose UCX data plane published ``destination_address``; returns the bytes sent."""
-    header = kv_blocks.announce(node, dest_blocks).SerializeToString()
-    gather = node.runtime.kv_cache.kv.is_cuda or kv_blocks.tp_of(node) != 1
-    parts = [] if gather else kv_blocks.parts(node, blocks, dest_blocks)
-    if gather or len(parts) > MAX_PARTS:  # one gathered host tensor instead (every TP rank's share)
-        parts = [await kv_blocks.read_async(node, blocks)]
+    header = kv.announce(dest_blocks).SerializeToString()
+    parts = [] if kv.gathers else kv.io.parts(blocks, dest_blocks)
+    if kv.gathers or len(parts) > MAX_PARTS:  # one gathered host tensor instead (every TP rank's share)
+        parts = [await kv.read_async(blocks)]
     await transport.send_bulk(destination, destination_address, header, parts)
     return sum(t.numel() * t.element_size() for t in parts)
 
 
-def handler(node: StageNode) -> BulkHandler:
+def handler(kv: KvBlocks) -> BulkHandler:
     """The bulk handler of a stage: receives KV blocks pushed over UCX into its pool."""
 
     async def receive_blocks(header: bytes, part_bytes: tuple[int, ...], receive: Receive) -> None:
@@ -50,13 +44,13 @@ def handler(node: StageNode) -> BulkHandler:
             head.ParseFromString(header)
         except Exception:
             raise InvalidRequest("a KV push over UCX with an unreadable header") from None
-        incoming = kv_blocks.check(node, head)
-        views = kv_blocks.landing(node, incoming.blocks, part_bytes, incoming.src_tp)
+        incoming = kv.check(head)
+        views = kv.io.landing(incoming.blocks, part_bytes, incoming.src_tp)
         if views is not None:
             await receive(views)   # into the reserved blocks themselves
             return
-        data = torch.empty(incoming.shape, dtype=incoming.dtype)   # the sender's layout (kv_blocks.shape_of)
+        data = torch.empty(incoming.shape, dtype=incoming.dtype)   # the sender's layout (BlockIO.shape)
         await receive([data])
-        await kv_blocks.write(node, incoming.blocks, data, incoming.src_tp)
+        await kv.write(incoming.blocks, data, incoming.src_tp)
 
     return receive_blocks

@@ -2,7 +2,7 @@
 data-plane bytes, and on the replica head the requests running and waiting.
 
 Everything is read from the stage's plain counters (`stagekit.engine.stats.StageStats`, the
-KV cache, the head's scheduler) at scrape time by a custom collector, so the step loop pays
+KV cache, the head's `HeadStats`) at scrape time by a custom collector, so the step loop pays
 nothing for metrics. Scrapes run on prometheus-client's HTTP thread while the stage's loop
 and compute thread mutate those numbers: single reads are atomic in CPython, and a read that
 iterates a container retries if the container changed under it.
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from services.stage.node import StageNode
-from stagekit.engine.stats import STEP_TIME_BUCKETS
+from stagekit.engine.stats import STEP_TIME_BUCKETS, HeadStats
 
 log = logging.getLogger("stagemesh.stage")
 T = TypeVar("T")
@@ -91,33 +91,31 @@ class StageCollector:
             "stagemesh_stage_kv_usage_ratio", "KV cache usage (0..1).", used / capacity if capacity else 0.0
         )
         if self.node.engine is not None:
-            yield from self._head_metrics(self.node.engine.scheduler)
+            yield from self._head_metrics(self.node.engine.head_stats())
 
-    def _head_metrics(self, scheduler: Any) -> Iterator[Metric]:
+    def _head_metrics(self, head: HeadStats) -> Iterator[Metric]:
         """What only the replica head knows: its requests and its prefix cache."""
-        yield self._gauge("stagemesh_stage_requests_running", "Requests the head is running.", len(scheduler.running))
-        yield self._gauge(
-            "stagemesh_stage_requests_waiting", "Requests waiting for KV at the head.", len(scheduler.waiting)
-        )
-        blocks = scheduler.blocks
+        yield self._gauge("stagemesh_stage_requests_running", "Requests the head is running.", head.num_running)
+        yield self._gauge("stagemesh_stage_requests_waiting", "Requests waiting for KV at the head.", head.num_waiting)
         yield self._gauge("stagemesh_stage_kv_blocks_total", "KV blocks the head schedules into (the "
-                          "pipeline's smallest pool).", blocks.num_blocks)
+                          "pipeline's smallest pool).", head.kv_blocks_total)
         yield self._gauge("stagemesh_stage_kv_blocks_used", "KV blocks referenced by running requests.",
-                          blocks.num_used)
+                          head.kv_blocks_used)
         yield self._gauge("stagemesh_stage_kv_blocks_cached", "KV blocks named by a cached prompt prefix.",
-                          blocks.num_cached)
+                          head.kv_blocks_cached)
         yield self._counter("stagemesh_stage_preemptions", "Requests preempted for KV blocks (recomputed later).",
-                            scheduler.num_preemptions)
+                            head.num_preemptions)
         yield self._gauge(
             "stagemesh_stage_prefix_cache_capacity_blocks", "Blocks the prefix cache may use (0: off).",
-            blocks.num_blocks if blocks.prefix_caching else 0,
+            head.kv_blocks_total if head.prefix_caching else 0,
         )
         yield self._counter(
-            "stagemesh_stage_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.query_tokens
+            "stagemesh_stage_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            head.prefix_query_tokens,
         )
         yield self._counter(
             "stagemesh_stage_prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed).",
-            blocks.hit_tokens,
+            head.prefix_hit_tokens,
         )
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 
-from services.stage.stage_channels import StageChannels
 from stagekit.engine.engine import Engine
 from stagekit.engine.relay import StageRelay
 from stagekit.engine.stage_runtime import StageRuntime
@@ -34,6 +33,7 @@ class PeerInfo:
     transport_address: bytes
     prefix_cache_blocks: int
     kv_block_size: int
+    transport: str   # the stage's data plane ("grpc", "ucx")
 
 
 class StageNode:
@@ -45,26 +45,18 @@ class StageNode:
         self.engine: Engine | None = None
         self.relay: StageRelay | None = None
         self.pipeline: list[str] = []
-        # KV transfer destinations: gRPC address -> (data plane, published address), asked once
-        self.kv_destinations: dict[str, tuple[str, bytes]] = {}
-        self.channels = StageChannels()   # to other stages, for KV transfers' control calls
         if self.layout.is_first:
-            spec = runtime.executor.spec
+            spec = runtime.spec
             self.engine = Engine(runtime, transport, pool, step_timeout_s=spec.step_timeout_s,
                                  max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens)
         else:
             self.relay = StageRelay(runtime, transport, pool)
-        if transport.name == "ucx":  # KV blocks pushed by other replicas' stages over UCX
-            from services.stage import kv_push_ucx
-
-            transport.serve_bulk(kv_push_ucx.handler(self))  # type: ignore[attr-defined]
 
     def start(self) -> None:
         (self.engine or self.relay).start()
 
     async def stop(self) -> None:
         await (self.engine or self.relay).stop()
-        await self.channels.close()
         await self.transport.close()
         self.pool.submit(self.runtime.shutdown).result()
         self.pool.shutdown(wait=True)
@@ -90,9 +82,12 @@ class StageNode:
         self.transport.local_name = pipeline[index]
         if len(pipeline) > 1:
             peer = await _peer_info(pipeline[(index + 1) % len(pipeline)])
+            self._check_plane(pipeline[index], peer)
             await self.transport.connect(peer.address, peer.transport_address)
         if self.engine is not None:
             peers = [await _peer_info(addr) for addr in pipeline]
+            for p in peers:
+                self._check_plane(pipeline[index], p)
             self._check_pipeline(peers)
             num_blocks = min(p.kv_capacity_tokens // p.kv_block_size for p in peers)
             self.engine.configure_kv(num_blocks, all(p.prefix_cache_blocks > 0 for p in peers))
@@ -100,6 +95,14 @@ class StageNode:
             self.engine.pipeline_wired = True
         self.pipeline = list(pipeline)
         log.info("wired at position %d of %s", index, pipeline)
+
+    def _check_plane(self, me: str, peer: PeerInfo) -> None:
+        """One data plane per replica: a frame from a stage on another plane could not
+        reach this one (a UCX stage has no gRPC inbound path, a gRPC stage no UCX one)."""
+        if peer.transport and peer.transport != self.transport.name:
+            raise InvalidRequest(f"stage {me} runs the {self.transport.name!r} data plane and stage {peer.address} "
+                                 f"the {peer.transport!r} one: start every stage of a replica with the same "
+                                 "--transport")
 
     def _check_pipeline(self, peers: list[PeerInfo]) -> None:
         expect = 0
@@ -126,4 +129,4 @@ async def _peer_info(address: str) -> PeerInfo:
         raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None
     return PeerInfo(address, info.start_layer, info.end_layer, info.num_layers, info.model_name,
                     info.kv_capacity_tokens, info.transport_address, info.prefix_cache_blocks,
-                    info.kv_block_size or 16)
+                    info.kv_block_size or 16, info.transport)

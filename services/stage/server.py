@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.stage.kv_blocks import KvBlocks
+from services.stage.kv_port import KvPort
 from services.stage.node import StageNode
 from services.stage.servicer import StageServicer
 from stagekit.engine.stage_runtime import StageRuntime
@@ -36,9 +38,10 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     transport = make_transport(transport_name)
     log.info("data plane: %s", getattr(transport, "description", transport.name))
     node = StageNode(runtime, transport, pool)
+    kv = KvPort(KvBlocks(runtime, pool), transport, node.engine)   # KV export, import and landing
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node, transport.name), server)
+    stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node, kv, transport.name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -73,6 +76,7 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await stop.wait()
     log.info("stopping")
     await health_servicer.enter_graceful_shutdown()
+    await kv.close()
     await node.stop()
     await server.stop(grace=2)
     if stop_metrics is not None:

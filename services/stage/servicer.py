@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.stage import kv_push_grpc, kv_transfer
+from services.stage.kv_port import KvPort
 from services.stage.node import StageNode
-from stagekit.errors import InvalidRequest
+from stagekit.errors import InvalidRequest, StagemeshError
 from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import common_pb2, stage_pb2, stage_pb2_grpc
 from stagekit.rpc.status import status_for, stream_errors, unary_errors
@@ -21,8 +21,8 @@ _FINISH = {
 
 
 class StageServicer(stage_pb2_grpc.StageServicer):
-    def __init__(self, node: StageNode, transport_name: str) -> None:
-        self.node = node
+    def __init__(self, node: StageNode, kv: KvPort, transport_name: str) -> None:
+        self.node, self.kv = node, kv
         self.transport_name = transport_name
 
     def info(self) -> stage_pb2.StageInfo:
@@ -35,16 +35,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             max_model_len=cfg.max_model_len, is_first=lay.is_first, is_last=lay.is_last,
             eos_token_ids=cfg.eos_token_ids, transport=self.transport_name, wired=n.wired,
             kv_used_tokens=n.runtime.kv_cache.used_tokens, transport_address=n.transport.local_address(),
-            prefix_cache_blocks=n.runtime.kv_cache.num_blocks if n.runtime.executor.spec.prefix_caching else 0,
+            prefix_cache_blocks=n.runtime.kv_cache.num_blocks if n.runtime.spec.prefix_caching else 0,
             kv_block_size=n.runtime.kv_cache.block_size,
         )
         if n.engine is not None:
-            info.num_running = len(n.engine.scheduler.running)
-            info.num_waiting = len(n.engine.scheduler.waiting)
-            blocks = n.engine.scheduler.blocks
-            info.prefix_query_tokens = blocks.query_tokens
-            info.prefix_hit_tokens = blocks.hit_tokens
-            info.num_preemptions = n.engine.scheduler.num_preemptions
+            head = n.engine.head_stats()
+            info.num_running, info.num_waiting = head.num_running, head.num_waiting
+            info.prefix_query_tokens, info.prefix_hit_tokens = head.prefix_query_tokens, head.prefix_hit_tokens
+            info.num_preemptions = head.num_preemptions
         return info
 
     @unary_errors
@@ -97,41 +95,39 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @unary_errors
     async def ExportKv(self, request: stage_pb2.ExportKvRequest,
                        context: grpc.aio.ServicerContext) -> stage_pb2.ExportKvResponse:
-        return await kv_transfer.export_kv(self.node, list(request.token_ids), list(request.destination))
+        return await self.kv.export(list(request.token_ids), list(request.destination), self.node.pipeline)
 
     @unary_errors
     async def ReserveKvBlocks(self, request: stage_pb2.ReserveKvBlocksRequest,
                               context: grpc.aio.ServicerContext) -> stage_pb2.ReserveKvBlocksResponse:
-        engine = self._engine()
-        sch = engine.scheduler
-        import_id, present, blocks = engine.kv_imports.reserve(sch.blocks, list(request.hashes), request.block_size,
-                                                               headroom=sch.watermark_blocks)
-        return stage_pb2.ReserveKvBlocksResponse(import_id=import_id, num_present=present, blocks=blocks)
+        return self.kv.reserve(list(request.hashes), request.block_size)
 
     @unary_errors
     async def CommitKvBlocks(self, request: stage_pb2.CommitKvBlocksRequest,
                              context: grpc.aio.ServicerContext) -> stage_pb2.CommitKvBlocksResponse:
-        engine = self._engine()
-        engine.kv_imports.commit(engine.scheduler.blocks, request.import_id, request.ok)
+        self.kv.commit(request.import_id, request.ok)
         return stage_pb2.CommitKvBlocksResponse()
 
     @unary_errors
     async def SendKvBlocks(self, request: stage_pb2.SendKvBlocksRequest,
                            context: grpc.aio.ServicerContext) -> stage_pb2.SendKvBlocksResponse:
-        sent, path = await kv_transfer.send_blocks(self.node, list(request.blocks), request.destination,
-                                                   list(request.destination_blocks))
+        sent, path = await self.kv.send_blocks(list(request.blocks), request.destination,
+                                               list(request.destination_blocks))
         return stage_pb2.SendKvBlocksResponse(bytes_sent=sent, transport=path)
 
     async def PushKvBlocks(self, request_iterator: AsyncIterator[stage_pb2.KvBlocksChunk],
                            context: grpc.aio.ServicerContext) -> stage_pb2.PushKvBlocksResponse:
         try:
-            got = await kv_push_grpc.receive(self.node, request_iterator)
+            got = await self.kv.receive(request_iterator)
         except Exception as e:
             await context.abort(status_for(e), str(e) or type(e).__name__)
         return stage_pb2.PushKvBlocksResponse(bytes_received=got)
 
     async def PushFrames(self, request_iterator: AsyncIterator[stage_pb2.Frame],
                          context: grpc.aio.ServicerContext) -> stage_pb2.PushFramesResponse:
-        async for frame in request_iterator:
-            await self.node.transport.deliver(frame)  # type: ignore[attr-defined]
+        try:
+            async for frame in request_iterator:
+                await self.node.transport.deliver(frame)
+        except StagemeshError as e:   # e.g. frames pushed to a stage that runs another data plane
+            await context.abort(status_for(e), str(e))
         return stage_pb2.PushFramesResponse()

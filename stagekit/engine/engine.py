@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from stagekit.engine.kv_imports import KvImports
+from stagekit.engine.prefix_cache import block_hashes
 from stagekit.engine.scheduler import Scheduler, StepOutcome
 from stagekit.engine.sequence import Sequence, SequenceStatus, TokenOutput
 from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.engine.stats import HeadStats
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
 from stagekit.transport.base import Transport
 from stagekit.types.sampling_params import SamplingParams
@@ -75,6 +77,40 @@ class Engine:
         if num_blocks != self.scheduler.blocks.num_blocks:
             self.kv_imports.forget()
         self.scheduler.reset_blocks(num_blocks, prefix_caching)
+
+    def head_stats(self) -> HeadStats:
+        sch = self.scheduler
+        bm = sch.blocks
+        return HeadStats(len(sch.running), len(sch.waiting), sch.num_preemptions, bm.num_blocks, bm.num_used,
+                         bm.num_cached, bm.prefix_caching, bm.query_tokens, bm.hit_tokens)
+
+    # KV transfers between replicas (services/stage/kv_port.py): blocks move outside of steps,
+    # so the exporter pins its blocks and the importer reserves its own while they do.
+    @property
+    def kv_block_size(self) -> int:
+        return self.scheduler.blocks.block_size
+
+    def pin_cached_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+        """The hashes of the full blocks of ``token_ids`` and the cached blocks holding their
+        longest cached prefix, pinned (referenced: not reclaimed) until ``unpin``."""
+        bm = self.scheduler.blocks
+        hashes = block_hashes(list(token_ids), bm.block_size)
+        blocks = bm.match(hashes)
+        bm.take(blocks)
+        return hashes, blocks
+
+    def unpin(self, blocks: list[int]) -> None:
+        self.scheduler.blocks.release(blocks)
+
+    def reserve_kv_import(self, hashes: list[int], block_size: int) -> tuple[str, int, list[int]]:
+        """Blocks for KV arriving from another replica under ``hashes`` beyond the leading ones
+        cached here already: (import id, how many are present, the reserved blocks)."""
+        sch = self.scheduler
+        return self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks)
+
+    def commit_kv_import(self, import_id: str, ok: bool) -> None:
+        """Name the reserved blocks by their hashes (``ok``: every stage holds them), or release them."""
+        self.kv_imports.commit(self.scheduler.blocks, import_id, ok)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

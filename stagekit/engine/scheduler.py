@@ -8,6 +8,10 @@ when none is free takes it from the most recently admitted sequence that is not 
 that one is preempted (its blocks released, its KV dropped on every stage) and goes back
 to the front of the queue, to be recomputed from its prompt and the tokens it already has.
 Sequences are split into micro-batches so that a pipeline of n stages has n steps in flight.
+A sequence whose prompt KV another replica computes (prefill/decode disaggregation) waits
+for it with its blocks reserved and is never scheduled meanwhile; when the KV has arrived
+it runs and prefills only the rest, and when the transfer failed it waits again like any
+new sequence (full recompute).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class StepOutcome:
 
 class Scheduler:
     """Invariant: a running sequence's ``block_ids`` hold at least its ``num_computed``
-    tokens; a waiting one holds no blocks."""
+    tokens; a waiting one holds no blocks; one waiting for remote KV (``remote``) holds blocks
+    for all its tokens and is in no step."""
 
     def __init__(self, num_blocks: int, max_model_len: int, eos_token_ids: list[int],
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, block_size: int = BLOCK_SIZE,
@@ -49,6 +54,7 @@ class Scheduler:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}
+        self.remote: dict[int, Sequence] = {}   # waiting for remote KV, by seq_id
         self.num_preemptions = 0
         self._to_free: list[int] = []
         self._to_preempt: list[int] = []
@@ -79,6 +85,8 @@ class Scheduler:
         else:
             assert not self.running, "fail the running sequences before resizing the KV pool"
             self.blocks = BlockManager(num_blocks, self.blocks.block_size, prefix_caching)
+            for seq in list(self.remote.values()):   # their blocks are gone: the KV cannot land
+                self._unreserve(seq, release=False)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -86,7 +94,56 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._to_free or self._to_preempt)
 
+    def admit_for_remote_kv(self, seq: Sequence) -> bool:
+        """Admit ``seq`` to wait for KV another replica computes: blocks for all its tokens
+        are reserved now (a cached prompt prefix counts, as at admission), it is in no step
+        until ``remote_kv_arrived`` or ``remote_kv_failed``. False: no room now (not added)."""
+        if len(self.running) + len(self.remote) >= self.max_num_seqs or not self._reserve(seq):
+            return False
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.remote[seq.seq_id] = seq
+        return True
+
+    def remote_kv_arrived(self, seq_id: int, num_computed: int) -> Sequence:
+        """Every stage holds the KV of the first ``num_computed`` tokens of a sequence waiting
+        for remote KV, in its blocks: it runs, and its next step prefills only the rest (at
+        least one token, so the last stage has a position to sample from)."""
+        seq = self._remote(seq_id)
+        if not seq.num_computed <= num_computed < seq.num_tokens:
+            raise ValueError(f"sequence {seq_id}: remote KV of {num_computed} tokens for a sequence of "
+                             f"{seq.num_tokens} with {seq.num_computed} cached here")
+        del self.remote[seq_id]
+        seq.num_computed = num_computed
+        seq.status = SequenceStatus.RUNNING
+        self.running[seq_id] = seq
+        return seq
+
+    def remote_kv_failed(self, seq_id: int) -> Sequence:
+        """The remote KV will not come: the sequence waits again, first in line, holding no
+        blocks, to be prefilled here in full."""
+        seq = self._remote(seq_id)
+        self._unreserve(seq, release=True)
+        return seq
+
+    def _remote(self, seq_id: int) -> Sequence:
+        seq = self.remote.get(seq_id)
+        if seq is None:
+            raise ValueError(f"sequence {seq_id} is not waiting for remote KV")
+        return seq
+
+    def _unreserve(self, seq: Sequence, release: bool) -> None:
+        self.remote.pop(seq.seq_id, None)
+        if release:
+            self.blocks.release(seq.block_ids)
+        seq.block_ids, seq.num_sent_blocks, seq.num_computed, seq.num_named_blocks = [], 0, 0, 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
     def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.remote.values()):
+            if seq.request_id == request_id:
+                self._drop_remote(seq)
+                return seq
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
@@ -102,6 +159,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         if seq.announced:  # a preempted sequence: the last stage still has its sampler state
             self._to_free.append(seq.seq_id)
+
+    def _drop_remote(self, seq: Sequence) -> None:
+        del self.remote[seq.seq_id]
+        self.blocks.release(seq.block_ids)
+        seq.block_ids = []
+        self._drop_waiting(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Take a running sequence out; its KV is freed on every stage with the next step."""
@@ -130,16 +193,16 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, seq.num_computed + n):
                 continue
+            self._announce(seq, new)   # one that joined from waiting for remote KV is not yet
             seqs.append(self._slice(seq, n))
             budget -= n
-        while self.waiting and len(self.running) < self.max_num_seqs and len(seqs) < cap and budget > 0:
+        while (self.waiting and len(self.running) + len(self.remote) < self.max_num_seqs and len(seqs) < cap
+               and budget > 0):
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
             self.waiting.popleft()
-            if not seq.announced:
-                new.append(NewSeq(seq.seq_id, seq.params))
-                seq.announced = True
+            self._announce(seq, new)
             n = min(seq.num_tokens - seq.num_computed, budget)
             seqs.append(self._slice(seq, n))
             budget -= n
@@ -150,7 +213,20 @@ class Scheduler:
         preempted, self._to_preempt = self._to_preempt, []
         return StepHeader(self._step_id, seqs, freed, new, preempted)
 
+    @staticmethod
+    def _announce(seq: Sequence, new: list[NewSeq]) -> None:
+        if not seq.announced:
+            new.append(NewSeq(seq.seq_id, seq.params))
+            seq.announced = True
+
     def _admit(self, seq: Sequence) -> bool:
+        if not self._reserve(seq):
+            return False
+        seq.status = SequenceStatus.RUNNING
+        self.running[seq.seq_id] = seq
+        return True
+
+    def _reserve(self, seq: Sequence) -> bool:
         """Give ``seq`` blocks for all its tokens (a cached prompt prefix counts, leaving at
         least one prompt token to compute so the last stage has a position to sample from)."""
         bm = self.blocks
@@ -170,8 +246,6 @@ class Scheduler:
         seq.num_sent_blocks = 0
         seq.num_named_blocks = len(hits)
         seq.num_computed = len(hits) * bm.block_size
-        seq.status = SequenceStatus.RUNNING
-        self.running[seq.seq_id] = seq
         return True
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -247,9 +321,11 @@ class Scheduler:
 
     def fail_all(self) -> list[Sequence]:
         """Take every sequence out (a stage failed); returns them so callers can be told."""
-        seqs = list(self.running.values()) + list(self.waiting)
+        seqs = list(self.running.values()) + list(self.remote.values()) + list(self.waiting)
         for seq in list(self.running.values()):
             self.finish(seq)
+        for seq in list(self.remote.values()):
+            self._drop_remote(seq)
         for seq in self.waiting:
             self._drop_waiting(seq)
         self.waiting.clear()

@@ -11,6 +11,7 @@ from stagekit.types.sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds its blocks; another replica fills some
     RUNNING = "running"
     FINISHED = "finished"
 

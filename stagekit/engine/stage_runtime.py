@@ -19,6 +19,7 @@ class StageRuntime:
 
     def __init__(self, executor: TPExecutor) -> None:
         self.executor = executor
+        self.spec = executor.spec
         runner = executor.runner
         self.cfg, self.layout, self.dtype = runner.cfg, runner.layout, runner.dtype
         self.kv_cache = runner.kv_cache

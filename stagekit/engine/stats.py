@@ -32,3 +32,19 @@ class StageStats:
         for i, bound in enumerate(STEP_TIME_BUCKETS):
             if seconds <= bound:
                 self.step_seconds_buckets[i] += 1
+
+
+@dataclass(frozen=True, slots=True)
+class HeadStats:
+    """What only a replica head knows, read at one moment: its requests, its KV blocks
+    (the pipeline's smallest pool, which it schedules into) and its prefix cache."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_caching: bool
+    prefix_query_tokens: int
+    prefix_hit_tokens: int

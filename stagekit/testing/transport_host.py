@@ -27,7 +27,7 @@ class _DataPlaneServicer(stage_pb2_grpc.StageServicer):
     async def PushFrames(self, request_iterator: AsyncIterator[stage_pb2.Frame],
                          context: grpc.aio.ServicerContext) -> stage_pb2.PushFramesResponse:
         async for frame in request_iterator:
-            await self.transport.deliver(frame)  # type: ignore[attr-defined]
+            await self.transport.deliver(frame)
         return stage_pb2.PushFramesResponse()
 
 

@@ -8,8 +8,13 @@ the last stage, back to the head). Frames on one link arrive in the order they w
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
+from stagekit.errors import InvalidRequest
 from stagekit.types.step import Frame
+
+if TYPE_CHECKING:
+    from stagekit.rpc.pb import stage_pb2
 
 
 class Transport(abc.ABC):
@@ -38,6 +43,13 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def recv(self) -> Frame:
         """The next inbound frame (waits until one arrives)."""
+
+    async def deliver(self, frame: stage_pb2.Frame) -> None:
+        """A frame the upstream stage pushed over gRPC (``Stage.PushFrames``). Only the gRPC
+        data plane has that inbound path; any other refuses it (a stage on another plane sent
+        it: the replica mixes planes, which wiring refuses)."""
+        raise InvalidRequest(f"this stage runs the {self.name!r} data plane, which takes no frames over gRPC "
+                             "(PushFrames): start every stage of a replica with the same --transport")
 
     @abc.abstractmethod
     async def close(self) -> None:

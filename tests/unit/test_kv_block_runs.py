@@ -1,13 +1,13 @@
-"""KV transfer moves blocks as runs of consecutive ids (one UCX part, one strided copy each)."""
+"""KV transfer moves blocks as runs of consecutive ids (one UCX part, one strided copy each), and a
+receiver accepts only what fits its pool."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import pytest
 import torch
 
-from services.stage import kv_blocks
-from services.stage.kv_blocks import joint_runs
+from stagekit.errors import InvalidRequest
+from stagekit.kv.block_io import BlockIO, joint_runs
 from stagekit.kv.kv_cache import PagedKVCache
 from stagekit.kv.kv_cache import block_runs as runs
 
@@ -24,35 +24,51 @@ def test_joint_runs_break_where_either_side_does() -> None:
     assert joint_runs([], []) == []
 
 
-def _node(num_blocks: int, seed: int) -> SimpleNamespace:
+def _pool(num_blocks: int, seed: int) -> BlockIO:
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(3, 2, num_blocks, 2, 4, 8, generator=g)  # [layers, 2, blocks, kv_heads, block_size, head_dim]
     cache = PagedKVCache(3, 2, 8, torch.float32, torch.device("cpu"), num_blocks, 4)
     cache.kv.copy_(pool)
-    return SimpleNamespace(runtime=SimpleNamespace(kv_cache=cache), layout=SimpleNamespace(tp_size=1))
+    return BlockIO(cache, num_kv_heads=2, tp_size=1, start_layer=0, end_layer=3)
 
 
 def test_parts_land_in_place_in_the_receivers_blocks() -> None:
     src, dst = [3, 4, 5, 9, 1], [7, 8, 2, 3, 4]
-    sender, receiver = _node(12, 0), _node(10, 1)
-    parts = kv_blocks.parts(sender, src, dst)
+    sender, receiver = _pool(12, 0), _pool(10, 1)
+    parts = sender.parts(src, dst)
     part_bytes = tuple(p.numel() * p.element_size() for p in parts)
-    views = kv_blocks.landing(receiver, dst, part_bytes)
+    views = receiver.landing(dst, part_bytes)
     assert views is not None and len(views) == len(parts)
     for p, v in zip(parts, views, strict=True):
-        assert v.data_ptr() >= receiver.runtime.kv_cache.kv.data_ptr() and v.is_contiguous()
+        assert v.data_ptr() >= receiver.kv.kv.data_ptr() and v.is_contiguous()
         v.copy_(p)   # what the UCX receive does
-    got = receiver.runtime.kv_cache.kv[:, :, dst]
-    assert torch.equal(got, sender.runtime.kv_cache.kv[:, :, src])
+    got = receiver.kv.kv[:, :, dst]
+    assert torch.equal(got, sender.kv.kv[:, :, src])
     # the same bytes in order make the transferred tensor (the staged path's layout)
     joined = torch.cat([p.reshape(-1) for p in parts])
-    assert torch.equal(joined, kv_blocks.read(sender, src).reshape(-1))
+    assert torch.equal(joined, sender.read(src).reshape(-1))
 
 
 def test_parts_that_do_not_line_up_are_staged() -> None:
-    receiver = _node(10, 1)
+    receiver = _pool(10, 1)
     block = 2 * 4 * 8 * 4   # bytes of one block of one layer's K or V
-    assert kv_blocks.landing(receiver, [1, 2], (3 * 2 * 2 * block,)) is None        # one gathered tensor
-    assert kv_blocks.landing(receiver, [1, 5], (2 * block,) * 6) is None            # 5 does not follow 1
-    assert kv_blocks.landing(receiver, [1, 2], (block,) * 5) is None                # not per layer and K/V
-    assert kv_blocks.landing(receiver, [1, 2], (block, block) * 6) is not None
+    assert receiver.landing([1, 2], (3 * 2 * 2 * block,)) is None        # one gathered tensor
+    assert receiver.landing([1, 5], (2 * block,) * 6) is None            # 5 does not follow 1
+    assert receiver.landing([1, 2], (block,) * 5) is None                # not per layer and K/V
+    assert receiver.landing([1, 2], (block, block) * 6) is not None
+
+
+def test_an_announcement_is_accepted_only_if_it_fits_the_pool() -> None:
+    receiver = _pool(10, 1)   # layers 0:3, 2 KV heads, blocks of 4 tokens, head_dim 8, float32
+    fits = receiver.accept([1, 2], torch.float32, (3, 2, 2, 2, 4, 8), 1, 0, 3)
+    assert fits.nbytes == 3 * 2 * 2 * 2 * 4 * 8 * 4 and fits.src_tp == 1
+    assert receiver.accept([1, 2], torch.float32, (2, 3, 2, 2, 1, 4, 8), 2, 0, 3).shape == (2, 3, 2, 2, 1, 4, 8)
+    for bad, needle in [
+        (([1, 2], torch.float32, (3, 2, 2, 2, 4, 8), 1, 1, 4), "layers 1:4"),
+        (([1, 2], torch.float16, (3, 2, 2, 2, 4, 8), 1, 0, 3), "does not fit"),
+        (([1, 2], torch.float32, (3, 2, 3, 2, 4, 8), 1, 0, 3), "does not fit"),
+        (([1, 10], torch.float32, (3, 2, 2, 2, 4, 8), 1, 0, 3), "outside"),
+        (([1, 2], torch.float32, (3, 3, 2, 2, 1, 4, 8), 3, 0, 3), "TP=3"),
+    ]:
+        with pytest.raises(InvalidRequest, match=needle):
+            receiver.accept(*bad)

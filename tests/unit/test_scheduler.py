@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from stagekit.engine.scheduler import Scheduler
-from stagekit.engine.sequence import Sequence
+from stagekit.engine.sequence import Sequence, SequenceStatus
 from stagekit.types.sampling_params import SamplingParams
 from stagekit.types.step import StepResult
 
@@ -169,3 +169,63 @@ def test_abort_frees_kv_on_the_next_step() -> None:
     h2 = sch.schedule()
     assert h2.seqs == [] and h2.freed_seq_ids == [1]
     assert not sch.has_work()
+
+
+def _waiting_for_remote_kv(sch: Scheduler, seq: Sequence) -> None:
+    assert sch.admit_for_remote_kv(seq)
+    assert seq.status == SequenceStatus.WAITING_FOR_REMOTE_KV
+
+
+def test_a_sequence_waiting_for_remote_kv_holds_its_blocks_and_is_never_scheduled() -> None:
+    sch = _sched(num_blocks=10, block_size=4)
+    waiter = _seq(1, 10, max_tokens=2)          # 10 + 2 tokens: 3 blocks
+    _waiting_for_remote_kv(sch, waiter)
+    assert len(waiter.block_ids) == 3 and sch.blocks.num_free == 7
+    assert sch.schedule() is None                # nothing else to run: no step at all
+    sch.add(_seq(2, 4))
+    for _ in range(3):                           # others run around it; it stays out
+        h = sch.schedule()
+        assert 1 not in {s.seq_id for s in h.seqs} and all(n.seq_id != 1 for n in h.new_seqs)
+        sch.postprocess(h, _result(h))
+    assert sch.remote == {1: waiter} and len(waiter.block_ids) == 3 and waiter.num_computed == 0
+
+
+def test_remote_kv_arrival_makes_the_next_step_prefill_only_the_rest() -> None:
+    sch = _sched(num_blocks=10, block_size=4)
+    waiter = _seq(1, 10, max_tokens=2)
+    _waiting_for_remote_kv(sch, waiter)
+    blocks = list(waiter.block_ids)
+    sch.remote_kv_arrived(1, 8)                  # two blocks' worth came from the other replica
+    h = sch.schedule()
+    (s,) = h.seqs
+    assert (s.seq_id, s.num_computed, s.num_new, s.sample) == (1, 8, 2, True)
+    assert s.new_blocks == tuple(blocks) and [n.seq_id for n in h.new_seqs] == [1]   # its table, announced once
+    out = sch.postprocess(h, _result(h, 5))
+    assert [t for _, t, _, _ in out.emitted] == [5]
+    with pytest.raises(ValueError):
+        sch.remote_kv_arrived(1, 8)              # not waiting any more
+
+
+def test_remote_kv_failure_falls_back_to_a_full_prefill() -> None:
+    sch = _sched(num_blocks=10, block_size=4)
+    sch.add(_seq(2, 4))
+    waiter = _seq(1, 10, max_tokens=2)
+    _waiting_for_remote_kv(sch, waiter)
+    sch.remote_kv_failed(1)
+    assert waiter.status == SequenceStatus.WAITING and waiter.block_ids == [] and sch.blocks.num_free == 10
+    assert [s.seq_id for s in sch.waiting] == [1, 2]   # first in line: it was admitted before
+    h = sch.schedule()
+    assert [(s.seq_id, s.num_computed, s.num_new) for s in h.seqs] == [(1, 0, 10), (2, 0, 4)]
+    with pytest.raises(ValueError):
+        sch.remote_kv_failed(1)
+
+
+def test_abort_while_waiting_for_remote_kv_frees_its_blocks() -> None:
+    sch = _sched(num_blocks=3, block_size=4)
+    _waiting_for_remote_kv(sch, _seq(1, 10, max_tokens=2))   # every block
+    assert not sch.admit_for_remote_kv(_seq(3, 4))           # no room for another
+    sch.add(_seq(2, 4))
+    assert sch.schedule() is None                            # seq 2 cannot be admitted
+    assert sch.abort("r1") is not None and sch.blocks.num_free == 3 and not sch.remote
+    h = sch.schedule()
+    assert [s.seq_id for s in h.seqs] == [2] and h.freed_seq_ids == []   # never announced: nothing to free
