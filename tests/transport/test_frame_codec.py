@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stagekit.errors import InvalidRequest
+from stagekit.errors import ConfigError, InvalidRequest
 from stagekit.transport import frame_codec
 from stagekit.transport.origin_steps import OriginSteps
 from stagekit.transport.recv_pool import RecvPool
@@ -100,10 +100,10 @@ def test_settings_profiles_and_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("STAGEMESH_UCX_PROGRESS", "polling")
     s = UcxSettings.from_env()
     assert (s.tls, s.error_handling, s.spin_us, s.spin_s) == ("posix,cma", False, 50.0, float("inf"))
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(ConfigError, match="unknown UCX profile 'rdma'"):
         UcxSettings.from_env("rdma")
     monkeypatch.setenv("STAGEMESH_UCX_PROGRESS", "thread")
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(ConfigError, match="unknown UCX progress mode .thread."):
         UcxSettings.from_env()
 
 
