@@ -9,7 +9,8 @@ every rank's small picklable value, in rank order; a gloo CPU group's
 2. rank 0 creates ``/dev/shm/stagemesh-coll-<pid of rank 0>-<rank 0's token>-g<group
    ranks>`` with O_EXCL: the token keeps two groups over the same ranks (TP and EP, two
    meshes on one host) apart, and a clash would be an error, never a shared segment;
-3. the other ranks map it; after a second exchange (all mapped) rank 0 unlinks the name.
+3. the other ranks map it; after a second exchange (all mapped) every rank unlinks the name
+   (the first one to get there removes it), so it is gone when ``open_segment`` returns.
 
 The mappings stay valid after the unlink, so from then on nothing is left in /dev/shm
 however the processes end, SIGKILL included. A rank killed inside the short window between
@@ -92,11 +93,12 @@ def open_segment(exchange: Exchange, rank: int, world: int, group_ranks: list[in
         raise StageUnavailable("shared-memory collectives need every rank on one host and in one pid namespace")
     name = segment_name(infos[0]["pid"], infos[0]["token"], group_ranks)
     path = SHM_DIR / name
-    error = None
+    error, created = None, False
     if rank == 0:
         sweep_stale()
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            created = True
             try:
                 os.ftruncate(fd, nbytes)
             finally:
@@ -115,12 +117,13 @@ def open_segment(exchange: Exchange, rank: int, world: int, group_ranks: list[in
         except OSError as e:
             error = f"rank {rank} could not map {path}: {e}"
         _all_ok(exchange, error)
+        created = True  # mapped everywhere: any rank may remove the name, so it is gone when each returns
     except BaseException:
         if mapping is not None:
             mapping.close()
         raise
     finally:
-        if rank == 0:  # mapped everywhere (or failed): the name has served its purpose
+        if created:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     return mapping, name, [i["pid"] for i in infos]
