@@ -30,7 +30,7 @@ OK, TIMEOUT, DEAD, MISMATCH = 0, -1, -2, -3
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CTRL_WORDS = CTRL_BYTES // 8  # int64 words per control block: seq, op, nbytes, aux, counts...
 _SEQ, _OP, _NBYTES, _AUX, _COUNTS = 0, 1, 2, 3, 4
-_SPIN_S, _YIELD_S, _MAX_SLEEP_S, _LIVENESS_S = 20e-6, 1e-3, 5e-4, 5e-3
+_SPIN_S, _YIELD_S, _MAX_SLEEP_S, _LIVENESS_S = 20e-6, 1e-3, 5e-4, 5e-3  # as in shm_collectives.c
 
 
 def data_offset(world: int) -> int:
@@ -41,15 +41,25 @@ def segment_bytes(world: int, slot_bytes: int) -> int:
     return data_offset(world) + 2 * world * slot_bytes
 
 
+class _Ctx(ctypes.Structure):
+    """shm_ctx_t of shm_collectives.c."""
+
+    _fields_ = [("base", ctypes.c_void_p), ("data_offset", ctypes.c_long), ("slot_bytes", ctypes.c_long),
+                ("world", ctypes.c_int), ("rank", ctypes.c_int), ("timeout_s", ctypes.c_double),
+                ("pidfds", ctypes.c_int * MAX_RANKS), ("pids", ctypes.c_int * MAX_RANKS), ("who", ctypes.c_int)]
+
+
 def _lib() -> ctypes.CDLL | None:
     lib = cpu_build.load("shm_collectives")
     if lib is not None and not getattr(lib, "_stagemesh_typed", False):
-        i, long, u64, p = ctypes.c_int, ctypes.c_long, ctypes.c_uint64, ctypes.c_void_p
-        lib.shm_post.argtypes = [p, long, long, i, u64, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, p, i, p, long]
-        lib.shm_wait.argtypes = [p, i, i, u64, ctypes.c_uint32, ctypes.c_int64, ctypes.c_double, p, p, p]
-        lib.shm_all_reduce.argtypes = [p, long, long, i, i, u64, ctypes.c_uint32, i, p, p, long, ctypes.c_double,
-                                       p, p, p]
-        for f in (lib.shm_post, lib.shm_wait, lib.shm_all_reduce):
+        ctx, u32, u64, i64, p, long = (ctypes.POINTER(_Ctx), ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_long)
+        lib.shm_post.argtypes = [ctx, u64, u32, i64, i64, p, p, long]
+        lib.shm_wait.argtypes = [ctx, u64, u32, i64]
+        lib.shm_all_reduce.argtypes = [ctx, u64, u32, ctypes.c_int, p, long]
+        lib.shm_all_gather.argtypes = [ctx, u64, u32, i64, p, long, p, long]
+        lib.shm_broadcast.argtypes = [ctx, u64, u32, i64, ctypes.c_int, p, long]
+        for f in (lib.shm_post, lib.shm_wait, lib.shm_all_reduce, lib.shm_all_gather, lib.shm_broadcast):
             f.restype = ctypes.c_int
         lib._stagemesh_typed = True
     return lib
@@ -60,7 +70,7 @@ def native_available() -> bool:
 
 
 class ShmSteps:
-    """Post / wait / all-reduce steps of one rank on one mapped segment.
+    """The steps of one rank on one mapped segment; each returns (OK | TIMEOUT | DEAD | MISMATCH, peer).
 
     Invariant: every rank of the segment calls the same steps with the same seq in the same
     order; a rank's step seq reads peers' blocks only after they published seq, and writes
@@ -68,18 +78,18 @@ class ShmSteps:
     """
 
     def __init__(self, buf: torch.Tensor, world: int, rank: int, slot_bytes: int, pids: list[int],
-                 pidfds: list[int], use_native: bool = True) -> None:
+                 pidfds: list[int], timeout_s: float, use_native: bool = True) -> None:
         self.buf, self.world, self.rank, self.slot_bytes = buf, world, rank, slot_bytes  # buf: uint8 [segment]
-        self.data_offset = data_offset(world)
-        self.base = buf.data_ptr()
+        self.data_offset, self.timeout_s = data_offset(world), timeout_s
         self.ctrl = buf[: 2 * world * CTRL_BYTES].view(torch.int64).view(2 * world, _CTRL_WORDS)
         self.pids, self.pidfds = list(pids), list(pidfds)
-        self._pids_c = (ctypes.c_int * world)(*pids)
-        self._pidfds_c = (ctypes.c_int * world)(*pidfds)
-        self._who = ctypes.c_int(-1)
         self.lib = _lib() if use_native else None
         if self.lib is None and platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
             raise RuntimeError("shared-memory collectives without the native kernel need x86's store ordering")
+        pad = [-1] * (MAX_RANKS - world)
+        self.ctx = _Ctx(buf.data_ptr(), self.data_offset, slot_bytes, world, rank, timeout_s,
+                        (ctypes.c_int * MAX_RANKS)(*pidfds, *pad), (ctypes.c_int * MAX_RANKS)(*pids, *pad), -1)
+        self._ctx_p = ctypes.byref(self.ctx)
 
     @property
     def native(self) -> bool:
@@ -93,11 +103,10 @@ class ShmSteps:
     def peer_ctrl(self, rank: int, seq: int) -> torch.Tensor:
         return self.ctrl[rank * 2 + (seq & 1)]
 
-    def counts(self, rank: int, seq: int) -> list[int]:
-        return self.peer_ctrl(rank, seq)[_COUNTS:_COUNTS + self.world].tolist()
-
-    def aux(self, rank: int, seq: int) -> int:
-        return int(self.peer_ctrl(rank, seq)[_AUX])
+    def posted_counts(self, seq: int) -> tuple[list[list[int]], list[int]]:
+        """What every rank posted with step seq: its counts and its aux (read in one go)."""
+        rows = self.ctrl[(seq & 1)::2, _AUX:_COUNTS + self.world].tolist()  # [rank][aux, counts...]
+        return [row[1:] for row in rows], [row[0] for row in rows]
 
     def post(self, seq: int, op: int, nbytes: int, data: torch.Tensor | None, aux: int = 0,
              counts: list[int] | None = None) -> None:
@@ -106,8 +115,7 @@ class ShmSteps:
         assert n <= self.slot_bytes
         if self.lib is not None:
             c = (ctypes.c_int64 * self.world)(*counts) if counts else None
-            self.lib.shm_post(self.base, self.data_offset, self.slot_bytes, self.rank, seq, op, nbytes, aux, c,
-                              self.world, data.data_ptr() if n else None, n)
+            self.lib.shm_post(self._ctx_p, seq, op, nbytes, aux, c, data.data_ptr() if n else None, n)
             return
         if n:
             self.slots(seq)[self.rank, :n].copy_(data)
@@ -117,24 +125,21 @@ class ShmSteps:
             block[_COUNTS:_COUNTS + self.world] = torch.tensor(counts, dtype=torch.int64)
         block[_SEQ] = seq  # last: x86 makes the stores above visible first
 
-    def wait(self, seq: int, op: int, nbytes: int, timeout_s: float) -> tuple[int, int]:
-        """Wait until every peer posted step seq: (OK | TIMEOUT | DEAD | MISMATCH, peer rank)."""
+    def wait(self, seq: int, op: int, nbytes: int) -> tuple[int, int]:
+        """Wait until every peer posted step seq (with the same op, and nbytes unless it is -1)."""
         if self.lib is not None:
-            rc = self.lib.shm_wait(self.base, self.world, self.rank, seq, op, nbytes, timeout_s, self._pidfds_c,
-                                   self._pids_c, ctypes.byref(self._who))
-            return rc, self._who.value
-        return self._wait_torch(seq, op, nbytes, timeout_s)
+            return self.lib.shm_wait(self._ctx_p, seq, op, nbytes), self.ctx.who
+        return self._wait_torch(seq, op, nbytes)
 
-    def all_reduce(self, seq: int, op: int, x: torch.Tensor, timeout_s: float) -> tuple[int, int]:
-        """Sum the flat contiguous chunk ``x`` (fp32/bf16/fp16, at most a slot) over the ranks, in place."""
-        nbytes = x.numel() * x.element_size()
+    def all_reduce(self, seq: int, op: int, x: torch.Tensor) -> tuple[int, int]:
+        """Sum the contiguous ``x`` (fp32/bf16/fp16, at most a slot) over the ranks, in place."""
         if self.lib is not None:
-            rc = self.lib.shm_all_reduce(self.base, self.data_offset, self.slot_bytes, self.world, self.rank, seq,
-                                         op, DTYPE_CODES[x.dtype], x.data_ptr(), x.data_ptr(), x.numel(), timeout_s,
-                                         self._pidfds_c, self._pids_c, ctypes.byref(self._who))
-            return rc, self._who.value
+            return self.lib.shm_all_reduce(self._ctx_p, seq, op, DTYPE_CODES[x.dtype], x.data_ptr(),
+                                           x.numel()), self.ctx.who
+        x = x.view(-1)
+        nbytes = x.numel() * x.element_size()
         self.post(seq, op, nbytes, x.view(torch.uint8))
-        rc, who = self._wait_torch(seq, op, nbytes, timeout_s)
+        rc, who = self._wait_torch(seq, op, nbytes)
         if rc == OK:
             parts = self.slots(seq)[:, :nbytes].view(x.dtype)  # [world, n]
             acc = parts[0].to(torch.float32, copy=True)  # never accumulate into a slot peers read
@@ -143,7 +148,32 @@ class ShmSteps:
             x.copy_(acc)
         return rc, who
 
-    def _wait_torch(self, seq: int, op: int, nbytes: int, timeout_s: float) -> tuple[int, int]:
+    def all_gather(self, seq: int, op: int, nbytes: int, data: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+        """Publish ``data`` (uint8, part of an nbytes message) and copy every rank's part into the
+        rows of ``out`` (uint8 [world, data.numel()], rows may be strided)."""
+        n = data.numel()
+        if self.lib is not None:
+            return self.lib.shm_all_gather(self._ctx_p, seq, op, nbytes, data.data_ptr() if n else None, n,
+                                           out.data_ptr(), out.stride(0)), self.ctx.who
+        self.post(seq, op, nbytes, data)
+        rc, who = self._wait_torch(seq, op, nbytes)
+        if rc == OK:
+            out.copy_(self.slots(seq)[:, :n])
+        return rc, who
+
+    def broadcast(self, seq: int, op: int, nbytes: int, root: int, data: torch.Tensor) -> tuple[int, int]:
+        """Root publishes ``data`` (uint8 contiguous, part of an nbytes message); the others copy it in."""
+        n = data.numel()
+        if self.lib is not None:
+            return self.lib.shm_broadcast(self._ctx_p, seq, op, nbytes, root, data.data_ptr() if n else None,
+                                          n), self.ctx.who
+        self.post(seq, op, nbytes, data if self.rank == root else None)
+        rc, who = self._wait_torch(seq, op, nbytes)
+        if rc == OK and self.rank != root:
+            data.copy_(self.slots(seq)[root, :n])
+        return rc, who
+
+    def _wait_torch(self, seq: int, op: int, nbytes: int) -> tuple[int, int]:
         start = time.monotonic()
         next_liveness, sleep_s = start + _YIELD_S, 20e-6
         for r in range(self.world):
@@ -159,7 +189,7 @@ class ShmSteps:
                     if dead >= 0:
                         return DEAD, dead
                     next_liveness = t + _LIVENESS_S
-                if t - start >= timeout_s:
+                if t - start >= self.timeout_s:
                     return TIMEOUT, r
                 if t - start < _YIELD_S:
                     os.sched_yield()

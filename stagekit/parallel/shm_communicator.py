@@ -65,7 +65,7 @@ class ShmCommunicator:
                                            steps_mod.segment_bytes(world_size, slot_bytes))
         buf = torch.frombuffer(mapping, dtype=torch.uint8)
         pidfds = open_pidfds(pids, rank)
-        steps = ShmSteps(buf, world_size, rank, slot_bytes, pids, pidfds, use_native=use_native)
+        steps = ShmSteps(buf, world_size, rank, slot_bytes, pids, pidfds, timeout_s, use_native=use_native)
         return cls(mapping, name, steps, pids, pidfds, timeout_s)
 
     @property
@@ -77,11 +77,15 @@ class ShmCommunicator:
         if x.dtype not in steps_mod.DTYPE_CODES:
             raise ValueError(f"shared-memory all_reduce sums {REDUCE_DTYPES}, not {x.dtype}")
         work = x if x.is_contiguous() else x.contiguous()
-        flat = work.view(-1)
         step = self._steps.slot_bytes // x.element_size()
-        for lo in range(0, max(flat.numel(), 1), step):
+        if work.numel() <= step:  # one step: the common, latency-bound case, without slicing
             seq = self._next_seq()
-            self._check(*self._steps.all_reduce(seq, ALL_REDUCE, flat[lo:lo + step], self.timeout_s), ALL_REDUCE, seq)
+            self._check(*self._steps.all_reduce(seq, ALL_REDUCE, work), ALL_REDUCE, seq)
+        else:
+            flat = work.view(-1)
+            for lo in range(0, flat.numel(), step):
+                seq = self._next_seq()
+                self._check(*self._steps.all_reduce(seq, ALL_REDUCE, flat[lo:lo + step]), ALL_REDUCE, seq)
         if work is not x:
             x.copy_(work)
         return x
@@ -93,25 +97,27 @@ class ShmCommunicator:
         out = torch.empty((self.world_size, total), dtype=torch.uint8)
         for lo in range(0, max(total, 1), self._steps.slot_bytes):
             hi = min(total, lo + self._steps.slot_bytes)
-            seq = self._exchange_step(ALL_GATHER, total, data[lo:hi])
-            out[:, lo:hi].copy_(self._steps.slots(seq)[:, :hi - lo])
+            seq = self._next_seq()
+            self._check(*self._steps.all_gather(seq, ALL_GATHER, total, data[lo:hi], out[:, lo:hi]), ALL_GATHER, seq)
         parts = out.view(x.dtype).view(self.world_size, *x.shape)
         if x.dim() == 0:
             return parts
-        if dim % x.dim() == 0:
+        dim %= x.dim()
+        if dim == 0:
             return parts.view(self.world_size * x.shape[0], *x.shape[1:])
-        return torch.cat(parts.unbind(0), dim=dim)
+        # [W, ..., d, ...] -> [..., W, d, ...] -> [..., W * d, ...]: one copy
+        moved = parts.movedim(0, dim)
+        return moved.reshape(*x.shape[:dim], self.world_size * x.shape[dim], *x.shape[dim + 1:])
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Copy group rank ``src``'s ``x`` into every rank's ``x`` (same shape and dtype); returns x."""
         work = x if x.is_contiguous() else x.contiguous()
-        data = work.view(-1).view(torch.uint8) if work.numel() else torch.empty(0, dtype=torch.uint8)
+        data = _bytes_of(work)
         total = data.numel()
         for lo in range(0, max(total, 1), self._steps.slot_bytes):
-            hi = min(total, lo + self._steps.slot_bytes)
-            seq = self._exchange_step(BROADCAST, total, data[lo:hi] if self.rank == src else None)
-            if self.rank != src:
-                data[lo:hi].copy_(self._steps.slots(seq)[src, :hi - lo])
+            seq = self._next_seq()
+            part = data[lo:lo + self._steps.slot_bytes]
+            self._check(*self._steps.broadcast(seq, BROADCAST, total, src, part), BROADCAST, seq)
         if work is not x:
             x.copy_(work)
         return x
@@ -126,8 +132,8 @@ class ShmCommunicator:
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         slot = self._steps.slot_bytes
         first = self._exchange_step(ALL_TO_ALL, -1, data[:slot], aux=row_bytes, counts=counts)
-        matrix = [self._steps.counts(s, first) for s in range(self.world_size)]  # [source][destination]
-        if any(self._steps.aux(s, first) != row_bytes for s in range(self.world_size)):
+        matrix, row_sizes = self._steps.posted_counts(first)  # matrix: [source][destination]
+        if any(size != row_bytes for size in row_sizes):
             raise ValueError("all_to_all: ranks sent rows of different sizes")
         recv_counts = [row[self.rank] for row in matrix]
         starts = [sum(row[:self.rank]) * row_bytes for row in matrix]  # where my rows begin in each source
@@ -170,7 +176,7 @@ class ShmCommunicator:
                        counts: list[int] | None = None) -> int:
         seq = self._next_seq()
         self._steps.post(seq, op, total, data if data is not None and data.numel() else None, aux, counts)
-        self._check(*self._steps.wait(seq, op, total, self.timeout_s), op, seq)
+        self._check(*self._steps.wait(seq, op, total), op, seq)
         return seq
 
     def _check(self, rc: int, who: int, op: int, seq: int) -> None:
