@@ -4,7 +4,9 @@ For each group size (2 and 4 processes, one torch thread each) and each operatio
 (all_reduce, all_gather, all_to_all) at sizes from one token's hidden state ([1, 4096]
 fp32) to a 32-token batch's ([32, 4096]): the latency of back-to-back calls timed at
 rank 0 (p50 and p99 over ``--iters`` calls after a warm-up), with shared memory and with
-gloo over the same processes in the same run, the two interleaved call by call; and a
+gloo over the same processes in the same run, alternating in blocks of 20 calls (the
+first call of each block, which waits for the peers to leave the other communicator, is
+not counted), so drift on the machine hits both alike; and a
 floor, one in-process copy of the message's bytes. all_to_all sends each rank an equal
 share of the rows; gloo's all_to_all first exchanges the counts (as expert dispatch must),
 then the rows.
@@ -29,6 +31,7 @@ from stagekit.parallel.shm_communicator import ShmCommunicator
 from stagekit.ports import free_port
 
 OPS = ("all_reduce", "all_gather", "all_to_all")
+BLOCK = 20  # calls in a row of one communicator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,15 +87,16 @@ def _worker(rank: int, world: int, port: int, cfg: dict, results: mp.Queue) -> N
             x = torch.randn(rows, cfg["hidden"]) / world  # all_reduce in place: keep the sums bounded
             counts = [rows // world + (r < rows % world) for r in range(world)]
             times: dict[str, list[float]] = {"shm": [], "gloo": []}
-            for i in range(cfg["warmup"] + cfg["iters"]):
+            for block in range(cfg["warmup"] // BLOCK + cfg["iters"] // BLOCK):
                 for name in ("shm", "gloo"):
-                    t = time.perf_counter()
-                    if name == "shm":
-                        _shm(comm, op, x, counts)
-                    else:
-                        _gloo(op, x, counts, world)
-                    if i >= cfg["warmup"]:
-                        times[name].append(time.perf_counter() - t)
+                    for i in range(BLOCK + 1):  # the first call of a block absorbs the other's skew
+                        t = time.perf_counter()
+                        if name == "shm":
+                            _shm(comm, op, x, counts)
+                        else:
+                            _gloo(op, x, counts, world)
+                        if i and block >= cfg["warmup"] // BLOCK:
+                            times[name].append(time.perf_counter() - t)
             dst = torch.empty_like(x)
             floor = []
             for _ in range(cfg["iters"]):
@@ -114,7 +118,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, results: mp.Queue) -> N
 def measure(ranks: list[int], rows: list[int], hidden: int, iters: int, fallback: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    cfg = {"rows": rows, "hidden": hidden, "iters": iters, "warmup": max(10, iters // 10), "fallback": fallback}
+    cfg = {"rows": rows, "hidden": hidden, "iters": max(BLOCK, iters), "warmup": max(BLOCK, iters // 10),
+           "fallback": fallback}
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__, "results": []}
     for world in ranks:
         ctx_procs = mp.start_processes(_worker, args=(world, free_port(), cfg, results), nprocs=world, join=False,
