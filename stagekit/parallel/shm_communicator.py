@@ -23,6 +23,7 @@ once, naming its rank. After an error the communicator refuses further collectiv
 from __future__ import annotations
 
 import math
+import mmap
 import os
 
 import torch
@@ -45,7 +46,7 @@ class ShmCommunicator:
     mapped by all ranks and its name is already unlinked.
     """
 
-    def __init__(self, mapping, name: str, steps: ShmSteps, pids: list[int], pidfds: list[int],
+    def __init__(self, mapping: mmap.mmap, name: str, steps: ShmSteps, pids: list[int], pidfds: list[int],
                  timeout_s: float) -> None:
         self.name, self.pids, self.timeout_s = name, pids, timeout_s
         self.rank, self.world_size = steps.rank, steps.world
