@@ -10,7 +10,8 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|collectives "
+                                     "--help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -65,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=memory_soak.__doc__.split("\n\n")[0])
     memory_soak.add_arguments(m)
     m.set_defaults(func=memory_soak.run)
+    from stagemesh.bench import collectives
+
+    c = which.add_parser("collectives", help="all-reduce/all-gather/all-to-all on one host: shared memory vs gloo",
+                         description=collectives.__doc__.split("\n\n")[0])
+    collectives.add_arguments(c)
+    c.set_defaults(func=collectives.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:
