@@ -21,6 +21,8 @@ class StageSpec:
     show_progress: bool = True
     # "auto": oneDNN-prepacked fp32 weights on the CPU (stagekit/layers/cpu_packed.py); "dense": F.linear
     linear_kernel: str = "auto"
+    # collectives of the TP group: "auto" (shared memory on the CPU, torch.distributed on GPUs), "shm", "gloo"
+    collectives: str = "auto"
     max_num_seqs: int = 64  # sequences running at once on the replica (head only)
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV block; the same on every stage of a pipeline

@@ -48,7 +48,7 @@ class TPExecutor:
             self._conns.append(parent)
             self._procs.append(p)
         try:
-            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method)
+            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives)
             self.runner = ModelRunner(spec, self.groups)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(startup_timeout_s):
@@ -59,7 +59,9 @@ class TPExecutor:
         except BaseException:
             self.shutdown()
             raise
-        log.info("stage layers %d:%d ready on %d TP rank(s)", spec.start_layer, spec.end_layer, spec.tp_size)
+        comm = self.groups.tp.communicator
+        log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
+                 spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
 
     def execute(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
         """Run ``step`` on every rank; rank 0's output (see ``ModelRunner.run``)."""

@@ -28,9 +28,11 @@ class DeviceCommunicator(ABC):
     uses_device_group: bool = True
 
     def __init__(self, ranks: list[int], rank_in_group: int, device: torch.device,
-                 cpu_group: dist.ProcessGroup, device_group: dist.ProcessGroup | None) -> None:
+                 cpu_group: dist.ProcessGroup, device_group: dist.ProcessGroup | None,
+                 timeout_s: float = 120.0) -> None:
         self.ranks, self.rank_in_group, self.device = ranks, rank_in_group, device
         self.cpu_group, self.device_group = cpu_group, device_group
+        self.timeout_s = timeout_s
 
     @abstractmethod
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +45,12 @@ class DeviceCommunicator(ABC):
     @abstractmethod
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Group rank ``src``'s ``x`` copied into every rank's ``x`` (same shape); returns ``x``."""
+
+    @abstractmethod
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Send ``send_counts[r]`` rows of ``x`` to group rank r (``x``'s rows grouped by
+        destination, in rank order); returns the rows every rank sent here, in source-rank
+        order, and how many came from each (the dispatch and combine of expert parallelism)."""
 
     def close(self) -> None:  # noqa: B027 - optional: the torch communicator holds nothing of its own
         """Release the communicator's own resources; the process groups are its group's."""

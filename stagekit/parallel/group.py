@@ -60,6 +60,13 @@ class GroupCoordinator:
             return x
         return self._comm().broadcast(x, src)
 
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Send ``send_counts[r]`` rows of ``x`` (grouped by destination, rank order) to group
+        rank r; returns the rows sent here, in source-rank order, and their counts per source."""
+        if self.world_size == 1:
+            return x, [x.shape[0]]
+        return self._comm().all_to_all(x, list(send_counts))
+
     def broadcast_object(self, obj: object = None, src: int = 0) -> object:
         """Broadcast a picklable object over the CPU group."""
         if self.world_size == 1:

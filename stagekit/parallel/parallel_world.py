@@ -68,8 +68,15 @@ class ParallelWorld:
         if not member:
             return None
         rank_in_group = ranks.index(self.rank)
-        group = GroupCoordinator(ranks, rank_in_group, self.device, cpu_group, device_group,
-                                 communicator(ranks, rank_in_group, self.device, cpu_group, device_group))
+        try:
+            comm = communicator(ranks, rank_in_group, self.device, cpu_group, device_group,
+                                timeout_s=self.timeout.total_seconds())
+        except BaseException:
+            for pg in (device_group, cpu_group):
+                if pg is not None:
+                    dist.destroy_process_group(pg)
+            raise
+        group = GroupCoordinator(ranks, rank_in_group, self.device, cpu_group, device_group, comm)
         self._groups.append(group)
         return group
 

@@ -25,3 +25,15 @@ class TorchCommunicator(DeviceCommunicator):
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(x, src=self.ranks[src], group=self.device_group)
         return x
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        if len(send_counts) != len(self.ranks) or sum(send_counts) != x.shape[0] or min(send_counts) < 0:
+            raise ValueError(f"send_counts {send_counts} must give {len(self.ranks)} counts summing to "
+                             f"{x.shape[0]} rows")
+        counts = torch.tensor(send_counts, dtype=torch.int64, device=x.device)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.device_group)  # every rank learns what comes to it
+        recv_counts = recv.tolist()
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, list(send_counts), group=self.device_group)
+        return out, recv_counts

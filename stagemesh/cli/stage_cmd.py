@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     p.add_argument("--linear-kernel", default="auto", choices=["auto", "dense"],
                    help="auto: oneDNN-prepacked fp32 weights on CPU (faster); dense: plain F.linear")
+    p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
+                   help="how the TP ranks exchange tensors: auto = shared memory on the CPU, NCCL/gloo on GPUs; "
+                        "shm = shared memory; gloo = torch.distributed gloo (default: auto)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (replica head)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step (replica head); longer prompts are prefilled in chunks")
@@ -76,10 +79,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.step_timeout > 0:
             raise ConfigError(f"--step-timeout {args.step_timeout} must be a positive number of seconds")
         cfg.torch_dtype(args.dtype)
+        if args.collectives == "shm" and args.tp > 1:
+            from stagekit.parallel.communicator_choice import shm_usable
+
+            if not shm_usable():
+                raise ConfigError("--collectives shm: no shared-memory collectives on this machine (no C compiler "
+                                  "and not x86); use --collectives gloo")
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
+            collectives=args.collectives,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault,

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-prefault", action="store_true",
                    help="stages touch their whole KV pool at start-up (see stagemesh stage --help)")
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
+    p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
+                   help="TP collectives inside each stage (see stagemesh stage --help)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     gw = p.add_argument_group("gateway")
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                          kv_cache_memory=args.kv_cache_memory, extra_gateway_args=gateway_args,
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
                          transport=args.transport,
-                         extra_stage_args=["--kv-prefault"] if args.kv_prefault else []), log_dir)
+                         extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
+                         + ["--collectives", args.collectives]), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:

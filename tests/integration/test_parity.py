@@ -17,6 +17,7 @@ from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wir
 LAYOUTS = {
     "tp1-pp1": (1, split_layers(5, 1), []),
     "tp2-pp1": (2, split_layers(5, 1), []),
+    "tp2-pp1-gloo": (2, split_layers(5, 1), ["--collectives", "gloo"]),   # TP over torch.distributed gloo
     "tp1-pp2": (1, split_layers(5, 2), []),
     "tp2-pp2": (2, split_layers(5, 2), []),
     "tp1-pp3-uneven": (1, [(0, 1), (1, 4), (4, 5)], []),
@@ -61,6 +62,10 @@ def test_layout_matches_transformers(arch: str, layout: str, transport: str | No
         assert _prefix_hits(pipeline[0]) - hits_before == 32
     finally:
         mesh.stop()
+    if tp > 1:  # which communicator carried the TP collectives (shared memory unless told gloo)
+        expect = "TorchCommunicator" if "gloo" in stage_args else "ShmGroupCommunicator"
+        log = (tmp_path / "stage-r0-s0.log").read_text()
+        assert f"TP collectives: {expect}" in log, log[-2000:]
     for i, responses in [*enumerate(results), (2, again)]:
         assert tokens_of(responses) == ref.tokens[i], f"prompt {i}"
         first = next(r for r in responses if r.token_ids)
