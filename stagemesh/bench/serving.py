@@ -2,9 +2,11 @@
 concurrent greedy requests of fixed prompt/output length, against transformers' generate
 on the same checkpoint in the same invocation (``--baseline hf``).
 
-``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout) and
-measures them in alternating rounds (``--rounds``, ABBA order), so that the load other
-processes put on the machine falls on both alike; figures are medians over rounds."""
+``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout), and
+``--layouts tp1x2,tp2x1`` one mesh per TP layout (TP size x torch threads per rank, with an
+optional ``-gloo`` / ``-shm`` for the TP collectives); either way the meshes are measured in
+alternating rounds (``--rounds``, ABBA order), so that the load other processes put on the
+machine falls on all alike; figures are medians over rounds, ratios against the last mesh."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -35,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="",
                    help="comma-separated data planes between stages, e.g. ucx,grpc (or ucx:shm, ucx:tcp...): one "
                         "mesh each, measured in alternating rounds (default: the stages' own default)")
+    p.add_argument("--layouts", default="",
+                   help="comma-separated TP layouts instead of --tp/--threads, e.g. tp2x1,tp1x2 (TP size x threads "
+                        "per rank; a -gloo or -shm suffix picks the TP collectives): one mesh each, alternating rounds")
     p.add_argument("--rounds", type=int, default=1, help="rounds over the meshes; figures are medians (default 1)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -69,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
     model = _model_dir(args)
     cfg = load_model_config(model)
     batches = [int(b) for b in args.batch.split(",")]
-    planes = [t for t in args.transport.split(",") if t] or [""]
+    variants = _variants(args)
+    planes = list(variants)
     load_start = os.getloadavg()
     meshes: dict[str, Mesh] = {}
     results: dict[str, dict[int, list[LoadResult]]] = {t: {b: [] for b in batches} for t in planes}
     rss: dict[str, dict[str, float]] = {}
     try:
         for t in planes:
-            meshes[t] = _start_mesh(args, model, cfg.num_layers, t)
+            meshes[t] = _start_mesh(args, model, cfg.num_layers, t, **variants[t])
             asyncio.run(run_load(meshes[t].url, cfg.name, _prompts(1, 16, cfg.vocab_size, 99), 4))  # warm-up
         for r in range(max(1, args.rounds)):
             for t in (planes if r % 2 == 0 else planes[::-1]):
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                  args.threads)
     report = {
         "model": model, "pp": args.pp, "tp": args.tp, "threads": args.threads, "rounds": max(1, args.rounds),
+        "meshes": variants,
         "prompt_len": args.prompt_len, "output_len": args.output_len,
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "stage_rss_mib": rss, "runs": [],
@@ -121,22 +129,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, transport: str) -> Mesh:
+def _variants(args: argparse.Namespace) -> dict[str, dict]:
+    """The meshes to compare, by label: one per --layouts entry, else one per --transport plane."""
+    from stagekit.errors import ConfigError
+
+    if args.layouts:
+        if "," in args.transport:
+            raise ConfigError("--layouts compares TP layouts on one data plane: give --transport one plane")
+        out = {}
+        for v in (s for s in args.layouts.split(",") if s):
+            m = re.fullmatch(r"tp(\d+)x(\d+)(?:-(shm|gloo))?", v)
+            if m is None:
+                raise ConfigError(f"--layouts entry {v!r}: expected tpNxT (TP size x threads), e.g. tp2x1, tp2x1-gloo")
+            out[v] = {"tp": int(m[1]), "threads": int(m[2]), "collectives": m[3] or "auto",
+                      "transport": args.transport or ""}
+        return out
+    return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t}
+            for t in ([t for t in args.transport.split(",") if t] or [""])}
+
+
+def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, label: str, *, tp: int, threads: int,
+                collectives: str, transport: str) -> Mesh:
     from stagekit.ports import free_port
     from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
-    spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=args.tp, threads=args.threads,
-                    port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None)
-    return start_mesh(spec, f"stagemesh-bench-{transport.replace(':', '-') or 'default'}-")
+    spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=tp, threads=threads,
+                    port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None,
+                    extra_stage_args=["--collectives", collectives])
+    return start_mesh(spec, f"stagemesh-bench-{label.replace(':', '-') or 'default'}-")
 
 
-def _row(transport: str, batch: int, rounds: list[LoadResult]) -> dict:
+def _row(label: str, batch: int, rounds: list[LoadResult]) -> dict:
     """Median tokens/s over rounds; latency quantiles over every request of every round."""
     from stagemesh.bench.load import LoadResult
 
     pooled = LoadResult(batch, sum(r.wall_s for r in rounds), sum(r.output_tokens for r in rounds),
                         [t for r in rounds for t in r.timings])
-    return {"transport": transport or "default", "batch": batch,
+    return {"mesh": label or "default", "batch": batch,
             "output_tok_s": round(statistics.median(r.output_tok_s for r in rounds), 2),
             "rounds_tok_s": [round(r.output_tok_s, 2) for r in rounds],
             "ttft_p50_s": round(pooled.ttft(0.5), 4), "ttft_p90_s": round(pooled.ttft(0.9), 4),
@@ -145,14 +174,16 @@ def _row(transport: str, batch: int, rounds: list[LoadResult]) -> dict:
 
 def _print_table(report: dict) -> None:
     out = sys.stdout
-    out.write(f"model {report['model']}  pp={report['pp']} tp={report['tp']} threads={report['threads']}  "
+    meshes = "; ".join(f"{k or 'default'}: tp={v['tp']} threads={v['threads']} collectives={v['collectives']}"
+                       for k, v in report["meshes"].items())
+    out.write(f"model {report['model']}  pp={report['pp']}  {meshes}\n  "
               f"prompt {report['prompt_len']} -> {report['output_len']} tokens  "
               f"median of {report['rounds']} round(s)\n")
     ratio = next((k for r in report["runs"] for k in r if k.startswith("ratio_vs_") and k != "ratio_vs_hf"), "")
-    out.write(f"{'transport':>10} {'batch':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>9}"
+    out.write(f"{'mesh':>12} {'batch':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>9}"
               f" {'ITL p90':>9} {ratio.removeprefix('ratio_'):>10} {'HF tok/s':>9} {'vs HF':>6}  rounds tok/s\n")
     for r in report["runs"]:
-        out.write(f"{r['transport']:>10} {r['batch']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_s']:>9.3f}"
+        out.write(f"{r['mesh']:>12} {r['batch']:>5} {r['output_tok_s']:>9.1f} {r['ttft_p50_s']:>9.3f}"
                   f" {r['ttft_p90_s']:>9.3f} {r['itl_p50_s']:>9.4f} {r['itl_p90_s']:>9.4f}"
                   f" {r.get(ratio, float('nan')):>10.3f} {r.get('hf_output_tok_s', float('nan')):>9.1f}"
                   f" {r.get('ratio_vs_hf', float('nan')):>6.2f}  {r['rounds_tok_s']}\n")

@@ -25,8 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stagekit.errors import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # settings that cannot work: say which, like argparse does, no traceback
+        name = " ".join(filter(None, ["stagemesh", args.command, getattr(args, "bench", None)]))
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
