@@ -34,7 +34,7 @@ class StageModel(nn.Module):
         if layout.is_first:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group, dtype)
         self.model.layers = nn.ModuleDict({
-            str(i): layer_cls(cfg, group, i - layout.start_layer, dtype)
+            str(i): layer_cls(cfg, group, i, i - layout.start_layer, dtype)
             for i in range(layout.start_layer, layout.end_layer)
         })
         if layout.is_last:
