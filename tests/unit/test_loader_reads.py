@@ -69,7 +69,19 @@ class _Slice:
 ])
 def test_rank_reads_only_its_layers_and_slices(hf_checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
                                                arch: str, start: int, end: int, rank: int) -> None:
-    path = Path(hf_checkpoints[arch].path)
+    _check_reads(Path(hf_checkpoints[arch].path), start, end, rank, monkeypatch)
+
+
+@pytest.mark.parametrize(("arch", "start", "end", "rank"), [
+    ("mixtral", 0, 2, 1),     # every expert's half of the hidden units, per expert tensor
+    ("qwen2_moe", 2, 5, 0),   # the dense layer 2, sparse 3-4 with the shared expert
+])
+def test_moe_rank_reads_only_its_expert_slices(moe_checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
+                                               arch: str, start: int, end: int, rank: int) -> None:
+    _check_reads(Path(moe_checkpoints[arch].path), start, end, rank, monkeypatch)
+
+
+def _check_reads(path: Path, start: int, end: int, rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_model_config(path)
     tp = 2
     # a rank of a TP2 stage; loading needs no collectives, so no world is joined
