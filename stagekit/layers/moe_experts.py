@@ -105,25 +105,38 @@ class ExpertWeights(nn.Module):
         # the expert outputs in the order transformers' per-expert index_add_ loop does
         topk_ids, perm = topk_ids.sort(dim=-1)
         topk_weights = topk_weights.gather(-1, perm)
-        slots = self.slot_of[topk_ids.flatten()]  # [T*k]
-        # one stable sort groups the (token, choice) pairs by local expert, ascending
+        routed = self.grouped(x, topk_ids.flatten(), topk_weights.flatten(), rows_per_token=k)  # row t*k + j
+        return sum_choices(routed.view(t, k, x.shape[-1]))
+
+    def grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor | None = None,
+                rows_per_token: int = 1) -> torch.Tensor:
+        """Row i of the result is row ``i // rows_per_token`` of ``x`` through expert
+        ``expert_ids[i]`` (times ``weights[i]`` when given), in x's dtype; zero where that
+        expert is held elsewhere. x: [N, H]; expert_ids (global ids), weights: [N * rows_per_token]."""
+        slots = self.slot_of[expert_ids]
+        # one stable sort groups the rows by local expert, ascending
         sorted_slots, order = torch.sort(slots, stable=True)
         bounds = torch.searchsorted(sorted_slots, self.slot_bounds).tolist()  # slot s: [bounds[s], bounds[s+1])
-        routed = torch.zeros(t * k, x.shape[-1], dtype=x.dtype, device=x.device)  # row t*k + j
-        token_ids = order // k
-        weights = topk_weights.flatten()[order]
+        out = torch.zeros(expert_ids.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
+        src = order // rows_per_token
         for slot in range(len(self.local_experts)):
             start, end = bounds[slot], bounds[slot + 1]
             if start == end:
                 continue  # an expert without tokens costs nothing
-            # the weight multiply happens in the weights' dtype (fp32 for Mixtral), then
-            # rounds to x's dtype, as transformers' eager experts do
-            y = self._expert(slot, x[token_ids[start:end]]) * weights[start:end, None]
-            routed[order[start:end]] = y.to(x.dtype)
-        # a sum over choices, not a scatter-add: CPU scatter_add_ runs a parallel region even
-        # for a handful of rows, which stalls decode steps on busy cores (measured: tens of ms)
-        routed = routed.view(t, k, x.shape[-1])
-        out = routed[:, 0].clone()
-        for j in range(1, k):
-            out += routed[:, j]
+            y = self._expert(slot, x[src[start:end]])
+            if weights is not None:
+                # the weight multiply happens in the weights' dtype (fp32 for Mixtral), then
+                # rounds to x's dtype, as transformers' eager experts do
+                y = y * weights[order[start:end], None]
+            out[order[start:end]] = y.to(x.dtype)
         return out
+
+
+def sum_choices(routed: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] -> [T, H]: each token's k weighted expert outputs added j = 0..k-1."""
+    # a sum over choices, not a scatter-add: CPU scatter_add_ runs a parallel region even
+    # for a handful of rows, which stalls decode steps on busy cores (measured: tens of ms)
+    out = routed[:, 0].clone()
+    for j in range(1, routed.shape[1]):
+        out += routed[:, j]
+    return out
