@@ -15,7 +15,7 @@ import torch
 
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.helpers.checkpoints import MOE_ARCHS, NUM_NEW, PROMPTS
-from tests.helpers.stage_client import generate_many, tokens_of, wire
+from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wire
 
 EP = ["--moe-parallel", "ep"]
 LAYOUTS = {
@@ -46,8 +46,14 @@ def test_moe_layout_matches_transformers(arch: str, layout: str, moe_checkpoints
         wire(pipeline)
         results = generate_many(pipeline[0], PROMPTS, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
                                 top_logprobs=ref.vocab_size)
+        infos = [stage_info(address) for address in pipeline]
     finally:
         mesh.stop()
+    # every token of a stage reached k experts of each of its MoE layers, counted once (on rank 0)
+    loads = [sum(e.tokens) for info in infos for e in info.expert_load]
+    assert len(loads) == (0 if arch == "qwen3" else 4 if arch == "qwen2_moe" else 5)
+    assert len(set(loads)) <= 1 and all(n > 0 and n % 2 == 0 for n in loads)
+    assert {info.moe_parallel for info in infos} == {"" if arch == "qwen3" else "ep" if EP[1] in args else "tp"}
     for i, responses in enumerate(results):
         assert tokens_of(responses) == ref.tokens[i], f"prompt {i}"
         first = next(r for r in responses if r.token_ids)
