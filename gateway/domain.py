@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from stagekit.types.expert_load import ExpertLoad
+
 
 class FinishReason(str, Enum):
     """Why a choice ended, in OpenAI's vocabulary (plus vLLM's ``abort``)."""
@@ -61,3 +63,5 @@ class StageInfo:
     prefix_cache_blocks: int = 0
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    moe_parallel: str = ""  # "tp" or "ep" for MoE models
+    expert_load: tuple[ExpertLoad, ...] = ()  # tokens per expert of the stage's MoE layers

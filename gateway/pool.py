@@ -188,6 +188,7 @@ class ReplicaPool:
                     "stage_prefix_hit_tokens": info.prefix_hit_tokens if info else None,
                     "stage_prefix_query_tokens": info.prefix_query_tokens if info else None,
                     "last_error": r.last_error,
+                    "moe": r.moe_summary(),
                 }
             )
         return out

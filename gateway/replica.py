@@ -61,6 +61,7 @@ class ReplicaClient:
         self.last_error: str | None = None
         self.gate = gate or ReplicaGate(max_running=256, max_waiting=256)
         self.head_info: StageInfo | None = None
+        self.stage_infos: list[StageInfo] = []  # every stage's, from the last probe
         self.health_listeners: list[Callable[[ReplicaClient], None]] = []
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[stage_pb2_grpc.StageStub] = []
@@ -149,11 +150,25 @@ class ReplicaClient:
                 await self.wire()
             else:
                 self.head_info = infos[0]
+            self.stage_infos = list(infos)
         except StagemeshError as err:
             self.mark_unhealthy(str(err))
             return False
         self.mark_healthy()
         return True
+
+    def moe_summary(self) -> dict | None:
+        """The expert load of the replica's MoE layers (all its stages), from the last probe:
+        per layer the tokens routed and the imbalance (max/mean over its experts); None for
+        dense models. The input to expert rebalancing; stages export per-expert counts."""
+        loads = sorted((load for info in self.stage_infos for load in info.expert_load), key=lambda x: x.layer)
+        if not loads:
+            return None
+        return {
+            "moe_parallel": next((i.moe_parallel for i in self.stage_infos if i.moe_parallel), ""),
+            "max_imbalance": round(max(x.imbalance for x in loads), 4),
+            "layers": {str(x.layer): {"tokens": x.total, "imbalance": round(x.imbalance, 4)} for x in loads},
+        }
 
     def mark_healthy(self) -> None:
         changed = not self.healthy

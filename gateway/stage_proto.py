@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from gateway.domain import FinishReason, GenerateChunk, StageInfo, TopLogprob
 from stagekit.rpc.pb import common_pb2, stage_pb2
+from stagekit.types.expert_load import ExpertLoad
 from stagekit.types.sampling_params import SamplingParams
 
 _FINISH_FROM_PROTO = {
@@ -85,6 +86,8 @@ def info_from_proto(msg: stage_pb2.StageInfo) -> StageInfo:
         prefix_cache_blocks=msg.prefix_cache_blocks,
         prefix_query_tokens=msg.prefix_query_tokens,
         prefix_hit_tokens=msg.prefix_hit_tokens,
+        moe_parallel=msg.moe_parallel,
+        expert_load=tuple(ExpertLoad(e.layer, tuple(e.tokens)) for e in msg.expert_load),
     )
 
 

@@ -19,3 +19,12 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("hf")
     return {arch: build_checkpoint(arch, root) for arch in ("llama", "qwen2", "mistral")}
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Mixtral, Qwen2-MoE, Qwen3-MoE and dense Qwen3 (tests/helpers/checkpoints.py MOE_ARCHS)."""
+    from tests.helpers.checkpoints import MOE_ARCHS, build_checkpoint
+
+    root = tmp_path_factory.mktemp("hf-moe")
+    return {arch: build_checkpoint(arch, root) for arch in MOE_ARCHS}

@@ -1,5 +1,6 @@
 """A stage's own Prometheus metrics (``--metrics-port``): batch size, KV usage, step time,
-data-plane bytes, and on the replica head the requests running and waiting.
+data-plane bytes, tokens per expert of MoE layers, and on the replica head the requests
+running and waiting.
 
 Everything is read from the stage's plain counters (`stagekit.engine.stats.StageStats`, the
 KV cache, the head's `HeadStats`) at scrape time by a custom collector, so the step loop pays
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from services.stage.node import StageNode
 from stagekit.engine.stats import STEP_TIME_BUCKETS, HeadStats
+from stagekit.types.expert_load import ExpertLoad
 
 log = logging.getLogger("stagemesh.stage")
 T = TypeVar("T")
@@ -90,8 +92,27 @@ class StageCollector:
         yield self._gauge(
             "stagemesh_stage_kv_usage_ratio", "KV cache usage (0..1).", used / capacity if capacity else 0.0
         )
+        loads = self.node.runtime.expert_load()
+        if loads:
+            yield from self._moe_metrics(loads)
         if self.node.engine is not None:
             yield from self._head_metrics(self.node.engine.head_stats())
+
+    def _moe_metrics(self, loads: list[ExpertLoad]) -> Iterator[Metric]:
+        """Tokens per expert per MoE layer since start, and each layer's imbalance (max/mean
+        over its experts, since start; ``rate()`` of the counter gives a recent window)."""
+        tokens = CounterMetricFamily("stagemesh_moe_expert_tokens", "Tokens routed to each expert of a MoE layer "
+                                     "(a top-k token counts at each of its k experts).",
+                                     labels=[*self.label_names, "layer", "expert"])
+        imbalance = GaugeMetricFamily("stagemesh_moe_expert_imbalance", "Max over mean of a MoE layer's tokens "
+                                      "per expert since start (1 = even; 0 before any token).",
+                                      labels=[*self.label_names, "layer"])
+        for load in loads:
+            for expert, n in enumerate(load.tokens):
+                tokens.add_metric([*self.labels, str(load.layer), str(expert)], n)
+            imbalance.add_metric([*self.labels, str(load.layer)], load.imbalance)
+        yield tokens
+        yield imbalance
 
     def _head_metrics(self, head: HeadStats) -> Iterator[Metric]:
         """What only the replica head knows: its requests and its prefix cache."""

@@ -37,6 +37,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             kv_used_tokens=n.runtime.kv_cache.used_tokens, transport_address=n.transport.local_address(),
             prefix_cache_blocks=n.runtime.kv_cache.num_blocks if n.runtime.spec.prefix_caching else 0,
             kv_block_size=n.runtime.kv_cache.block_size,
+            moe_parallel=n.runtime.spec.moe_parallel if cfg.num_experts else "",
+            expert_load=[stage_pb2.ExpertLoad(layer=e.layer, tokens=e.tokens) for e in n.runtime.expert_load()],
         )
         if n.engine is not None:
             head = n.engine.head_stats()

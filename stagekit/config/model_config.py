@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from stagekit.config.architectures import ARCHITECTURES
+from stagekit.config.architectures import ARCHITECTURES, MoeFields
 from stagekit.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,6 +38,17 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    o_bias: bool = False
+    qk_norm: bool = False
+    # MoE (num_experts == 0: a dense model); the family's rules come from its MoeFields
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    routing_weights_fp32: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     # the whole config.json as read, for family-specific fields the typed ones do not cover
     hf_config: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -48,6 +59,11 @@ class ModelConfig:
         if self.sliding_window:
             return min(self.max_position_embeddings, int(self.sliding_window))
         return self.max_position_embeddings
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether global layer ``layer_idx`` is a MoE block (transformers' rule)."""
+        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     def torch_dtype(self, requested: str = "auto") -> torch.dtype:
         """``auto`` takes the checkpoint's dtype (fp32 when it names none)."""
@@ -114,5 +130,27 @@ def load_model_config(path: str | Path, name: str | None = None) -> ModelConfig:
         eos_token_ids=eos,
         bos_token_id=cfg.get("bos_token_id"),
         sliding_window=window,
+        o_bias=family.o_bias and family.has_qkv_bias(cfg),
+        qk_norm=family.qk_norm,
+        **_moe_fields(family.moe, cfg),
         hf_config=cfg,
+    )
+
+
+def _moe_fields(moe: MoeFields | None, cfg: dict) -> dict:
+    if moe is None:
+        return {}
+    num_experts = int(next((cfg[k] for k in moe.num_experts_keys if cfg.get(k) is not None), 0))
+    top_k = int(cfg.get("num_experts_per_tok") or 0)
+    if num_experts and not 0 < top_k <= num_experts:
+        raise ConfigError(f"num_experts_per_tok {top_k} must be in 1..{num_experts} (the number of experts)")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(cfg[moe.intermediate_key]),
+        shared_expert_intermediate_size=int(cfg.get(moe.shared_expert_key) or 0) if moe.shared_expert_key else 0,
+        norm_topk_prob=True if moe.norm_topk_prob_key is None else bool(cfg.get(moe.norm_topk_prob_key, False)),
+        routing_weights_fp32=moe.weights_fp32,
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1) if moe.sparse_step else 1,
+        mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()) if moe.sparse_step else (),
     )

@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from stagekit.demo.bpe import token_settings, trained_vocab_size, write_tokenizer_files
+from stagekit.demo.families import ARCH_CLASS, TOKENIZER, family_config, ffn_shapes, has_qk_norm, has_qkv_bias
 
-ARCHS: tuple[str, ...] = ("llama", "qwen2")
+ARCHS: tuple[str, ...] = tuple(ARCH_CLASS)
 SIZES: tuple[str, ...] = ("tiny", "small")
-
-_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _SHAPES: dict[str, dict[str, int | None]] = {
     # vocab None means "the trained tokenizer's vocab size".
     "tiny": {"hidden": 64, "layers": 4, "heads": 4, "kv_heads": 2, "intermediate": 176, "vocab": None},
@@ -45,9 +44,9 @@ def demo_config(arch: str = "llama", size: str = "tiny") -> dict[str, Any]:
     _check(arch, size)
     shape = _SHAPES[size]
     hidden, heads = int(shape["hidden"] or 0), int(shape["heads"] or 0)
-    tokens = token_settings(arch)
+    tokens = token_settings(TOKENIZER[arch])
     config: dict[str, Any] = {
-        "architectures": [_ARCH_CLASS[arch]],
+        "architectures": [ARCH_CLASS[arch]],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": shape["intermediate"],
@@ -57,7 +56,7 @@ def demo_config(arch: str = "llama", size: str = "tiny") -> dict[str, Any]:
         "head_dim": hidden // heads,
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
-        "vocab_size": shape["vocab"] or trained_vocab_size(arch),
+        "vocab_size": shape["vocab"] or trained_vocab_size(TOKENIZER[arch]),
         "bos_token_id": tokens["config_bos_token_id"],
         "eos_token_id": tokens["eos_token_id"],
         "initializer_range": _INIT_STD,
@@ -65,26 +64,7 @@ def demo_config(arch: str = "llama", size: str = "tiny") -> dict[str, Any]:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    if arch == "llama":
-        config.update(
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            rope_scaling=None,
-            attention_bias=False,
-            mlp_bias=False,
-            pretraining_tp=1,
-            tie_word_embeddings=False,
-        )
-    else:
-        config.update(
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            rope_scaling=None,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=int(shape["layers"] or 0),
-            tie_word_embeddings=True,
-        )
+    config.update(family_config(arch, size, int(shape["layers"] or 0)))
     return config
 
 
@@ -94,8 +74,7 @@ def param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     head_dim = config["head_dim"]
     q_out = config["num_attention_heads"] * head_dim
     kv_out = config["num_key_value_heads"] * head_dim
-    inter = config["intermediate_size"]
-    with_bias = config["model_type"] == "qwen2"
+    with_bias, qk_norm = has_qkv_bias(config), has_qk_norm(config)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
@@ -105,10 +84,11 @@ def param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             if with_bias:
                 shapes[f"{p}.self_attn.{name}_proj.bias"] = (out,)
         shapes[f"{p}.self_attn.o_proj.weight"] = (hidden, q_out)
+        if qk_norm:
+            shapes[f"{p}.self_attn.q_norm.weight"] = (head_dim,)
+            shapes[f"{p}.self_attn.k_norm.weight"] = (head_dim,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[f"{p}.mlp.up_proj.weight"] = (inter, hidden)
-        shapes[f"{p}.mlp.down_proj.weight"] = (hidden, inter)
+        shapes.update(ffn_shapes(config, p))
     shapes["model.norm.weight"] = (hidden,)
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, hidden)
@@ -140,9 +120,9 @@ def random_weights(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Ten
     return tensors
 
 
-def generation_config(arch: str) -> dict[str, Any]:
+def generation_config(tokenizer: str) -> dict[str, Any]:
     """generation_config.json content: the eos list stops generation at both end-of-text and end-of-turn."""
-    tokens = token_settings(arch)
+    tokens = token_settings(tokenizer)
     out: dict[str, Any] = {"bos_token_id": tokens["config_bos_token_id"]}
     out["eos_token_id"] = tokens["generation_eos_token_ids"]
     if tokens["pad_token_id"] is not None:
@@ -162,8 +142,8 @@ def write_demo_model(path: str | Path, arch: str = "llama", seed: int = 0, size:
     try:
         config = demo_config(arch, size)
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", generation_config(arch))
-        write_tokenizer_files(tmp, arch, config["vocab_size"])
+        _write_json(tmp / "generation_config.json", generation_config(TOKENIZER[arch]))
+        write_tokenizer_files(tmp, TOKENIZER[arch], config["vocab_size"])
         save_file(random_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _make_readable(tmp)
         _move_into_place(tmp, target)

@@ -11,10 +11,13 @@ from stagekit.engine.stage_spec import StageSpec
 from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.kv.kv_cache import PagedKVCache, available_memory
 from stagekit.layers.cpu_packed import pack_model_weights
+from stagekit.layers.moe import FusedMoE
 from stagekit.loader.safetensors_loader import load_weights
 from stagekit.models.stage_model import StageModel
+from stagekit.parallel.expert_placement import check_moe_parallel
 from stagekit.parallel.layout import StageLayout
 from stagekit.parallel.parallel_groups import ParallelGroups
+from stagekit.types.expert_load import ExpertLoad
 from stagekit.types.step import IntermediateTensors, StepInputs
 
 
@@ -27,6 +30,7 @@ class ModelRunner:
         self.cfg = load_model_config(spec.model_path, spec.model_name)
         self.layout = StageLayout(spec.start_layer, spec.end_layer, self.cfg.num_layers, spec.tp_size)
         self.layout.validate(self.cfg.num_heads, self.cfg.num_kv_heads)
+        check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size, repr(self.cfg.name))
         self.dtype = self.cfg.torch_dtype(spec.dtype)
         self.groups, self.device = groups, groups.device
         tp = groups.tp
@@ -68,3 +72,14 @@ class ModelRunner:
             # sampling runs on the host with per-request generators
             return self.model.compute_logits(states, batch.sample_indices()).cpu()
         return states
+
+    def expert_load(self) -> list[ExpertLoad]:
+        """Tokens routed to each expert of each MoE layer of this stage since start, by
+        layer (empty for dense layers and models). Safe to call from another thread: it
+        copies the counters, which only grow."""
+        out = []
+        for idx, layer in self.model.model.layers.items():
+            block = getattr(layer, layer.mlp_name)
+            if isinstance(block, FusedMoE):
+                out.append(ExpertLoad(int(idx), tuple(block.expert_tokens.tolist())))
+        return out

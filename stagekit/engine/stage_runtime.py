@@ -11,6 +11,7 @@ import torch
 from stagekit.engine.sampler import Sampler
 from stagekit.engine.stats import StageStats
 from stagekit.engine.tp_executor import TPExecutor
+from stagekit.types.expert_load import ExpertLoad
 from stagekit.types.step import IntermediateTensors, StepInputs, StepResult
 
 
@@ -50,6 +51,11 @@ class StageRuntime:
         assert isinstance(out, torch.Tensor)
         so = self.sampler.sample(sampled, out)
         return StepResult(header.step_id, sampled, so.token_ids, so.logprobs, so.top_logprobs)
+
+    def expert_load(self) -> list[ExpertLoad]:
+        """Tokens per expert of this stage's MoE layers (rank 0's counts, which are the
+        stage's: every rank of a stage routes the same tokens). Any thread may call it."""
+        return self.executor.runner.expert_load()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

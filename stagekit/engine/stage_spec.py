@@ -23,6 +23,11 @@ class StageSpec:
     linear_kernel: str = "auto"
     # collectives of the TP group: "auto" (shared memory on the CPU, torch.distributed on GPUs), "shm", "gloo"
     collectives: str = "auto"
+    # how a MoE stage parallelises its experts over the TP ranks: "tp" (each expert split) or "ep" (placed whole)
+    moe_parallel: str = "tp"
+    # with "ep": "local" (every rank holds the stage's tokens: select locally, one all-reduce) or
+    # "all_to_all" (tokens travel to their experts' ranks and back; the path data-parallel attention needs)
+    moe_dispatch: str = "local"
     max_num_seqs: int = 64  # sequences running at once on the replica (head only)
     max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV block; the same on every stage of a pipeline

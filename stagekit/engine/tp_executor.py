@@ -48,7 +48,8 @@ class TPExecutor:
             self._conns.append(parent)
             self._procs.append(p)
         try:
-            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives)
+            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives,
+                                                       moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
             self.runner = ModelRunner(spec, self.groups)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(startup_timeout_s):
@@ -62,6 +63,9 @@ class TPExecutor:
         comm = self.groups.tp.communicator
         log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
                  spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
+        if self.runner.cfg.num_experts and spec.tp_size > 1:
+            log.info("MoE experts: %s", "split over the TP ranks (tp)" if spec.moe_parallel == "tp" else
+                     f"placed whole over {spec.tp_size} EP ranks (ep), {spec.moe_dispatch} dispatch")
 
     def execute(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
         """Run ``step`` on every rank; rank 0's output (see ``ModelRunner.run``)."""

@@ -21,7 +21,8 @@ from stagekit.types.step import IntermediateTensors
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
     try:
-        world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives)
+        world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives,
+                                         moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
         return

@@ -39,6 +39,21 @@ def packing_supported(weight: torch.Tensor) -> bool:
     )
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN-reordered copy of an [out, in] weight (check ``packing_supported`` first)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a weight packed by ``pack_linear_weight``; x: [T, in] fp32 -> [T, out]."""
+    m = x.shape[0]
+    rows = row_bucket(m)
+    if rows != m:
+        x = F.pad(x, (0, 0, 0, rows - m))
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out if rows == m else out[:m]
+
+
 class PackedWeight(nn.Module):
     """Mixin for layers whose forward is ``x @ weight.T``: ``pack_weights`` swaps the dense
     weight for a prepacked one; ``matmul`` uses whichever the layer holds."""
@@ -49,22 +64,18 @@ class PackedWeight(nn.Module):
         weight = self.weight
         if self.packed_weight is not None or not packing_supported(weight):
             return False
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.data, _PACK_HINT)
+        self.packed_weight = pack_linear_weight(weight.data)
         weight.data = torch.empty(0, dtype=weight.dtype)
         return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [T, in] -> [T, out]
         if self.packed_weight is not None and x.dtype == torch.float32 and x.dim() == 2:
-            m = x.shape[0]
-            rows = row_bucket(m)
-            if rows != m:
-                x = F.pad(x, (0, 0, 0, rows - m))
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
-            return out if rows == m else out[:m]
+            return packed_linear(x, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)
 
 
 def pack_model_weights(model: nn.Module) -> int:
-    """Pack every PackedWeight layer of ``model`` that supports it; returns how many."""
-    return sum(1 for m in model.modules() if isinstance(m, PackedWeight) and m.pack_weights())
+    """Pack every layer of ``model`` that can (PackedWeight layers, and others such as the
+    MoE experts that define their own ``pack_weights``); returns how many were packed."""
+    return sum(1 for m in model.modules() if callable(getattr(m, "pack_weights", None)) and m.pack_weights())

@@ -11,10 +11,11 @@ For Y = X A + b with A of shape [in, out] (stored as torch's [out, in] weight):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stagekit.layers.cpu_packed import PackedWeight
-from stagekit.layers.weight_source import WeightSource, copy_checked
+from stagekit.layers.weight_source import WeightSource, copy_checked, default_weight_loader
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.kv_heads import kv_heads_of
 
@@ -108,14 +109,18 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(PackedWeight):
     """Holds columns ``[rank*in/p, (rank+1)*in/p)`` of the [out, in] weight; input arrives
-    split along its last dim; one all-reduce sums the partial outputs."""
+    split along its last dim; one all-reduce sums the partial outputs. With
+    ``reduce_results=False`` the caller gets the partial and owns the sum (a MoE layer adds
+    its shared expert's partial to the routed one and reduces once)."""
 
     def __init__(
         self, input_size: int, output_size: int, group: GroupCoordinator, bias: bool = False,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32, reduce_results: bool = True,
     ) -> None:
         super().__init__()
+        assert reduce_results or not bias, "a bias must be added once, after the sum"
         self.group = group
+        self.reduce_results = reduce_results
         self.input_size_per_partition = divide(input_size, group.world_size, "row-parallel input")
         self.weight = nn.Parameter(
             torch.empty(output_size, self.input_size_per_partition, dtype=dtype, device=group.device),
@@ -136,5 +141,22 @@ class RowParallelLinear(PackedWeight):
         copy_checked(param, src.full(), "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reduce_results:
+            return self.matmul(x)
         out = self.group.all_reduce(self.matmul(x))
         return out if self.bias is None else out + self.bias
+
+
+class ReplicatedLinear(nn.Module):
+    """The whole [out, in] weight on every rank, no collective (small projections such as a
+    MoE router's shared-expert gate, where a split would cost more than it saves)."""
+
+    def __init__(self, input_size: int, output_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)

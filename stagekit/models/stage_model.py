@@ -36,7 +36,7 @@ class StageModel(nn.Module):
         if layout.is_first:
             self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups.tp, dtype)
         self.model.layers = nn.ModuleDict({
-            str(i): layer_cls(cfg, groups, i - layout.start_layer, dtype)
+            str(i): layer_cls(cfg, groups, i, i - layout.start_layer, dtype)
             for i in range(layout.start_layer, layout.end_layer)
         })
         if layout.is_last:

@@ -31,6 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
                    help="how the TP ranks exchange tensors: auto = shared memory on the CPU, NCCL/gloo on GPUs; "
                         "shm = shared memory; gloo = torch.distributed gloo (default: auto)")
+    p.add_argument("--moe-parallel", default="tp", choices=["tp", "ep"],
+                   help="MoE models: how the --tp ranks share the experts: tp = every expert's hidden units split "
+                        "over them (like a dense MLP); ep = experts placed whole, each rank holding and loading "
+                        "only num_experts/tp of them (they must divide), shared experts on every rank "
+                        "(default: tp)")
+    p.add_argument("--moe-dispatch", default="local", choices=["local", "all_to_all"],
+                   help="with --moe-parallel ep: local = each rank computes its experts' share of the stage's "
+                        "tokens and one all-reduce sums them (the fast path: a stage's ranks hold the same "
+                        "tokens); all_to_all = tokens travel to their experts' ranks and back, the path for "
+                        "ranks holding different tokens, for testing and debugging here (default: local)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (replica head)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step (replica head); longer prompts are prefilled in chunks")
@@ -68,12 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
     from stagekit.engine.stage_spec import StageSpec
     from stagekit.errors import ConfigError
+    from stagekit.parallel.expert_placement import check_moe_parallel
     from stagekit.parallel.layout import StageLayout, parse_layers
 
     try:
         cfg = load_model_config(args.model, args.model_name)
         start, end = parse_layers(args.layers, cfg.num_layers)
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
+        check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
         if not 1 <= args.block_size <= 256:
             raise ConfigError(f"--block-size {args.block_size} must be between 1 and 256 tokens")
         if not args.step_timeout > 0:
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
-            collectives=args.collectives,
+            collectives=args.collectives, moe_parallel=args.moe_parallel, moe_dispatch=args.moe_dispatch,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
             step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault,

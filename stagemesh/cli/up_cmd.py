@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
                    help="TP collectives inside each stage (see stagemesh stage --help)")
+    p.add_argument("--moe-parallel", default="tp", choices=["tp", "ep"],
+                   help="MoE models: experts split over each stage's TP ranks (tp) or placed whole (ep); "
+                        "see stagemesh stage --help")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     gw = p.add_argument_group("gateway")
@@ -63,6 +66,7 @@ def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str
 def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
     from stagekit.errors import ConfigError
+    from stagekit.parallel.expert_placement import check_moe_parallel
     from stagemesh.launcher import Mesh, MeshSpec, split_layers
 
     model = args.model
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_model_config(model)
         splits = split_layers(cfg.num_layers, args.pp)
+        check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
     except ConfigError as e:
         print(f"stagemesh up: error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
                          transport=args.transport,
                          extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
-                         + ["--collectives", args.collectives]), log_dir)
+                         + ["--collectives", args.collectives, "--moe-parallel", args.moe_parallel]), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:

@@ -19,6 +19,26 @@ class Reference:
     first_logprobs: list[torch.Tensor]  # log_softmax of the last prompt position's logits [vocab]
 
 
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3")
+
+
+def _moe_config(arch: str, common: dict):
+    """The MoE families (and dense Qwen3); references run transformers' eager experts."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(common, num_key_value_heads=2, tie_word_embeddings=False)
+    moe = dict(num_experts_per_tok=2, experts_implementation="eager")
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=8, **moe, **common)
+    if arch == "qwen2_moe":  # 6 experts, shared expert, no renormalisation, layer 2 dense
+        return Qwen2MoeConfig(num_experts=6, moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                              norm_topk_prob=False, mlp_only_layers=[2], **moe, **common)
+    if arch == "qwen3_moe":  # head_dim 32 != hidden / heads
+        return Qwen3MoeConfig(num_experts=8, moe_intermediate_size=48, norm_topk_prob=True, head_dim=32,
+                              **moe, **common)
+    return Qwen3Config(head_dim=32, attention_bias=True, **common)  # biases on q/k/v and o
+
+
 def _config(arch: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
@@ -30,6 +50,8 @@ def _config(arch: str):
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
                            **common)
+    if arch in MOE_ARCHS:
+        return _moe_config(arch, common)
     if arch == "mistral":  # Llama's block under another name, with a sliding window beyond our context
         return MistralConfig(num_key_value_heads=2, sliding_window=4096, tie_word_embeddings=False, **common)
     # one KV head (replicated at TP2), q/k/v biases, tied embeddings
@@ -37,17 +59,15 @@ def _config(arch: str):
 
 
 def build_checkpoint(arch: str, root: Path, seed: int = 0) -> Reference:
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = _config(arch)
-    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
-    model = cls(cfg).eval()
-    if arch == "qwen2":  # biases start at zero; make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.1)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # biases start at zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0, 0.1)
     path = root / arch
     # llama is saved in several safetensors files (five, with an index); qwen2 in one
     model.save_pretrained(path, max_shard_size="200KB" if arch == "llama" else "50MB")

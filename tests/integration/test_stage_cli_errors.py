@@ -114,3 +114,30 @@ def test_up_refuses_what_cannot_work(demo: Path, args: list[str], message: str) 
     r = subprocess.run([sys.executable, "-m", "stagemesh.cli.main", "up", "--model", str(demo), *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"stagemesh up: error: {message}" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def mixtral_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_model(tmp_path_factory.mktemp("cli") / "mixtral", arch="mixtral")  # 8 experts, 4 heads
+
+
+@pytest.mark.parametrize("experts, tp, message", [
+    (3, 4, "--moe-parallel ep: 4 expert-parallel ranks (--tp 4) but 'variant' has only 3 experts (at most 3 ranks)"),
+    (6, 4, "--moe-parallel ep: 6 experts of 'variant' do not divide over 4 ranks (--tp 4); sizes that divide: 2, 3, 6"),
+    (8, 3, "tp size 3 does not divide the model's 4 attention heads"),
+])
+def test_moe_parallel_ep_refuses_what_cannot_be_placed(mixtral_demo: Path, tmp_path: Path, experts: int, tp: int,
+                                                      message: str) -> None:
+    """Checked before anything starts: exit code 2 and the numbers, no worker spawned."""
+    model = _variant(mixtral_demo, tmp_path, edit_config=lambda c: c.update(num_local_experts=experts))
+    r = _stage("--model", str(model), "--tp", str(tp), "--moe-parallel", "ep")
+    assert r.returncode == 2 and f"stagemesh stage: error: {message}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "TP rank" not in r.stderr
+
+
+def test_moe_parallel_ep_needs_experts(demo: Path) -> None:
+    for cmd in ("stage", "up"):
+        r = subprocess.run([sys.executable, "-m", "stagemesh.cli.main", cmd, "--model", str(demo), "--tp", "2",
+                            "--moe-parallel", "ep"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"stagemesh {cmd}: error: --moe-parallel ep: 'demo' has no experts" in r.stderr, (
+            r.stderr)

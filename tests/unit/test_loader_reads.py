@@ -4,6 +4,7 @@ the elements it holds (nothing read and thrown away)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ class _Recorder:
     def __init__(self, real) -> None:
         self.real = real
         self.files: set[str] = set()
+        self.names: set[str] = set()
         self.elements = 0
 
     def __call__(self, path, *args, **kwargs):
@@ -45,6 +47,7 @@ class _File:
         return self._f.keys()
 
     def get_slice(self, name: str):
+        self._rec.names.add(name)
         return _Slice(self._f.get_slice(name), self._rec)
 
 
@@ -69,11 +72,48 @@ class _Slice:
 ])
 def test_rank_reads_only_its_layers_and_slices(hf_checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
                                                arch: str, start: int, end: int, rank: int) -> None:
-    path = Path(hf_checkpoints[arch].path)
+    _check_reads(Path(hf_checkpoints[arch].path), start, end, rank, monkeypatch)
+
+
+@pytest.mark.parametrize(("arch", "start", "end", "rank"), [
+    ("mixtral", 0, 2, 1),     # every expert's half of the hidden units, per expert tensor
+    ("qwen2_moe", 2, 5, 0),   # the dense layer 2, sparse 3-4 with the shared expert
+])
+def test_moe_rank_reads_only_its_expert_slices(moe_checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
+                                               arch: str, start: int, end: int, rank: int) -> None:
+    _check_reads(Path(moe_checkpoints[arch].path), start, end, rank, monkeypatch)
+
+
+@pytest.mark.parametrize(("arch", "start", "end", "rank"), [
+    ("mixtral", 0, 5, 1),     # experts 4-7 of every layer, whole
+    ("qwen2_moe", 2, 5, 0),   # experts 0-2 of layers 3-4, the whole shared expert; the dense layer 2 split
+])
+def test_ep_rank_reads_only_its_experts(moe_checkpoints: dict, monkeypatch: pytest.MonkeyPatch,
+                                        arch: str, start: int, end: int, rank: int) -> None:
+    """``--moe-parallel ep`` at TP2: a rank reads whole experts, only its half of them."""
+    rec, model = _check_reads(Path(moe_checkpoints[arch].path), start, end, rank, monkeypatch, ep=True)
+    cfg, half = model.cfg, model.cfg.num_experts // 2
+    mine = set(range(rank * half, (rank + 1) * half))
+    read = {int(m.group(1)) for n in rec.names if (m := re.search(r"\.experts\.(\d+)\.", n))}
+    assert read == mine
+    sparse = [i for i in range(start, end) if cfg.is_sparse_layer(i)]
+    assert sparse and len(rec.names & {f"model.layers.{i}.mlp.shared_expert.up_proj.weight" for i in sparse}) == (
+        len(sparse) if arch == "qwen2_moe" else 0)
+    for i in sparse:
+        experts = getattr(model.model.layers[str(i)], model.model.layers[str(i)].mlp_name).experts
+        assert experts.local_experts == sorted(mine)
+        inter = cfg.moe_intermediate_size
+        assert experts.w13_weight.shape == (half, 2 * inter, cfg.hidden_size)  # whole experts, not split
+
+
+def _check_reads(path: Path, start: int, end: int, rank: int, monkeypatch: pytest.MonkeyPatch,
+                 ep: bool = False) -> tuple[_Recorder, StageModel]:
     cfg = load_model_config(path)
     tp = 2
     # a rank of a TP2 stage; loading needs no collectives, so no world is joined
-    groups = ParallelGroups(tp=GroupCoordinator(ranks=list(range(tp)), rank_in_group=rank))
+    tp_group = GroupCoordinator(ranks=list(range(tp)), rank_in_group=rank)
+    ep_group = GroupCoordinator(ranks=list(range(tp)), rank_in_group=rank) if ep else None
+    groups = ParallelGroups(tp=tp_group, ep=ep_group)
     model = StageModel(cfg, StageLayout(start, end, cfg.num_layers, tp), groups, torch.float32)
     weight_map = loader.checkpoint_files(path)  # tensor name -> file
     rec = _Recorder(loader.safe_open)
@@ -91,3 +131,4 @@ def test_rank_reads_only_its_layers_and_slices(hf_checkpoints: dict, monkeypatch
         assert rec.files < set(weight_map.values())
     held = sum(p.numel() for p in model.parameters())
     assert rec.elements == held, f"read {rec.elements} elements, hold {held}"
+    return rec, model

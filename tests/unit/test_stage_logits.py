@@ -17,7 +17,7 @@ from stagekit.parallel.parallel_groups import ParallelGroups
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.ports import free_port
 from stagekit.types.step import SeqSlice, StepHeader, StepInputs
-from tests.helpers.checkpoints import PROMPTS
+from tests.helpers.checkpoints import MOE_ARCHS, PROMPTS
 
 SPLITS = [[(0, 5)], [(0, 3), (3, 5)], [(0, 1), (1, 4), (4, 5)]]  # PP1, PP2, PP3 uneven
 BLOCK = 16
@@ -26,7 +26,7 @@ BLOCK = 16
 def _hf_logits(path: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
     with torch.no_grad():
         return torch.stack([model(torch.tensor([p])).logits[0, -1].float() for p in PROMPTS])
 
@@ -55,11 +55,12 @@ def _rank(rank: int, path: str, splits: list, tp: int, init_method: str, ref: to
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_last_position_logits_match_transformers(arch: str, tp: int, hf_checkpoints: dict) -> None:
-    path = hf_checkpoints[arch].path
+@pytest.mark.parametrize("arch", ["llama", "qwen2", *MOE_ARCHS])
+def test_last_position_logits_match_transformers(arch: str, tp: int, request: pytest.FixtureRequest) -> None:
+    checkpoints = request.getfixturevalue("moe_checkpoints" if arch in MOE_ARCHS else "hf_checkpoints")
+    path = checkpoints[arch].path
     ref = _hf_logits(path)
-    assert ref.shape == (len(PROMPTS), hf_checkpoints[arch].vocab_size)
+    assert ref.shape == (len(PROMPTS), checkpoints[arch].vocab_size)
     for splits in SPLITS:
         if tp == 1:
             logits = _chain_logits(path, splits, 0, 1, "")
