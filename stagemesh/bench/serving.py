@@ -4,9 +4,10 @@ on the same checkpoint in the same invocation (``--baseline hf``).
 
 ``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout), and
 ``--layouts tp1x2,tp2x1`` one mesh per TP layout (TP size x torch threads per rank, with an
-optional ``-gloo`` / ``-shm`` for the TP collectives); either way the meshes are measured in
-alternating rounds (``--rounds``, ABBA order), so that the load other processes put on the
-machine falls on all alike; figures are medians over rounds, ratios against the last mesh."""
+optional ``-gloo`` / ``-shm`` for the TP collectives and ``-ep`` for experts placed whole);
+either way the meshes are measured in alternating rounds (``--rounds``, ABBA order), so
+that the load other processes put on the machine falls on all alike; figures are medians
+over rounds, ratios against the last mesh."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "mesh each, measured in alternating rounds (default: the stages' own default)")
     p.add_argument("--layouts", default="",
                    help="comma-separated TP layouts instead of --tp/--threads, e.g. tp2x1,tp1x2 (TP size x threads "
-                        "per rank; a -gloo or -shm suffix picks the TP collectives): one mesh each, alternating rounds")
+                        "per rank; a -gloo or -shm suffix picks the TP collectives, -ep places a MoE model's "
+                        "experts whole over the TP ranks): one mesh each, alternating rounds")
     p.add_argument("--rounds", type=int, default=1, help="rounds over the meshes; figures are medians (default 1)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -138,24 +140,25 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
             raise ConfigError("--layouts compares TP layouts on one data plane: give --transport one plane")
         out = {}
         for v in (s for s in args.layouts.split(",") if s):
-            m = re.fullmatch(r"tp(\d+)x(\d+)(?:-(shm|gloo))?", v)
+            m = re.fullmatch(r"tp(\d+)x(\d+)(?:-(shm|gloo))?(-ep)?", v)
             if m is None:
                 raise ConfigError(f"--layouts entry {v!r}: expected tpNxT (TP size x threads), e.g. tp2x1, tp2x1-gloo")
             out[v] = {"tp": int(m[1]), "threads": int(m[2]), "collectives": m[3] or "auto",
-                      "transport": args.transport or ""}
+                      "transport": args.transport or "", "moe_parallel": "ep" if m[4] else ""}
         return out
-    return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t}
+    return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t, "moe_parallel": ""}
             for t in ([t for t in args.transport.split(",") if t] or [""])}
 
 
 def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, label: str, *, tp: int, threads: int,
-                collectives: str, transport: str) -> Mesh:
+                collectives: str, transport: str, moe_parallel: str) -> Mesh:
     from stagekit.ports import free_port
     from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
     spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=tp, threads=threads,
                     port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None,
-                    extra_stage_args=["--collectives", collectives])
+                    extra_stage_args=["--collectives", collectives,
+                                      *(["--moe-parallel", moe_parallel] if moe_parallel else [])])
     return start_mesh(spec, f"stagemesh-bench-{label.replace(':', '-') or 'default'}-")
 
 

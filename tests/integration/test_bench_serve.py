@@ -18,8 +18,8 @@ def test_bench_serve_compares_tp_layouts() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["meshes"] == {
-        "tp2x1-gloo": {"tp": 2, "threads": 1, "collectives": "gloo", "transport": ""},
-        "tp1x1": {"tp": 1, "threads": 1, "collectives": "auto", "transport": ""},
+        "tp2x1-gloo": {"tp": 2, "threads": 1, "collectives": "gloo", "transport": "", "moe_parallel": ""},
+        "tp1x1": {"tp": 1, "threads": 1, "collectives": "auto", "transport": "", "moe_parallel": ""},
     }
     rows = {(r["mesh"], r["batch"]): r for r in report["runs"]}
     assert set(rows) == {(m, b) for m in ("tp2x1-gloo", "tp1x1") for b in (1, 2)}
