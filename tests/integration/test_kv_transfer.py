@@ -4,7 +4,8 @@ serves the prompt without prefilling the transferred blocks and gives exactly th
 A gives. The stages' KV moves over UCX when both replicas run the UCX data plane and over
 gRPC otherwise (both on gRPC, or A on UCX and B on gRPC). Bad transfers are refused with a
 clear status; a receiving stage that dies mid-transfer fails the export with UNAVAILABLE
-promptly, and the exporting replica keeps serving."""
+promptly, and the exporting replica keeps serving. All of it also between two replicas of a
+Qwen2-MoE checkpoint (experts with a shared expert; the first stage holds a dense layer too)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ import pytest
 
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
+from tests.helpers.checkpoints import MOE_ARCHS
 from tests.helpers.stage_client import generate, stage_info, tokens_of, wire
 from tests.transport.conftest import needs_ucx
 
-# (replica A's data plane, replica B's, the path the KV takes)
-PLANES = [pytest.param(("ucx", "ucx", "ucx"), id="ucx", marks=needs_ucx),
-          pytest.param(("grpc", "grpc", "grpc"), id="grpc"),
-          pytest.param(("ucx", "grpc", "grpc"), id="ucx-to-grpc", marks=needs_ucx)]
+# (replica A's data plane, replica B's, the path the KV takes, the checkpoint)
+PLANES = [pytest.param(("ucx", "ucx", "ucx", "llama"), id="ucx", marks=needs_ucx),
+          pytest.param(("grpc", "grpc", "grpc", "llama"), id="grpc"),
+          pytest.param(("ucx", "grpc", "grpc", "llama"), id="ucx-to-grpc", marks=needs_ucx),
+          pytest.param(("grpc", "grpc", "grpc", "qwen2_moe"), id="grpc-qwen2_moe"),
+          pytest.param(("ucx", "ucx", "ucx", "qwen2_moe"), id="ucx-qwen2_moe", marks=[needs_ucx, pytest.mark.slow])]
 REPORT_S = 10.0
 
 
@@ -38,12 +42,14 @@ class Replicas:
 
 
 @pytest.fixture(scope="module", params=PLANES)
-def replicas(request: pytest.FixtureRequest, hf_checkpoints: dict, tmp_path_factory: pytest.TempPathFactory):
-    plane_a, plane_b, path = request.param
+def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    plane_a, plane_b, path, arch = request.param
+    checkpoints = request.getfixturevalue("moe_checkpoints" if arch in MOE_ARCHS else "hf_checkpoints")
     patch = pytest.MonkeyPatch()
-    patch.setenv("STAGEMESH_KV_CHUNK_BYTES", "16384")  # several gRPC chunks per stage (12 KiB per block)
-    logs = tmp_path_factory.mktemp(f"kv-transfer-{plane_a}-{plane_b}")
-    meshes = [Mesh(MeshSpec(model=hf_checkpoints["llama"].path, layer_splits=split_layers(5, 2), threads=1,
+    # several gRPC chunks per stage (12 KiB per block on the first stage: both models have 2 KV heads of 16 dims)
+    patch.setenv("STAGEMESH_KV_CHUNK_BYTES", "16384")
+    logs = tmp_path_factory.mktemp(f"kv-transfer-{plane_a}-{plane_b}-{arch}")
+    meshes = [Mesh(MeshSpec(model=checkpoints[arch].path, layer_splits=split_layers(5, 2), threads=1,
                             gateway=False, transport=plane), logs / name)
               for name, plane in (("a", plane_a), ("b", plane_b))]
     try:

@@ -1,6 +1,8 @@
 """A TP1·PP2 replica whose KV pool is far smaller than its load: requests are admitted as
 blocks free up, running ones are preempted and recomputed when blocks run out, and every
-request still gets exactly the tokens it gets alone (greedy and seeded sampling)."""
+request still gets exactly the tokens it gets alone (greedy and seeded sampling). The same
+for a Mixtral (MoE) demo of the same attention shape, whose recomputed tokens pass through
+the experts again."""
 
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ from stagekit.demo import write_demo_model
 from stagemesh.launcher import Mesh, MeshSpec
 from tests.helpers.stage_client import generate, generate_many, stage_info, tokens_of, wire
 
-# demo model: 2 layers per stage x K,V x 16 tokens x 2 KV heads x 16 dims x 4 bytes = 8 KiB per block
+# demo model (llama and mixtral alike): 2 layers per stage
+# x K,V x 16 tokens x 2 KV heads x 16 dims x 4 bytes = 8 KiB per block
 BLOCKS = 12
 PROMPTS = [[3, 10 + i, 20 + i, 30, 40 + 2 * i, 50, 60 + i, 7, 8, 9] for i in range(6)]
 MAX_TOKENS = 40  # 50 tokens = 4 blocks per request; 6 requests want 24 of the 12 blocks
 
 
-@pytest.fixture(scope="module")
-def small_pool(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("paged")
-    model = write_demo_model(root / "demo")
+@pytest.fixture(scope="module", params=["llama", "mixtral"])
+def small_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(f"paged-{request.param}")
+    model = write_demo_model(root / "demo", arch=request.param)
     mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False,
                          kv_cache_memory=str(BLOCKS * 8192)), root / "logs")
     try:
@@ -78,14 +81,18 @@ def test_a_share_of_free_memory_sizes_the_pool_of_every_rank(tmp_path) -> None:
         mesh.stop()
 
 
-def test_preemption_under_tensor_parallelism(tmp_path) -> None:
+@pytest.mark.parametrize(("arch", "stage_args"), [
+    pytest.param("llama", [], id="llama"),
+    pytest.param("mixtral", ["--moe-parallel", "ep"], id="mixtral-ep", marks=pytest.mark.slow)])
+def test_preemption_under_tensor_parallelism(arch: str, stage_args: list[str], tmp_path) -> None:
     """The same pressure on TP2 stages: every rank keeps the same block tables (preempted
-    sequences dropped on all of them) and the tokens equal those of an unconstrained pool."""
-    model = write_demo_model(tmp_path / "demo")
+    sequences dropped on all of them) and the tokens equal those of an unconstrained pool;
+    also with a MoE model's experts placed over the two ranks."""
+    model = write_demo_model(tmp_path / "demo", arch=arch)
     outs = {}
     for name, memory in (("small", str(BLOCKS * 4096)), ("large", "64MiB")):  # 4 KiB per block per rank at TP2
         mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], tp=2, threads=1, gateway=False,
-                             kv_cache_memory=memory), tmp_path / f"logs-{name}")
+                             kv_cache_memory=memory, extra_stage_args=stage_args), tmp_path / f"logs-{name}")
         try:
             mesh.start(timeout_s=180)
             wire(mesh.replicas[0])

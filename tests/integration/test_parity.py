@@ -7,12 +7,10 @@ plane; the multi-stage ones that shape the traffic differently run on UCX too.""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from stagekit.transport.ucx.runtime import ucx_importable
-from stagemesh.launcher import Mesh, MeshSpec, split_layers
-from tests.helpers.checkpoints import NUM_NEW, PROMPTS
-from tests.helpers.stage_client import generate_many, stage_info, tokens_of, wire
+from stagemesh.launcher import MeshSpec, split_layers
+from tests.helpers.parity import assert_matches_reference, serve_prompts
 
 LAYOUTS = {
     "tp1-pp1": (1, split_layers(5, 1), []),
@@ -34,10 +32,6 @@ RUNS = [(layout, "grpc") for layout in LAYOUTS] + [
 ]
 
 
-def _prefix_hits(head: str) -> int:
-    return stage_info(head).prefix_hit_tokens
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize(("layout", "transport"), RUNS)
@@ -45,37 +39,15 @@ def test_layout_matches_transformers(arch: str, layout: str, transport: str | No
                                      tmp_path) -> None:
     ref = hf_checkpoints[arch]
     tp, splits, stage_args = LAYOUTS[layout]
-    mesh = Mesh(MeshSpec(model=ref.path, layer_splits=splits, tp=tp, threads=1, gateway=False,
-                         extra_stage_args=stage_args, transport=transport), tmp_path)
-    try:
-        mesh.start(timeout_s=240)
-        pipeline = mesh.replicas[0]
-        if transport is not None:
-            assert {stage_info(addr).transport for addr in pipeline} == {transport}
-        wire(pipeline)
-        results = generate_many(pipeline[0], PROMPTS, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
-                                top_logprobs=ref.vocab_size)
-        # the long prompt again: its first two blocks now come from the prefix cache
-        hits_before = _prefix_hits(pipeline[0])
-        again = generate_many(pipeline[0], [PROMPTS[2]], temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True,
-                              top_logprobs=ref.vocab_size)[0]
-        assert _prefix_hits(pipeline[0]) - hits_before == 32
-    finally:
-        mesh.stop()
+    run = serve_prompts(MeshSpec(model=ref.path, layer_splits=splits, tp=tp, threads=1, gateway=False,
+                                 extra_stage_args=stage_args, transport=transport), ref, tmp_path)
+    if transport is not None:
+        assert {info.transport for info in run.infos} == {transport}
     if tp > 1:  # which communicator carried the TP collectives (shared memory unless told gloo)
         expect = "TorchCommunicator" if "gloo" in stage_args else "ShmGroupCommunicator"
         log = (tmp_path / "stage-r0-s0.log").read_text()
         assert f"TP collectives: {expect}" in log, log[-2000:]
-    for i, responses in [*enumerate(results), (2, again)]:
-        assert tokens_of(responses) == ref.tokens[i], f"prompt {i}"
-        first = next(r for r in responses if r.token_ids)
-        ours = torch.full((ref.vocab_size,), float("nan"))
-        for e in first.top_logprobs[0].top:
-            ours[e.token_id] = e.logprob
-        assert not torch.isnan(ours).any()
-        diff = (ours - ref.first_logprobs[i]).abs().max().item()
-        assert diff < 1e-4, f"prompt {i}: max |logprob diff| {diff}"
-        assert responses[-1].finish_reason != 0 and responses[-1].completion_tokens == NUM_NEW
+    assert_matches_reference(run, ref)
 
 
 @pytest.mark.slow
