@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stagekit.errors import StageUnavailable
+from stagekit.processes import process_running
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "stagemesh-coll-"
@@ -53,22 +54,12 @@ def segment_name(creator_pid: int, token: str, group_ranks: list[int]) -> str:
     return f"{PREFIX}{creator_pid}-{token}-g{ranks}"[:240]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale() -> list[str]:
     """Unlink this host's segments whose creator process is gone; returns their names."""
     removed = []
     for path in SHM_DIR.glob(f"{PREFIX}*"):
         pid = path.name[len(PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path.name)

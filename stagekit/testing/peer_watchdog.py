@@ -14,22 +14,10 @@ import sys
 import threading
 import time
 
+from stagekit.processes import process_running
+
 _TICK_S = 0.25
 EXIT_ORPHANED, EXIT_IDLE, EXIT_STOP_HUNG = 70, 71, 72
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie that no one reaps (a container's init may not) is gone too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class PeerWatchdog:
@@ -62,7 +50,7 @@ class PeerWatchdog:
         while True:
             time.sleep(_TICK_S)
             now = time.monotonic()
-            if self.parent_pid > 1 and (os.getppid() != self.parent_pid and not _alive(self.parent_pid)):
+            if self.parent_pid > 1 and (os.getppid() != self.parent_pid and not process_running(self.parent_pid)):
                 self._exit(EXIT_ORPHANED, f"host process {self.parent_pid} is gone")
             if now - self._last > self.idle_timeout_s:
                 self._exit(EXIT_IDLE, f"idle for {self.idle_timeout_s:.0f}s")

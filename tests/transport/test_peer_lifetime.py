@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from stagekit.testing.peer_watchdog import EXIT_IDLE, _alive
+from stagekit.processes import process_running
+from stagekit.testing.peer_watchdog import EXIT_IDLE
 
 PEER = [sys.executable, "-m", "stagekit.testing.transport_peer", "--transport", "grpc", "--role", "echo"]
 # A host that starts a peer sharing its stdin and stdout, says the peer's pid, and waits.
@@ -31,7 +32,7 @@ def host() -> Iterator[tuple[subprocess.Popen, list[int]]]:
     peers: list[int] = []
     yield proc, peers
     for pid in peers:               # never by name: the peer's own pid, if it is still there
-        if _alive(pid):
+        if process_running(pid):
             os.kill(pid, signal.SIGKILL)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -43,7 +44,7 @@ def host() -> Iterator[tuple[subprocess.Popen, list[int]]]:
 def _wait_gone(pid: int, timeout_s: float) -> float | None:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
-        if not _alive(pid):
+        if not process_running(pid):
             return time.monotonic() - start
         time.sleep(0.05)
     return None

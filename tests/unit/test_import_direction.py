@@ -19,7 +19,7 @@ FORBIDDEN = {
 
 # bottom first; docs/ARCHITECTURE.md's package map draws the same order
 STAGEKIT_ORDER = [
-    "errors", "ports", "types", "config", "kernels", "parallel", "kv", "layers", "models", "loader",
+    "errors", "ports", "processes", "types", "config", "kernels", "parallel", "kv", "layers", "models", "loader",
     "rpc", "transport", "engine", "tokenizer", "client", "demo", "testing",
 ]
 

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from stagekit.errors import StageUnavailable
+from stagekit.processes import process_running
 from stagekit.transport import frame_codec
 from stagekit.transport.peer_watch import PeerWatch
 from stagekit.transport.ucx import wire
 from stagekit.transport.ucx.progress import WaitAborted
-from stagekit.transport.ucx.runtime import UcxRuntime, process_running
+from stagekit.transport.ucx.runtime import UcxRuntime
 from stagekit.transport.ucx.settings import UcxSettings
 from stagekit.transport.ucx.wire import PeerAddress
 from stagekit.types.step import Frame

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from stagekit.processes import process_running
 from stagekit.transport.recv_pool import RecvPool
 from stagekit.transport.ucx.progress import UcxProgress
 from stagekit.transport.ucx.settings import UcxSettings, prepare_environment
@@ -95,22 +96,6 @@ def _skip_endpoint_finalizers_at_exit() -> None:
     # that this hook (registered after it) runs before it
     weakref.finalize(detach, lambda: None)
     atexit.register(detach)
-
-
-def process_running(pid: int) -> bool:
-    """Whether process ``pid`` (on this host) exists and has not exited (zombies have)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):   # no such process (or no /proc): ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    return state not in (b"Z", b"X")
 
 
 class UcxRuntime:
