@@ -108,11 +108,18 @@ class ShmBroadcaster(_Mapped):
             (SHM_DIR / self.name).unlink(missing_ok=True)
             self._linked = False
 
-    def send_bytes(self, data: bytes, timeout_s: float | None = None) -> None:
-        """Broadcast ``data``; raises StageUnavailable if a reader has exited or stays behind."""
+    def send_bytes(self, data: bytes | bytearray | memoryview, timeout_s: float | None = None) -> None:
+        """Broadcast ``data`` (bytes-like, e.g. ``ForkingPickler.dumps``' memoryview); raises
+        StageUnavailable if a reader has exited or stays behind."""
         if timeout_s is not None:
             self.ctx.timeout_s = timeout_s
-        rc = self._lib.ring_write(self.ctx_p, data, len(data))
+        if isinstance(data, bytes):
+            src, n = data, len(data)
+        else:  # ctypes takes a pointer into a writable buffer, else a copy
+            view = memoryview(data).cast("B")
+            n = len(view)
+            src = bytes(view) if view.readonly else (ctypes.c_char * n).from_buffer(view)
+        rc = self._lib.ring_write(self.ctx_p, src, n)
         if rc == shm_ring.DEAD:
             raise StageUnavailable(f"broadcast reader {self.ctx.who} (pid {self.ctx.reader_pids[self.ctx.who]}) "
                                    "has exited")

@@ -84,7 +84,7 @@ def test_every_reader_gets_every_message_in_order() -> None:
         sent = []
         for i, size in enumerate(sizes):
             data = _payload(i, size)
-            ring.send_bytes(data)
+            ring.send_bytes([data, bytearray(data), memoryview(data), memoryview(bytearray(data))][i % 4])
             sent.append(hashlib.sha256(data).hexdigest())
         ring.send_bytes(b"stop")
         for _ in procs:
