@@ -13,7 +13,7 @@
  * writer's next use of the slot happens after the reader's copy. No per-chunk reader flags
  * to reset: each reader's single counter says how far it got.
  *
- * Waking: a reader spins (pause, then sched_yield) for spin_ns from the start of its wait,
+ * Waking: a reader polls (pause, no sched_yield) for spin_ns from the start of its wait,
  * then announces itself in `sleepers`, re-checks and sleeps on FUTEX_WAIT(`wake`) (shared, not
  * private: the mapping is MAP_SHARED across processes) for sleep_ms at a time, checking
  * between sleeps that the writer still lives. The writer bumps `wake` after each chunk and
@@ -29,7 +29,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
-#include <sched.h>
+#include <sched.h> /* sched_yield: the writer's wait */
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -143,12 +143,8 @@ static int wait_chunk(ring_ctx_t *x, chunk_hdr_t *c, uint64_t s, int interruptib
     const long start = now_ns();
     for (unsigned spins = 0;; spins++) {
         if (atomic_load_explicit(&c->seq, memory_order_acquire) == s) return 0;
-        if (spins < 128) {
+        if ((spins & 63) || now_ns() - start < x->spin_ns) {
             CPU_RELAX();
-            continue;
-        }
-        if (now_ns() - start < x->spin_ns) {
-            sched_yield();
             continue;
         }
         int intr = 0;

@@ -8,14 +8,18 @@ unlinks the name (``unlink``), so nothing is left in /dev/shm however the proces
 then on. A rank 0 killed before that leaves the name behind; the next bootstrap on the host
 sweeps it (the name starts like the collectives' segments, ``shm_segment.sweep_stale``).
 
-Why a ring and not the pipe: a decode step's message then costs a memcpy and a store instead
-of a write and a read system call plus a wake-up per worker; the writer pickles once and
-writes once for all readers. Why readers spin only for ``spin_s`` from the start of each wait
-(not, like vLLM's, for a second after the last message): under steady load a window counted
-from the last message never expires and the workers' cores sit at 100% (vLLM #19036); counted
-per wait it costs at most ``spin_s`` of CPU per message, and an idle reader sleeps on a futex.
-A message larger than a chunk spans consecutive chunks (larger than the ring: it streams),
-so every message size goes the same way.
+Why a ring and not the pipe: the writer pickles once and writes once for all readers, a
+message costs a memcpy and a store instead of a write system call per worker, and a reader
+that is polling when it arrives takes it with no system call at all. Why readers poll only
+for ``spin_s`` from the start of each wait (not, like vLLM's, for a second after the last
+message): under steady load a window counted from the last message never expires and the
+workers' cores sit at 100% (vLLM #19036); counted per wait it costs at most ``spin_s`` of CPU
+per message, and an idle reader sleeps on a futex. Why the default window is short (100 µs,
+not the few ms between decode steps): on a box whose cores are shared, a reader that keeps
+polling (or yielding) for milliseconds loses its core to other tasks and takes the message
+late, while the scheduler runs a woken sleeper at once (docs/benchmarks.md, "Step hand-off");
+a machine with cores to spare can pass a longer ``spin_s``. A message larger than a chunk
+spans consecutive chunks (larger than the ring: it streams), so every size goes the same way.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class ShmBroadcastReader(_Mapped):
     and raises EOFError (as a closed pipe does) once the writer's process has exited."""
 
     @classmethod
-    def attach(cls, name: str, reader: int, writer_pid: int, spin_s: float = 2e-3,
+    def attach(cls, name: str, reader: int, writer_pid: int, spin_s: float = 1e-4,
                sleep_s: float = 0.1) -> ShmBroadcastReader:
         """Map the ring ``name`` as reader ``reader``: poll for ``spin_s`` from the start of each
         wait, then sleep on a futex ``sleep_s`` at a time, checking the writer between sleeps."""

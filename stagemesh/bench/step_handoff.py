@@ -6,10 +6,12 @@ does (``ForkingPickler.dumps`` once, then ``send_bytes`` per pipe, or once into 
 one worker process that receives it the way ``tp_worker`` does (``recv``, unpickled). Reported
 per case: rank 0's send time and the hand-off, from before the pickling to the worker holding
 the unpickled step (both processes read CLOCK_MONOTONIC), p50 and p99. Sends are spaced by
-``--gaps`` ms: a gap shorter than the ring readers' spin window (2 ms) finds the worker
-polling, a longer one finds it asleep on its futex (a pipe reader always sleeps in read).
+``--gaps`` ms that rank 0 spends busy (as it is, running its own shard, in a stage; a sleeping
+sender measures its own wake-up instead): a gap shorter than the ring readers' spin window
+(``--spin-ms``) finds the worker polling, a longer one finds it asleep on its futex (a pipe
+reader always sleeps in read).
 
-    stagemesh bench handoff [--seqs 1,8,32] [--gaps 1,20] [--iters 300] [--json]
+    stagemesh bench handoff [--seqs 1,8,32] [--gaps 1,20] [--spin-ms MS] [--iters 300] [--json]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from stagekit.types.step import SeqSlice, StepHeader, StepInputs
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs", default="1,8,32", help="comma-separated sequences per decode step (default 1,8,32)")
     p.add_argument("--gaps", default="1,20", help="comma-separated ms between steps (default 1,20)")
+    p.add_argument("--spin-ms", type=float, default=None,
+                   help="the ring readers' spin window (default: ShmBroadcastReader's)")
     p.add_argument("--iters", type=int, default=300, help="timed steps per case (default 300)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -43,8 +47,9 @@ def decode_step(step_id: int, n: int, hidden: int = 768) -> RunStep:
     return RunStep(StepInputs(StepHeader(step_id, seqs)), TensorsMeta((n, hidden), torch.float32, True))
 
 
-def _worker(kind: str, conn, ring_name: str | None, out: mp.Queue) -> None:
-    inbox = conn if ring_name is None else ShmBroadcastReader.attach(ring_name, 0, os.getppid())
+def _worker(kind: str, conn, ring_name: str | None, spin_ms: float | None, out: mp.Queue) -> None:
+    spin = {} if spin_ms is None else {"spin_s": spin_ms / 1e3}
+    inbox = conn if ring_name is None else ShmBroadcastReader.attach(ring_name, 0, os.getppid(), **spin)
     conn.send("ready")
     got: list[tuple[int, int]] = []
     while True:
@@ -61,14 +66,15 @@ def _q(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
 
-def _measure(kind: str, seqs: list[int], gaps_ms: list[float], iters: int) -> list[dict]:
+def _measure(kind: str, seqs: list[int], gaps_ms: list[float], iters: int, spin_ms: float | None) -> list[dict]:
     ctx = mp.get_context("spawn")
     ring = ShmBroadcaster.create(1) if kind == "ring" else None
     if kind == "ring" and ring is None:
         return []
     parent, child = ctx.Pipe()
     out = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(kind, child, None if ring is None else ring.name, out), daemon=True)
+    name = None if ring is None else ring.name
+    proc = ctx.Process(target=_worker, args=(kind, child, name, spin_ms, out), daemon=True)
     proc.start()
     assert parent.recv() == "ready"
     if ring is not None:
@@ -80,7 +86,9 @@ def _measure(kind: str, seqs: list[int], gaps_ms: list[float], iters: int) -> li
     for n, gap in cases:
         for i in range(warmup + iters):
             msg = decode_step(step_id, n)
-            time.sleep(gap / 1e3)
+            until = time.perf_counter() + gap / 1e3
+            while time.perf_counter() < until:  # busy, as rank 0 is with its own shard of the step
+                pass
             t0 = time.perf_counter_ns()
             data = ForkingPickler.dumps(msg)
             if ring is not None:
@@ -105,9 +113,9 @@ def _measure(kind: str, seqs: list[int], gaps_ms: list[float], iters: int) -> li
     return rows
 
 
-def measure(seqs: list[int], gaps_ms: list[float], iters: int) -> dict:
+def measure(seqs: list[int], gaps_ms: list[float], iters: int, spin_ms: float | None = None) -> dict:
     torch.set_num_threads(1)
-    rows = _measure("pipe", seqs, gaps_ms, iters) + _measure("ring", seqs, gaps_ms, iters)
+    rows = _measure("pipe", seqs, gaps_ms, iters, spin_ms) + _measure("ring", seqs, gaps_ms, iters, spin_ms)
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": rows}
 
 
@@ -124,6 +132,6 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     result = measure([int(s) for s in args.seqs.split(",") if s], [float(g) for g in args.gaps.split(",") if g],
-                     max(10, args.iters))
+                     max(10, args.iters), args.spin_ms)
     print(json.dumps(result) if args.json else format_table(result), flush=True)
     return 0
