@@ -9,7 +9,7 @@ the unpickled step (both processes read CLOCK_MONOTONIC), p50 and p99. Sends are
 ``--gaps`` ms that rank 0 spends busy (as it is, running its own shard, in a stage; a sleeping
 sender measures its own wake-up instead): a gap shorter than the ring readers' spin window
 (``--spin-ms``) finds the worker polling, a longer one finds it asleep on its futex (a pipe
-reader always sleeps in read).
+reader always sleeps in read). Pipe and ring run at once, alternating in blocks of 20 steps.
 
     stagemesh bench handoff [--seqs 1,8,32] [--gaps 1,20] [--spin-ms MS] [--iters 300] [--json]
 """
@@ -28,8 +28,11 @@ from multiprocessing.reduction import ForkingPickler
 import torch
 
 from stagekit.engine.tp_messages import RunStep, Stop, TensorsMeta
+from stagekit.kernels import shm_ring
 from stagekit.parallel.shm_broadcaster import ShmBroadcaster, ShmBroadcastReader
 from stagekit.types.step import SeqSlice, StepHeader, StepInputs
+
+BLOCK = 20  # steps in a row over one transport
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,56 +69,64 @@ def _q(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), xs[min(len(xs) - 1, int(0.99 * len(xs)))]
 
 
-def _measure(kind: str, seqs: list[int], gaps_ms: list[float], iters: int, spin_ms: float | None) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    ring = ShmBroadcaster.create(1) if kind == "ring" else None
-    if kind == "ring" and ring is None:
-        return []
-    parent, child = ctx.Pipe()
-    out = ctx.Queue()
-    name = None if ring is None else ring.name
-    proc = ctx.Process(target=_worker, args=(kind, child, name, spin_ms, out), daemon=True)
-    proc.start()
-    assert parent.recv() == "ready"
-    if ring is not None:
-        ring.watch([proc.pid])
-        ring.unlink()
-    cases, sent, rows = [(n, g) for g in gaps_ms for n in seqs], {}, []
-    warmup = max(10, iters // 10)
-    step_id = 0
-    for n, gap in cases:
-        for i in range(warmup + iters):
-            msg = decode_step(step_id, n)
-            until = time.perf_counter() + gap / 1e3
-            while time.perf_counter() < until:  # busy, as rank 0 is with its own shard of the step
-                pass
-            t0 = time.perf_counter_ns()
-            data = ForkingPickler.dumps(msg)
-            if ring is not None:
-                ring.send_bytes(data)
-            else:
-                parent.send_bytes(data)
-            t1 = time.perf_counter_ns()
-            if i >= warmup:
-                sent[step_id] = (n, gap, t0, t1, len(data))
-            step_id += 1
-    (ring.send_bytes if ring is not None else parent.send_bytes)(ForkingPickler.dumps(Stop()))
-    got = dict(out.get(timeout=120))
-    proc.join(timeout=10)
-    if ring is not None:
-        ring.close()
-    for n, gap in cases:
-        mine = [(t0, t1, nbytes, got[s]) for s, (m, g, t0, t1, nbytes) in sent.items() if (m, g) == (n, gap)]
-        send_p50, send_p99 = _q([(t1 - t0) / 1e3 for t0, t1, _, _ in mine])
-        hand_p50, hand_p99 = _q([(tr - t0) / 1e3 for t0, _, _, tr in mine])
-        rows.append({"transport": kind, "seqs": n, "gap_ms": gap, "bytes": mine[0][2], "send_p50_us": send_p50,
-                     "send_p99_us": send_p99, "handoff_p50_us": hand_p50, "handoff_p99_us": hand_p99})
-    return rows
+class _Link:
+    """Rank 0's end of one transport to its own worker process."""
+
+    def __init__(self, kind: str, spin_ms: float | None) -> None:
+        ctx = mp.get_context("spawn")
+        self.kind, self.ring = kind, ShmBroadcaster.create(1) if kind == "ring" else None
+        self.conn, child = ctx.Pipe()
+        self.out = ctx.Queue()
+        name = None if self.ring is None else self.ring.name
+        self.proc = ctx.Process(target=_worker, args=(kind, child, name, spin_ms, self.out), daemon=True)
+        self.proc.start()
+        assert self.conn.recv() == "ready"
+        if self.ring is not None:
+            self.ring.watch([self.proc.pid])
+            self.ring.unlink()
+
+    def send(self, msg: object) -> None:
+        data = ForkingPickler.dumps(msg)  # as TPExecutor._tell
+        (self.conn.send_bytes if self.ring is None else self.ring.send_bytes)(data)
+
+    def close(self) -> dict[int, int]:
+        self.send(Stop())
+        got = dict(self.out.get(timeout=120))
+        self.proc.join(timeout=10)
+        if self.ring is not None:
+            self.ring.close()
+        return got
 
 
 def measure(seqs: list[int], gaps_ms: list[float], iters: int, spin_ms: float | None = None) -> dict:
+    """Both transports at once, alternating in blocks of ``BLOCK`` steps so that drift on the
+    machine hits both alike."""
     torch.set_num_threads(1)
-    rows = _measure("pipe", seqs, gaps_ms, iters, spin_ms) + _measure("ring", seqs, gaps_ms, iters, spin_ms)
+    links = [_Link("pipe", spin_ms)] + ([_Link("ring", spin_ms)] if shm_ring.native_available() else [])
+    cases, sent, step_id = [(n, g) for g in gaps_ms for n in seqs], {}, 0
+    warmup = max(BLOCK, iters // 10) // BLOCK
+    for n, gap in cases:
+        for block in range(warmup + -(-iters // BLOCK)):
+            for link in links:
+                for _ in range(BLOCK):
+                    msg = decode_step(step_id, n)
+                    until = time.perf_counter() + gap / 1e3
+                    while time.perf_counter() < until:  # busy, as rank 0 is with its own shard of the step
+                        pass
+                    t0 = time.perf_counter_ns()
+                    link.send(msg)
+                    if block >= warmup:
+                        sent[step_id] = (link.kind, n, gap, t0, time.perf_counter_ns())
+                    step_id += 1
+    got = {s: t for link in links for s, t in link.close().items()}
+    rows = []
+    for kind, (n, gap) in ((link.kind, c) for link in links for c in cases):
+        mine = [(t0, t1, got[s]) for s, (k, m, g, t0, t1) in sent.items() if (k, m, g) == (kind, n, gap)]
+        send_p50, send_p99 = _q([(t1 - t0) / 1e3 for t0, t1, _ in mine])
+        hand_p50, hand_p99 = _q([(tr - t0) / 1e3 for t0, _, tr in mine])
+        rows.append({"transport": kind, "seqs": n, "gap_ms": gap,
+                     "bytes": len(ForkingPickler.dumps(decode_step(0, n))), "send_p50_us": send_p50,
+                     "send_p99_us": send_p99, "handoff_p50_us": hand_p50, "handoff_p99_us": hand_p99})
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": rows}
 
 
