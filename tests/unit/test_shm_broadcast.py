@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from stagekit.errors import StageUnavailable
 from stagekit.kernels import cpu_build, shm_ring
 from stagekit.parallel.shm_broadcaster import ShmBroadcaster, ShmBroadcastReader
 from stagekit.parallel.shm_segment import SHM_DIR
@@ -126,7 +127,7 @@ def test_a_full_ring_fails_fast_when_a_reader_is_gone() -> None:
     try:
         os.kill(proc.pid, signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(Exception, match="has exited"):
+        with pytest.raises(StageUnavailable, match="has exited"):
             for i in range(2 * CHUNKS):
                 ring.send_bytes(_payload(i, 10))
         assert time.monotonic() - start < 5
