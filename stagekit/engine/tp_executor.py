@@ -69,10 +69,11 @@ class TPExecutor:
             raise
         if self._ring is not None:
             self._ring.unlink()  # every worker mapped it before it said ready
+        if self._conns:
+            log.info("steps to TP workers: %s", "shared-memory ring" if self._ring is not None else "pipes")
         comm = self.groups.tp.communicator
-        log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s, steps to workers: %s",
-                 spec.start_layer, spec.end_layer, spec.tp_size, "none (one rank)" if comm is None
-                 else type(comm).__name__, "shared-memory ring" if self._ring is not None else "pipes")
+        log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
+                 spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
 
     def execute(self, step: StepInputs) -> IntermediateTensors | torch.Tensor | None:
         """Run ``step`` on every rank; rank 0's output (see ``ModelRunner.run``)."""

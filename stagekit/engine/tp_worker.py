@@ -25,14 +25,14 @@ from stagekit.types.step import IntermediateTensors
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection, ring: str | None = None) -> None:
     try:
-        # rank 0 spawned this process and unlinks the ring's name once every worker is ready
-        inbox = conn if ring is None else ShmBroadcastReader.attach(ring, rank - 1, os.getppid())
         world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
         return
     try:
         try:
+            # rank 0 spawned this process and unlinks the ring's name once every worker is ready
+            inbox = conn if ring is None else ShmBroadcastReader.attach(ring, rank - 1, os.getppid())
             runner = ModelRunner(spec, groups)
         except Exception as e:
             conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))

@@ -69,7 +69,7 @@ def stage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def test_the_stage_names_its_step_transport(stage) -> None:
     mode, _, _, _, logs = stage
     text = "\n".join(p.read_text() for p in logs.iterdir() if p.is_file())
-    assert f"steps to workers: {MODES[mode][1]}" in text
+    assert f"steps to TP workers: {MODES[mode][1]}" in text
 
 
 def test_an_idle_stage_uses_almost_no_cpu(stage) -> None:
