@@ -2,14 +2,17 @@
 
 Rank 0 lives in the stage's gRPC process; ranks 1..t-1 are worker processes it spawns.
 Each step, rank 0 sends the step without its tensors (a ``RunStep``, tp_messages.py) to
-every worker over a pipe (a pipe, not a collective, so idle workers can wait forever and
-notice when rank 0 dies: EOF) and broadcasts the input tensors over the TP group; then every
+every worker, pickled once, through a shared-memory ring (parallel/shm_broadcaster.py) or,
+where its native library is unavailable (``STAGEMESH_NATIVE_KERNELS=0``, no compiler), over
+a pipe per worker; not over a collective, so idle workers can wait forever and notice when
+rank 0 dies (EOF either way). Then it broadcasts the input tensors over the TP group, every
 rank runs the same forward and the layers' collectives keep them in lockstep. Only rank 0
-keeps outputs.
+keeps outputs. The pipes stay in both cases for start-up (ready or failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
@@ -24,6 +27,7 @@ from stagekit.engine.stage_world import join_stage_world
 from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, ToWorker, WorkerReady, WriteKv
 from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
+from stagekit.parallel.shm_broadcaster import ShmBroadcaster
 from stagekit.ports import free_port
 from stagekit.types.step import IntermediateTensors, StepInputs
 
@@ -37,16 +41,20 @@ class TPExecutor:
         self.spec = spec
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []
+        self._ring = ShmBroadcaster.create(spec.tp_size - 1) if spec.tp_size > 1 else None
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         for rank in range(1, spec.tp_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(spec, rank, init_method, child), daemon=True,
+            ring = None if self._ring is None else self._ring.name
+            p = ctx.Process(target=worker_main, args=(spec, rank, init_method, child, ring), daemon=True,
                             name=f"stagemesh-tp{rank}")
             p.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(p)
+        if self._ring is not None:
+            self._ring.watch([p.pid for p in self._procs])
         try:
             self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives,
                                                        moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
@@ -60,6 +68,10 @@ class TPExecutor:
         except BaseException:
             self.shutdown()
             raise
+        if self._ring is not None:
+            self._ring.unlink()  # every worker mapped it before it said ready
+        if self._conns:
+            log.info("steps to TP workers: %s", "shared-memory ring" if self._ring is not None else "pipes")
         comm = self.groups.tp.communicator
         log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
                  spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
@@ -106,6 +118,9 @@ class TPExecutor:
 
     def _tell(self, msg: ToWorker) -> None:
         data = ForkingPickler.dumps(msg)  # what Connection.send does, once for all workers
+        if self._ring is not None:
+            self._ring.send_bytes(data)  # StageUnavailable if a worker exited and left the ring full
+            return
         for rank, conn in enumerate(self._conns, start=1):
             try:
                 conn.send_bytes(data)
@@ -113,7 +128,11 @@ class TPExecutor:
                 raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
 
     def shutdown(self) -> None:
-        for conn in self._conns:
+        ring, self._ring = getattr(self, "_ring", None), None
+        if ring is not None:
+            with contextlib.suppress(StageUnavailable):  # a worker that is gone is killed below anyway
+                ring.send_bytes(ForkingPickler.dumps(Stop()), timeout_s=5.0)
+        for conn in self._conns if ring is None else []:
             try:
                 conn.send(Stop())
             except OSError:
@@ -124,6 +143,8 @@ class TPExecutor:
                 p.kill()
                 p.join(timeout=5)
         self._conns, self._procs = [], []
+        if ring is not None:
+            ring.close()
         world = getattr(self, "world", None)
         if world is not None:
             world.close()

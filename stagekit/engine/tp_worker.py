@@ -1,10 +1,13 @@
-"""Main loop of TP ranks 1..t-1: wait for rank 0's next message on the pipe (tp_messages)
-and act on it: run a step (its tensors arrive by broadcast), or read / write KV blocks for
-a KV transfer (``TPExecutor.read_kv`` / ``write_kv``). Exits when rank 0 says stop or its
-end of the pipe closes (rank 0 died), so no worker outlives its stage."""
+"""Main loop of TP ranks 1..t-1: wait for rank 0's next message (tp_messages) on its
+shared-memory ring, or on the pipe where rank 0 has no ring, and act on it: run a step (its
+tensors arrive by broadcast), or read / write KV blocks for a KV transfer
+(``TPExecutor.read_kv`` / ``write_kv``). Exits when rank 0 says stop or goes away (the ring
+sees its process exit, the pipe closes: EOFError either way), so no worker outlives its
+stage. Start-up results always go back over the pipe."""
 
 from __future__ import annotations
 
+import os
 import traceback
 from multiprocessing.connection import Connection
 
@@ -16,10 +19,11 @@ from stagekit.engine.stage_world import join_stage_world
 from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, WorkerFailed, WorkerReady, WriteKv
 from stagekit.parallel.group import GroupCoordinator
+from stagekit.parallel.shm_broadcaster import ShmBroadcastReader
 from stagekit.types.step import IntermediateTensors
 
 
-def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) -> None:
+def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection, ring: str | None = None) -> None:
     try:
         world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives,
                                          moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
@@ -28,21 +32,23 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection) 
         return
     try:
         try:
+            # rank 0 spawned this process and unlinks the ring's name once every worker is ready
+            inbox = conn if ring is None else ShmBroadcastReader.attach(ring, rank - 1, os.getppid())
             runner = ModelRunner(spec, groups)
         except Exception as e:
             conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
             return
         freeze_startup_heap()
         conn.send(WorkerReady())
-        _serve(runner, groups.tp, conn)
+        _serve(runner, groups.tp, inbox)
     finally:
         world.close()
 
 
-def _serve(runner: ModelRunner, tp: GroupCoordinator, conn: Connection) -> None:
+def _serve(runner: ModelRunner, tp: GroupCoordinator, inbox: Connection | ShmBroadcastReader) -> None:
     while True:
         try:
-            msg = conn.recv()
+            msg = inbox.recv()
         except (EOFError, OSError):
             return
         match msg:

@@ -10,8 +10,8 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|collectives "
-                                     "--help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|collectives"
+                                     "|handoff --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=collectives.__doc__.split("\n\n")[0])
     collectives.add_arguments(c)
     c.set_defaults(func=collectives.run)
+    from stagemesh.bench import step_handoff
+
+    h = which.add_parser("handoff", help="a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory",
+                         description=step_handoff.__doc__.split("\n\n")[0])
+    step_handoff.add_arguments(h)
+    h.set_defaults(func=step_handoff.run)
 
 
 def run_transport(args: argparse.Namespace) -> int:
