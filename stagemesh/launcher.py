@@ -76,12 +76,15 @@ class Mesh:
         self.procs.append((name, p))
         return p
 
-    def start_stage(self, replica: int, index: int, port: int) -> None:
+    def start_stage(self, replica: int, index: int, port: int, ready_file: Path | None = None) -> None:
+        """Start stage ``index`` of ``replica`` on ``port`` (0: one the stage binds itself and
+        writes to ``ready_file``)."""
         s = self.spec
         a, b = s.layer_splits[index]
         self._spawn(f"stage-r{replica}-s{index}", [
             "stage", "--model", s.model, "--layers", f"{a}:{b}", "--tp", str(s.tp), "--host", s.host,
             "--port", str(port), "--dtype", s.dtype, "--threads", str(s.threads),
+            *(["--ready-file", str(ready_file)] if ready_file is not None else []),
             "--kv-cache-memory", s.kv_cache_memory, "--no-progress", *s.extra_stage_args,
             *(["--transport", s.transport] if s.transport else []),
             *self._metrics_args(replica, index),
@@ -97,13 +100,14 @@ class Mesh:
     def start(self, timeout_s: float = 180.0) -> None:
         s = self.spec
         deadline = time.monotonic() + timeout_s
-        for r in range(s.dp):
-            addrs = []
-            for i in range(len(s.layer_splits)):
-                port = free_port()
-                self.start_stage(r, i, port)
-                addrs.append(f"{s.host}:{port}")
-            self.replicas.append(addrs)
+        # stages bind port 0 and write what they bound: a port picked here and bound later by the
+        # stage could be taken meanwhile (by another stage's TP rendezvous or gloo connections)
+        files = [[self.log_dir / f"stage-r{r}-s{i}.address" for i in range(len(s.layer_splits))] for r in range(s.dp)]
+        for r, row in enumerate(files):
+            for i, ready in enumerate(row):
+                ready.unlink(missing_ok=True)
+                self.start_stage(r, i, 0, ready_file=ready)
+        self.replicas = [[self.wait_address(ready, deadline) for ready in row] for row in files]
         for addr in [a for rep in self.replicas for a in rep]:
             self.wait_stage(addr, deadline)
         if s.gateway:
@@ -118,6 +122,17 @@ class Mesh:
             if p.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with code {p.returncode}:\n{tail}")
+
+    def wait_address(self, ready_file: Path, deadline: float) -> str:
+        """The ``host:port`` a stage started on port 0 wrote once it served."""
+        while True:
+            self._check_alive()
+            text = ready_file.read_text() if ready_file.is_file() else ""
+            if text.endswith("\n"):   # written whole
+                return text.strip()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no address in {ready_file} in time")
+            time.sleep(0.1)
 
     def wait_stage(self, addr: str, deadline: float) -> None:
         while True:
