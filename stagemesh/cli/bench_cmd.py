@@ -56,29 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import gateway, memory_soak
+    from stagemesh.bench import collectives, gateway, memory_soak, step_handoff
 
-    g = which.add_parser("gateway", help="what the gateway adds: latency and request rate vs the stages direct",
-                         description=gateway.__doc__.split("\n\n")[0])
-    gateway.add_arguments(g)
-    g.set_defaults(func=gateway.run)
-    m = which.add_parser("soak", help="resident memory of the stage processes over many requests",
-                         description=memory_soak.__doc__.split("\n\n")[0])
-    memory_soak.add_arguments(m)
-    m.set_defaults(func=memory_soak.run)
-    from stagemesh.bench import collectives
-
-    c = which.add_parser("collectives", help="all-reduce/all-gather/all-to-all on one host: shared memory vs gloo",
-                         description=collectives.__doc__.split("\n\n")[0])
-    collectives.add_arguments(c)
-    c.set_defaults(func=collectives.run)
-    from stagemesh.bench import step_handoff
-
-    h = which.add_parser("handoff", help="a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory",
-                         description=step_handoff.__doc__.split("\n\n")[0])
-    step_handoff.add_arguments(h)
-    h.set_defaults(func=step_handoff.run)
-
+    # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
+    for name, module, help_text in (
+        ("gateway", gateway, "what the gateway adds: latency and request rate vs the stages direct"),
+        ("soak", memory_soak, "resident memory of the stage processes over many requests"),
+        ("collectives", collectives, "all-reduce/all-gather/all-to-all on one host: shared memory vs gloo"),
+        ("handoff", step_handoff, "a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory"),
+    ):
+        sp = which.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(sp)
+        sp.set_defaults(func=module.run)
 
 def run_transport(args: argparse.Namespace) -> int:
     from stagekit.transport.ucx.runtime import ucx_importable
