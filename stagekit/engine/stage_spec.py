@@ -36,3 +36,11 @@ class StageSpec:
     # fails now, not mid-serving) and first writes into fresh blocks (prefill, KV imports) pay no page faults
     kv_prefault: bool = False
     step_timeout_s: float = 120.0  # the head fails a step whose result is not back by then (stalled stage)
+    # data-parallel attention: this stage is member ``dp_rank`` of ``dp_size`` same-position stages of
+    # different replicas meeting at ``dp_group`` (HOST:PORT); their MoE layers form one EP group over all
+    # dp_size x tp_size ranks (parallel/dp_world.py). dp_size 1: no group.
+    dp_group: str = ""
+    dp_rank: int = 0
+    dp_size: int = 1
+    # a collective of the DP group not finished by then fails the group (a member died or stalled)
+    collective_timeout_s: float = 30.0
