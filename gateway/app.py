@@ -116,22 +116,23 @@ def _v1_router(keys: ApiKeys) -> APIRouter:
 def _ops_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", summary="200 while at least one replica serves, else 503; per-replica detail")
+    @router.get("/health", summary="200 while at least one replica serves, else 503; per-replica and DP-group detail")
     async def health(state: GatewayState = Depends(get_state)) -> JSONResponse:
         replicas = state.pool.snapshot()
-        ok = state.pool.any_healthy
+        ok = state.pool.any_serving
         body = {
             "status": "ok" if ok else "unavailable",
             "model": state.model_name,
-            "routing": state.config.routing,
+            "routing": state.pool.router.policy,
             "replicas": replicas,
+            "dp_groups": state.pool.dp_groups.snapshot(),
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @router.get("/metrics", summary="Prometheus metrics")
     async def metrics(state: GatewayState = Depends(get_state)) -> Response:
         for r in state.pool.replicas:
-            state.metrics.observe_replica(r.index, healthy=r.healthy, running=r.gate.running, waiting=r.gate.waiting)
+            state.metrics.observe_replica(r.index, healthy=r.serving, running=r.gate.running, waiting=r.gate.waiting)
         payload, content_type = state.metrics.render()
         return Response(payload, media_type=content_type)
 
@@ -158,7 +159,7 @@ def create_app(
         index = PrefixIndex()
         pool = ReplicaPool(
             replicas,
-            router=router or make_router(config.routing, index),
+            router=router or make_router(config.routing or "round_robin", index),
             health_interval_s=config.health_interval_s,
             admission=config.admission,
             prefix_index=index,
@@ -167,6 +168,11 @@ def create_app(
         grpc_server: GenerationServer | None = None
         try:
             head_info = await pool.start(config.startup_timeout_s)
+            if router is None and config.routing is None and pool.dp_groups.groups:
+                # attention load is per replica: a group's heads are balanced by what each has in flight
+                pool.router = make_router("least_loaded", index)
+                groups = sorted(pool.dp_groups.groups)
+                logger.info("replicas form DP-attention group(s) %s: routing least_loaded", groups)
             tokenizer = (tokenizer_factory or load_tokenizer)(await pool.tokenizer_files())
             model_name = config.model_name_override or head_info.model_name or "stagemesh"
             state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()))
@@ -180,7 +186,7 @@ def create_app(
                 head_info.max_model_len,
                 head_info.vocab_size,
                 len(replicas),
-                config.routing,
+                pool.router.policy,
                 f", gRPC on {config.grpc_host}:{app.state.grpc_port}" if grpc_server else "",
             )
             yield

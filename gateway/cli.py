@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the private key of --grpc-tls-cert")
     parser.add_argument("--model-name", default=None, help="model name to serve (default: the head's)")
     parser.add_argument(
-        "--routing", default="round_robin", choices=ROUTING_POLICIES, help="routing policy (default: %(default)s)"
+        "--routing",
+        default=None,
+        choices=ROUTING_POLICIES,
+        help="routing policy (default: round_robin; least_loaded when the replicas form a DP-attention group, "
+        "whose attention load is per replica)",
     )
     auth = parser.add_argument_group("auth", f"keys also come from ${API_KEYS_ENV} (comma separated)")
     auth.add_argument(

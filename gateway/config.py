@@ -43,7 +43,7 @@ class GatewayConfig:
     replicas: tuple[tuple[str, ...], ...]
     model_name_override: str | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    routing: str = "round_robin"
+    routing: str | None = None  # None: round_robin, or least_loaded when the replicas form a DP group
     grpc_port: int | None = None
     grpc_host: str = "127.0.0.1"
     grpc_tls_cert: str | None = None
@@ -59,7 +59,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.replicas or any(not r for r in self.replicas):
             raise ValueError("every replica needs at least one stage address")
-        if self.routing not in ROUTING_POLICIES:
+        if self.routing is not None and self.routing not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             raise ValueError("gRPC TLS needs both a certificate and a key")

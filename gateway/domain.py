@@ -65,3 +65,11 @@ class StageInfo:
     prefix_hit_tokens: int = 0
     moe_parallel: str = ""  # "tp" or "ep" for MoE models
     expert_load: tuple[ExpertLoad, ...] = ()  # tokens per expert of the stage's MoE layers
+    # data-parallel attention: the group (its rendezvous address; the head's names the replica's
+    # group), this replica's rank in it, its size, "ready" | "forming" ("" outside a group), and why
+    # it is not ready
+    dp_group: str = ""
+    dp_rank: int = 0
+    dp_size: int = 0
+    dp_state: str = ""
+    dp_detail: str = ""

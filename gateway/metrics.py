@@ -21,7 +21,8 @@ class GatewayMetrics:
     """Request, token, latency, routing and replica metrics named ``stagemesh_*``.
 
     Per-replica gauges (running, waiting, healthy) are set from the pool just before each
-    scrape (`observe_replicas`), so they are never stale.
+    scrape (`observe_replica`), so they are never stale; DP-group ones whenever the pool
+    re-evaluates its groups (`observe_dp_group`).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -99,6 +100,18 @@ class GatewayMetrics:
             ["kind"],
             registry=r,
         )
+        self.dp_group_up = Gauge(
+            "stagemesh_dp_group_up",
+            "1 while the DP-attention group serves (every member known to the gateway and healthy).",
+            ["group"],
+            registry=r,
+        )
+        self.dp_group_down = Counter(
+            "stagemesh_dp_group_down",
+            "Times the DP-attention group went from serving to down (all its replicas taken out).",
+            ["group"],
+            registry=r,
+        )
 
     def record_route(self, policy: str, replica: int, prompt_tokens: int, matched_tokens: int) -> None:
         self.routing_decisions.labels(policy=policy, replica=str(replica)).inc()
@@ -112,6 +125,10 @@ class GatewayMetrics:
         self.replica_healthy.labels(replica=label).set(1 if healthy else 0)
         self.replica_running.labels(replica=label).set(running)
         self.replica_waiting.labels(replica=label).set(waiting)
+
+    def observe_dp_group(self, group: str, *, up: bool) -> None:
+        self.dp_group_up.labels(group=group).set(1 if up else 0)
+        self.dp_group_down.labels(group=group)  # exported (at 0) from the moment the group is known
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

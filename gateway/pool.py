@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.config import AdmissionLimits
 from gateway.domain import StageInfo
+from gateway.dp_groups import DpGroups
 from gateway.metrics import GatewayMetrics
 from gateway.replica import ReplicaClient
 from gateway.routing import PrefixIndex, RoundRobinRouter, Router
@@ -49,6 +50,8 @@ class ReplicaPool:
 
     A background loop probes every replica each ``health_interval_s``: a replica that stops
     answering is taken out, one that answers again (re-wired if a stage restarted) comes back.
+    Replicas of a DP-attention group serve together or not at all (`DpGroups`, re-evaluated on
+    every probe and every health change once started).
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
     it is refused with `CapacityExceeded` (429) at once.
@@ -72,6 +75,7 @@ class ReplicaPool:
         self.admission = admission or AdmissionLimits()
         self.prefix_index = prefix_index or PrefixIndex()
         self.metrics = metrics
+        self.dp_groups = DpGroups(metrics)
         self.probe_listeners: list[Callable[[ReplicaPool], None]] = []
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -81,8 +85,8 @@ class ReplicaPool:
             r.health_listeners.append(self._on_health_change)
 
     @property
-    def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+    def any_serving(self) -> bool:
+        return any(r.serving for r in self.replicas)
 
     @property
     def num_waiting(self) -> int:
@@ -107,6 +111,7 @@ class ReplicaPool:
         names = {r.head_info.model_name for r in ready if r.head_info is not None}
         if len(names) > 1:
             logger.warning("replicas serve different models: %s", sorted(names))
+        self.dp_groups.update(self.replicas)  # not while replicas came up one by one: no false alarms
         self._health_task = asyncio.create_task(self._health_loop())
         assert ready[0].head_info is not None
         return ready[0].head_info
@@ -116,13 +121,14 @@ class ReplicaPool:
         return await replica.tokenizer_files()
 
     def has_other(self, exclude: set[int]) -> bool:
-        return any(r.healthy and r.index not in exclude for r in self.replicas)
+        return any(r.serving and r.index not in exclude for r in self.replicas)
 
     def choose(self, prompt_token_ids: Sequence[int], exclude: frozenset[int] = frozenset()) -> ReplicaClient:
         """Route a request (no slot taken): raises `StageUnavailable` or `CapacityExceeded`."""
-        healthy = [r for r in self.replicas if r.healthy and r.index not in exclude]
+        healthy = [r for r in self.replicas if r.serving and r.index not in exclude]
         if not healthy:
-            raise StageUnavailable("no healthy replica is available")
+            held = sorted({r.hold_reason for r in self.replicas if r.hold_reason and r.index not in exclude})
+            raise StageUnavailable("no healthy replica is available" + "".join(f" ({reason})" for reason in held))
         candidates = [r for r in healthy if r.gate.can_run_now]
         if not candidates and self.num_waiting < self.admission.max_waiting_total:
             candidates = [r for r in healthy if r.gate.can_queue]
@@ -175,11 +181,12 @@ class ReplicaPool:
         out = []
         for r in self.replicas:
             info = r.head_info
+            group = self.dp_groups.group_of(r.index)
             out.append(
                 {
                     "index": r.index,
                     "addresses": list(r.addresses),
-                    "healthy": r.healthy,
+                    "healthy": r.serving,  # what routing sees: a member of a down DP group is out too
                     "running": r.gate.running,
                     "waiting": r.gate.waiting,
                     "outstanding_tokens": r.gate.outstanding_tokens,
@@ -187,7 +194,9 @@ class ReplicaPool:
                     "stage_num_waiting": info.num_waiting if info else None,
                     "stage_prefix_hit_tokens": info.prefix_hit_tokens if info else None,
                     "stage_prefix_query_tokens": info.prefix_query_tokens if info else None,
-                    "last_error": r.last_error,
+                    "last_error": r.last_error or r.hold_reason,
+                    "dp_group": group.name if group else None,
+                    "dp_rank": group.members[r.index] if group else None,
                     "moe": r.moe_summary(),
                 }
             )
@@ -196,11 +205,14 @@ class ReplicaPool:
     def _on_health_change(self, replica: ReplicaClient) -> None:
         if not replica.healthy:
             self.prefix_index.forget(replica.index)  # its KV (and so its prefixes) may be gone
+        if self._health_task is not None:
+            self.dp_groups.update(self.replicas)
         for listener in self.probe_listeners:
             listener(self)
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(r.probe() for r in self.replicas))
+        self.dp_groups.update(self.replicas)
         for listener in self.probe_listeners:
             listener(self)
 

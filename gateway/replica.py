@@ -12,6 +12,7 @@ import grpc
 from gateway import stage_proto
 from gateway.admission import ReplicaGate
 from gateway.domain import GenerateChunk, StageInfo
+from gateway.dp_groups import forming_reason
 from gateway.errors import from_rpc_error
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
@@ -36,9 +37,10 @@ class ReplicaClient:
     """One replica: stage addresses in layer order, index 0 being the head that serves Generate.
 
     Invariant: ``healthy`` is True only after every stage accepted Wire and answered the last
-    probe; the router only hands out healthy replicas. Channels are opened lazily, inside the
-    event loop that uses them. ``gate`` bounds what the gateway sends it (admission control);
-    listeners hear every change of ``healthy``.
+    probe, none of them reporting its DP group forming; the router only hands out ``serving``
+    replicas: healthy and not held out by their DP group (`hold`). Channels are opened lazily,
+    inside the event loop that uses them. ``gate`` bounds what the gateway sends it (admission
+    control); listeners hear every change of ``healthy``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ReplicaClient:
         self.healthy = False
         self.wired = False
         self.last_error: str | None = None
+        self.hold_reason: str | None = None  # why its DP group keeps it out of routing (dp_groups.py)
         self.gate = gate or ReplicaGate(max_running=256, max_waiting=256)
         self.head_info: StageInfo | None = None
         self.stage_infos: list[StageInfo] = []  # every stage's, from the last probe
@@ -68,6 +71,10 @@ class ReplicaClient:
 
     def __repr__(self) -> str:
         return f"ReplicaClient({self.index}, {list(self.addresses)})"
+
+    @property
+    def serving(self) -> bool:
+        return self.healthy and self.hold_reason is None
 
     @property
     def load(self) -> int:
@@ -90,27 +97,40 @@ class ReplicaClient:
 
     async def wire(self) -> StageInfo:
         """Tell every stage its pipeline, last stage first; returns the head's info."""
-        head: StageInfo | None = None
+        infos: list[StageInfo] = []
         for stage in reversed(range(len(self.addresses))):
             request = stage_proto.wire_request(self.addresses, stage, self.transport)
             try:
                 reply = await self._stub(stage).Wire(request, timeout=self.rpc_timeout_s)
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err, where=self._where(stage)) from err
-            if stage == 0:
-                head = stage_proto.info_from_proto(reply.info)
-        assert head is not None
-        self.head_info = head
+            infos.insert(0, stage_proto.info_from_proto(reply.info))
+        self.head_info, self.stage_infos = infos[0], infos
         self.wired = True
-        return head
+        return infos[0]
+
+    async def refresh(self) -> StageInfo:
+        """Fetch every stage's info, wiring the replica if a stage forgot its pipeline (a restart);
+        raises `StageUnavailable` while a stage's DP group is forming. Returns the head's info."""
+        infos = await asyncio.gather(*(self.stage_info(i) for i in range(len(self.addresses))))
+        if not self.wired or not all(info.wired for info in infos):
+            await self.wire()
+        else:
+            self.head_info, self.stage_infos = infos[0], list(infos)
+        reason = forming_reason(self.stage_infos)
+        if reason is not None:
+            raise StageUnavailable(reason)
+        assert self.head_info is not None
+        return self.head_info
 
     async def wait_wired(self, timeout_s: float) -> StageInfo:
-        """Wire the replica, retrying with back-off until every stage answers or time runs out."""
+        """Wire the replica, retrying with back-off until every stage answers (and its DP group,
+        if any, has formed) or time runs out."""
         deadline = time.monotonic() + timeout_s
         delay, last_logged = 0.1, ""
         while True:
             try:
-                info = await self.wire()
+                info = await self.refresh()
             except StagemeshError as err:
                 # A stage that answers "invalid" (e.g. another data plane) will not change its mind.
                 if isinstance(err, InvalidRequest) or time.monotonic() + delay > deadline:
@@ -145,12 +165,7 @@ class ReplicaClient:
     async def probe(self) -> bool:
         """Ask every stage for its info; re-wire when one forgot its pipeline (a restart)."""
         try:
-            infos = await asyncio.gather(*(self.stage_info(i) for i in range(len(self.addresses))))
-            if not self.wired or not all(info.wired for info in infos):
-                await self.wire()
-            else:
-                self.head_info = infos[0]
-            self.stage_infos = list(infos)
+            await self.refresh()
         except StagemeshError as err:
             self.mark_unhealthy(str(err))
             return False
@@ -185,6 +200,13 @@ class ReplicaClient:
         if changed:
             logger.warning("replica %d taken out: %s", self.index, reason)
             self._notify()
+
+    def hold(self, reason: str | None) -> None:
+        """Keep the replica out of routing for ``reason`` (its DP group is down), or, with None,
+        let it serve again once healthy; whoever waits for a slot here retries elsewhere."""
+        if reason is not None and self.hold_reason is None:
+            self.gate.fail_waiters(StageUnavailable(f"replica {self.index} taken out: {reason}"))
+        self.hold_reason = reason
 
     def _notify(self) -> None:
         for listener in self.health_listeners:

@@ -88,6 +88,11 @@ def info_from_proto(msg: stage_pb2.StageInfo) -> StageInfo:
         prefix_hit_tokens=msg.prefix_hit_tokens,
         moe_parallel=msg.moe_parallel,
         expert_load=tuple(ExpertLoad(e.layer, tuple(e.tokens)) for e in msg.expert_load),
+        dp_group=msg.dp_group,
+        dp_rank=msg.dp_rank,
+        dp_size=msg.dp_size,
+        dp_state=msg.dp_state,
+        dp_detail=msg.dp_detail,
     )
 
 

@@ -54,7 +54,7 @@ class GenerationServer:
 
     async def _set_health(self, pool: ReplicaPool) -> None:
         serving = health_pb2.HealthCheckResponse
-        status = serving.SERVING if pool.any_healthy else serving.NOT_SERVING
+        status = serving.SERVING if pool.any_serving else serving.NOT_SERVING
         for service in ("", GENERATION_SERVICE):
             await self._health.set(service, status)
 

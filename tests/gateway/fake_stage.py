@@ -50,6 +50,13 @@ class FakeStage(stage_pb2_grpc.StageServicer):
     fail_after: tuple[int, grpc.StatusCode, str] | None = None
     pipeline: list[str] = field(default_factory=list)
     index: int = -1
+    # data-parallel attention: the group this stage reports; dp_state "forming" also fails its
+    # requests in flight with UNAVAILABLE (what a member does when its group breaks)
+    dp_group: str = ""
+    dp_rank: int = 0
+    dp_size: int = 0
+    dp_state: str = ""
+    dp_detail: str = ""
     generate_calls: list[stage_pb2.GenerateRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -72,6 +79,11 @@ class FakeStage(stage_pb2_grpc.StageServicer):
             eos_token_ids=[self.eos_token_id],
             wired=self.index >= 0,
             transport="grpc",
+            dp_group=self.dp_group,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            dp_state=self.dp_state,
+            dp_detail=self.dp_detail,
         )
 
     async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> stage_pb2.StageInfo:
@@ -115,6 +127,9 @@ class FakeStage(stage_pb2_grpc.StageServicer):
         out = stage_pb2.GenerateResponse(request_id=rid)
         try:
             for k in range(sampling.max_tokens):
+                if self.dp_state == "forming":
+                    broke = f"DP group {self.dp_group} broke: {self.dp_detail}"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, broke)
                 if rid in self.aborted:
                     yield stage_pb2.GenerateResponse(
                         request_id=rid, finish_reason=common_pb2.FINISH_REASON_ABORT, completion_tokens=k
