@@ -54,6 +54,9 @@ class MeshSpec:
     # environment of the gateway process only (API keys: never on a command line `ps` shows)
     gateway_env: dict[str, str] = field(default_factory=dict, repr=False)
     stage_metrics: bool = False  # every stage serves Prometheus metrics on a free port
+    # the dp replicas form one data-parallel-attention group (MoE models), meeting at a free port
+    dp_attention: bool = False
+    collective_timeout: float = 30.0
 
 
 class Mesh:
@@ -67,6 +70,7 @@ class Mesh:
         self.replicas: list[list[str]] = []
         self.url = f"http://{spec.host}:{spec.port}"
         self.stage_metrics_urls: dict[tuple[int, int], str] = {}
+        self.dp_group = f"{spec.host}:{free_port()}" if spec.dp_attention else ""
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
@@ -87,8 +91,15 @@ class Mesh:
             *(["--ready-file", str(ready_file)] if ready_file is not None else []),
             "--kv-cache-memory", s.kv_cache_memory, "--no-progress", *s.extra_stage_args,
             *(["--transport", s.transport] if s.transport else []),
-            *self._metrics_args(replica, index),
+            *self._metrics_args(replica, index), *self.dp_args(replica),
         ])
+
+    def dp_args(self, replica: int) -> list[str]:
+        """A stage's place in the mesh's DP-attention group (none without one)."""
+        if not self.dp_group:
+            return []
+        return ["--dp-size", str(self.spec.dp), "--dp-rank", str(replica), "--dp-group", self.dp_group,
+                "--collective-timeout", str(self.spec.collective_timeout)]
 
     def _metrics_args(self, replica: int, index: int) -> list[str]:
         if not self.spec.stage_metrics:

@@ -58,6 +58,8 @@ class StageNode:
     async def stop(self) -> None:
         await (self.engine or self.relay).stop()
         await self.transport.close()
+        if self.runtime.dp is not None:
+            self.runtime.dp.close()   # stops a rejoin waiting for the group on the compute thread
         self.pool.submit(self.runtime.shutdown).result()
         self.pool.shutdown(wait=True)
 

@@ -16,10 +16,11 @@ from services.stage.kv_blocks import KvBlocks
 from services.stage.kv_port import KvPort
 from services.stage.node import StageNode
 from services.stage.servicer import StageServicer
-from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.engine.dp_member import DpMember
+from stagekit.engine.stage_runtime import StageRuntime, start_executor
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.startup_heap import freeze_startup_heap
-from stagekit.engine.tp_executor import TPExecutor
+from stagekit.parallel.dp_rendezvous import RendezvousCancelled
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.factory import make_transport
 
@@ -33,8 +34,12 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
                 transport_name: str | None = None, metrics_port: int | None = None) -> None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     loop = asyncio.get_running_loop()
-    executor = await loop.run_in_executor(pool, TPExecutor, spec)
-    runtime = StageRuntime(executor)
+    dp = DpMember(spec) if spec.dp_size > 1 else None   # a DP group's host starts its rendezvous here
+    executor = await loop.run_in_executor(pool, start_executor, spec, dp)
+    runtime = StageRuntime(executor, dp)
+    if dp is not None:
+        dp.on_failure = lambda: pool.submit(_rejoin, runtime)
+        dp.start_watch()
     transport = make_transport(transport_name)
     log.info("data plane: %s", getattr(transport, "description", transport.name))
     node = StageNode(runtime, transport, pool)
@@ -81,6 +86,15 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await server.stop(grace=2)
     if stop_metrics is not None:
         stop_metrics()
+
+
+def _rejoin(runtime: StageRuntime) -> None:
+    try:
+        runtime.rejoin()
+    except RendezvousCancelled:
+        pass   # the stage is stopping
+    except Exception:  # logged here: nobody waits on this future
+        log.exception("could not rejoin the DP group")
 
 
 def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None,

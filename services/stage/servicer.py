@@ -40,6 +40,11 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             moe_parallel=n.runtime.spec.moe_parallel if cfg.num_experts else "",
             expert_load=[stage_pb2.ExpertLoad(layer=e.layer, tokens=e.tokens) for e in n.runtime.expert_load()],
         )
+        dp = n.runtime.dp
+        if dp is not None:
+            spec = n.runtime.spec
+            info.dp_group, info.dp_rank, info.dp_size = spec.dp_group, spec.dp_rank, spec.dp_size
+            info.dp_state, info.dp_detail = dp.state, dp.detail
         if n.engine is not None:
             head = n.engine.head_stats()
             info.num_running, info.num_waiting = head.num_running, head.num_waiting

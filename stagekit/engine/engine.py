@@ -6,11 +6,21 @@ also the last stage) -> postprocess (append tokens, finish, free). Up to
 ``pipeline_depth`` steps are in flight at once (one per stage of the pipeline, set when
 the pipeline is wired), each over sequences no other in-flight step holds; results come
 back by step id through the pending-result table.
+
+A head of a data-parallel-attention group steps in lockstep with the group's other heads
+(``_lockstep_loop``): before each step they agree, in one small all-reduce, whether any of
+them has work; if one has, every head steps, those without work a dummy step that carries
+no tokens through the pipeline but enters every MoE collective. When none has work they
+all idle, polling every ``LOCKSTEP_IDLE_POLL_S``, and every ``LOCKSTEP_DEEP_IDLE_POLL_S`` once
+idle for ``LOCKSTEP_DEEP_IDLE_AFTER_S`` (a request arriving wakes its head at once; the others
+join within their poll). When the group fails, the head fails every request
+it holds and waits until the group re-forms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -28,6 +38,13 @@ from stagekit.types.sampling_params import SamplingParams
 from stagekit.types.step import Frame, IntermediateTensors, StepHeader, StepInputs, StepResult
 
 log = logging.getLogger(__name__)
+
+# how often the heads of an idle DP group poll each other: often at first (steps follow each
+# other closely under load), rarely once the group has been idle a while (a request then waits
+# up to the long poll for the other heads to join its first step)
+LOCKSTEP_IDLE_POLL_S = 0.05
+LOCKSTEP_DEEP_IDLE_AFTER_S = 2.0
+LOCKSTEP_DEEP_IDLE_POLL_S = 0.25
 
 
 class Engine:
@@ -53,9 +70,17 @@ class Engine:
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
         self._tasks: list[asyncio.Task] = []
+        self.dp = runtime.dp
+        if self.dp is not None:
+            self._lockstep_thread = ThreadPoolExecutor(1, thread_name_prefix="dp-lockstep")
+            self._orphans: set[asyncio.Task] = set()
+            self._group_changed = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self.dp.listeners.append(lambda: loop.call_soon_threadsafe(self._group_changed.set))
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._loop(), name="engine-loop"))
+        loop = self._loop() if self.dp is None else self._lockstep_loop()
+        self._tasks.append(asyncio.create_task(loop, name="engine-loop"))
         if not self.runtime.layout.is_last:
             self._tasks.append(asyncio.create_task(self._read_results(), name="engine-results"))
 
@@ -63,6 +88,8 @@ class Engine:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dp is not None:
+            self._lockstep_thread.shutdown(wait=False)
         for seq in self.scheduler.fail_all():
             seq.outputs.put_nowait(TokenOutput([], [], error=StageUnavailable("stage is shutting down")))
 
@@ -138,6 +165,8 @@ class Engine:
         self.validate(prompt_ids, params)
         if not self.pipeline_wired:
             raise StageUnavailable("the pipeline of this replica is not wired yet")
+        if self.dp is not None and not self.dp.ready:
+            raise StageUnavailable(f"the DP group of this replica is forming: {self.dp.detail}")
         seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), params)
         self.scheduler.add(seq)
         self._wake.set()
@@ -183,10 +212,79 @@ class Engine:
             wake.cancel()
             inflight -= done
 
+    async def _lockstep_loop(self) -> None:
+        """``_loop`` for a head of a DP-attention group (module docstring)."""
+        assert self.dp is not None
+        dp, loop = self.dp, asyncio.get_running_loop()
+        inflight: set[asyncio.Task] = set()
+        idle_since = loop.time()
+        while True:
+            self._wake.clear()
+            if not dp.ready:
+                await self._wait_for_group(inflight)
+                continue
+            anyone = False
+            while len(inflight) < self.pipeline_depth and dp.ready:
+                header = self.scheduler.schedule(self.pipeline_depth) if self.pipeline_wired else None
+                groups = self.runtime.executor.groups
+                assert groups.dp is not None
+                try:
+                    anyone = await loop.run_in_executor(self._lockstep_thread, dp.agree, groups.dp,
+                                                        header is not None, self.pipeline_wired)
+                except StagemeshError as e:
+                    if header is not None:
+                        self._fail(header, e)
+                    break
+                if not anyone:
+                    assert header is None, "a head with work always steps"
+                    break
+                if header is None:
+                    header = self.scheduler.empty_step()  # a dummy step: only the MoE collectives
+                header.dp_world = self.runtime.executor.world_id
+                inflight.add(asyncio.create_task(self._step(header), name=f"step-{header.step_id}"))
+            if anyone or inflight:
+                idle_since = loop.time()
+            if not inflight:
+                if not anyone:
+                    deep = loop.time() - idle_since > LOCKSTEP_DEEP_IDLE_AFTER_S
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(),
+                                               LOCKSTEP_DEEP_IDLE_POLL_S if deep else LOCKSTEP_IDLE_POLL_S)
+                continue
+            wake = asyncio.create_task(self._wake.wait())
+            done, _ = await asyncio.wait(inflight | {wake}, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            inflight -= done
+
+    async def _wait_for_group(self, inflight: set[asyncio.Task]) -> None:
+        """The group failed: fail every request here (steps in flight fail on their own),
+        wait until it re-forms, then start from an empty KV pool (the stages' were rebuilt)."""
+        assert self.dp is not None
+        err = StageUnavailable(f"the DP group of this replica failed: {self.dp.detail}")
+        for seq in self.scheduler.fail_all():
+            seq.outputs.put_nowait(TokenOutput([], [], error=err))
+        # steps in flight fail on their own (their world is gone) and find their requests gone
+        for task in inflight:
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
+        inflight.clear()
+        while not self.dp.ready:
+            self._group_changed.clear()
+            if self.dp.ready:
+                break
+            await self._group_changed.wait()
+        for seq in self.scheduler.fail_all():   # admitted meanwhile, before the check in generate
+            seq.outputs.put_nowait(TokenOutput([], [], error=err))
+        self.kv_imports.forget()
+        self.scheduler.reset_blocks(self.scheduler.blocks.num_blocks, self.scheduler.blocks.prefix_caching)
+        log.info("DP group ready again (epoch %d): serving", self.dp.epoch)
+
     async def _step(self, header: StepHeader) -> None:
         try:
             result = await self._run_step(header)
         except StagemeshError as e:
+            if self.dp is not None:   # any step failure in a group is the group's (its peers are stuck too)
+                e = StageUnavailable(f"the DP group of this replica failed: {e}")
             self._fail(header, e)
             return
         except Exception as e:  # a bug must not kill the loop and strand every request

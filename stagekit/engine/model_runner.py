@@ -30,7 +30,9 @@ class ModelRunner:
         self.cfg = load_model_config(spec.model_path, spec.model_name)
         self.layout = StageLayout(spec.start_layer, spec.end_layer, self.cfg.num_layers, spec.tp_size)
         self.layout.validate(self.cfg.num_heads, self.cfg.num_kv_heads)
-        check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size, repr(self.cfg.name))
+        # a DP group's experts are placed over the same-position stages of all its replicas
+        check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size * spec.dp_size, repr(self.cfg.name))
+        self.in_dp_group = spec.dp_size > 1
         self.dtype = self.cfg.torch_dtype(spec.dtype)
         self.groups, self.device = groups, groups.device
         tp = groups.tp
@@ -56,6 +58,8 @@ class ModelRunner:
         header, device = step.header, self.device
         self.kv_cache.apply(header.seqs, header.freed_seq_ids, header.preempted_seq_ids)
         if not header.seqs:
+            if self.in_dp_group:
+                self._dummy_moe_pass()
             return None
         batch = ForwardBatch.build(header.seqs, self.kv_cache, device)
         ids = None
@@ -73,13 +77,25 @@ class ModelRunner:
             return self.model.compute_logits(states, batch.sample_indices()).cpu()
         return states
 
-    def expert_load(self) -> list[ExpertLoad]:
-        """Tokens routed to each expert of each MoE layer of this stage since start, by
-        layer (empty for dense layers and models). Safe to call from another thread: it
-        copies the counters, which only grow."""
+    def _dummy_moe_pass(self) -> None:
+        """A DP group's padded step: this replica has no tokens, but its peers' tokens may
+        need its experts, and every rank must enter every MoE collective of every step. Each
+        MoE layer runs on zero tokens, in layer order (it receives, computes and returns the
+        peers' rows); no embedding, attention, KV write or sampling."""
+        empty = torch.empty(0, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for _, block in self._moe_blocks():
+            block(empty)
+
+    def _moe_blocks(self) -> list[tuple[int, FusedMoE]]:
         out = []
         for idx, layer in self.model.model.layers.items():
             block = getattr(layer, layer.mlp_name)
             if isinstance(block, FusedMoE):
-                out.append(ExpertLoad(int(idx), tuple(block.expert_tokens.tolist())))
+                out.append((int(idx), block))
         return out
+
+    def expert_load(self) -> list[ExpertLoad]:
+        """Tokens routed to each expert of each MoE layer of this stage since start, by
+        layer (empty for dense layers and models). Safe to call from another thread: it
+        copies the counters, which only grow."""
+        return [ExpertLoad(idx, tuple(block.expert_tokens.tolist())) for idx, block in self._moe_blocks()]

@@ -213,6 +213,11 @@ class Scheduler:
         preempted, self._to_preempt = self._to_preempt, []
         return StepHeader(self._step_id, seqs, freed, new, preempted)
 
+    def empty_step(self) -> StepHeader:
+        """A step with no sequences: a DP-attention group's dummy step (engine.py)."""
+        self._step_id += 1
+        return StepHeader(self._step_id, [])
+
     @staticmethod
     def _announce(seq: Sequence, new: list[NewSeq]) -> None:
         if not seq.announced:

@@ -1,9 +1,17 @@
 """The process groups of a stage's TP ranks: rank 0 (the stage process) and its workers
-join one world of ``tp_size`` ranks and make its groups, each rank the same way."""
+join one world of ``tp_size`` ranks and make its groups, each rank the same way. A stage
+of a data-parallel-attention group (``spec.dp_size > 1``) instead joins the group's world,
+which spans every stage of every replica of the group (``join_group_world``)."""
 
 from __future__ import annotations
 
+import threading
+
+from stagekit.config.model_config import load_model_config
+from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.communicator_choice import communicator_for
+from stagekit.parallel.dp_rendezvous import DpRendezvous, Member, machine_id
+from stagekit.parallel.dp_world import join_dp_world, world_id
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.parallel_groups import ParallelGroups
 from stagekit.parallel.parallel_world import ParallelWorld
@@ -37,3 +45,20 @@ def join_stage_world(rank: int, tp_size: int, init_method: str, timeout_s: float
         raise
     assert tp is not None  # every rank of this world is in its TP group (and its EP group)
     return world, ParallelGroups(tp=tp, ep=ep, ep_all_to_all=moe_dispatch == "all_to_all")
+
+
+def group_member(spec: StageSpec, tp_rank: int, pid: int) -> Member:
+    """Who process ``pid`` (TP rank ``tp_rank`` of the stage ``spec`` describes) is in its DP group."""
+    num_layers = load_model_config(spec.model_path, spec.model_name).num_layers
+    return Member(dp_rank=spec.dp_rank, start_layer=spec.start_layer, end_layer=spec.end_layer, num_layers=num_layers,
+                  tp_rank=tp_rank, tp_size=spec.tp_size, host=machine_id(), pid=pid)
+
+
+def join_group_world(spec: StageSpec, rendezvous: DpRendezvous, cancel: threading.Event | None = None,
+                     ) -> tuple[ParallelWorld, ParallelGroups, int, int]:
+    """Wait until every member of the stage's DP group knocked at ``rendezvous``, join the
+    world they form and make its groups (parallel/dp_world.py); also returns the world's
+    epoch and its id (``world_id``), which the steps run in it carry."""
+    formation = rendezvous.form(cancel)
+    world, groups = join_dp_world(formation, spec.collective_timeout_s, spec.collectives)
+    return world, groups, formation.epoch, world_id(formation)

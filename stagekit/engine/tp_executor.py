@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
+import threading
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
@@ -23,10 +24,11 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
-from stagekit.engine.stage_world import join_stage_world
+from stagekit.engine.stage_world import join_group_world, join_stage_world
 from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, ToWorker, WorkerReady, WriteKv
 from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
+from stagekit.parallel.dp_rendezvous import DpRendezvous
 from stagekit.parallel.shm_broadcaster import ShmBroadcaster
 from stagekit.ports import free_port
 from stagekit.types.step import IntermediateTensors, StepInputs
@@ -37,8 +39,13 @@ log = logging.getLogger(__name__)
 class TPExecutor:
     """Runs steps on all TP ranks of a stage; ``execute`` returns rank 0's output."""
 
-    def __init__(self, spec: StageSpec, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, spec: StageSpec, startup_timeout_s: float = 600.0, rendezvous: DpRendezvous | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        """``rendezvous``: where a stage of a DP-attention group (``spec.dp_size > 1``) meets
+        its group (every TP rank knocks there; ``cancel`` stops the wait); the ranks then
+        join the group's world: ``epoch`` counts its formations, ``world_id`` names it."""
         self.spec = spec
+        self.epoch = self.world_id = 0
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []
         self._ring = ShmBroadcaster.create(spec.tp_size - 1) if spec.tp_size > 1 else None
@@ -56,8 +63,12 @@ class TPExecutor:
         if self._ring is not None:
             self._ring.watch([p.pid for p in self._procs])
         try:
-            self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives,
-                                                       moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
+            if rendezvous is not None:
+                self.world, self.groups, self.epoch, self.world_id = join_group_world(spec, rendezvous, cancel)
+            else:
+                self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives,
+                                                           moe_parallel=spec.moe_parallel,
+                                                           moe_dispatch=spec.moe_dispatch)
             self.runner = ModelRunner(spec, self.groups)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(startup_timeout_s):
@@ -75,7 +86,10 @@ class TPExecutor:
         comm = self.groups.tp.communicator
         log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
                  spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
-        if self.runner.cfg.num_experts and spec.tp_size > 1:
+        if spec.dp_size > 1:
+            log.info("DP group %s epoch %d: replica %d of %d, experts over %d EP ranks", spec.dp_group, self.epoch,
+                     spec.dp_rank, spec.dp_size, self.groups.ep.world_size if self.groups.ep else 1)
+        elif self.runner.cfg.num_experts and spec.tp_size > 1:
             log.info("MoE experts: %s", "split over the TP ranks (tp)" if spec.moe_parallel == "tp" else
                      f"placed whole over {spec.tp_size} EP ranks (ep), {spec.moe_dispatch} dispatch")
 

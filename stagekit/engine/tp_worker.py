@@ -15,9 +15,10 @@ import torch
 
 from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
-from stagekit.engine.stage_world import join_stage_world
+from stagekit.engine.stage_world import group_member, join_group_world, join_stage_world
 from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, WorkerFailed, WorkerReady, WriteKv
+from stagekit.parallel.dp_rendezvous import DpRendezvous
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.shm_broadcaster import ShmBroadcastReader
 from stagekit.types.step import IntermediateTensors
@@ -25,8 +26,14 @@ from stagekit.types.step import IntermediateTensors
 
 def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection, ring: str | None = None) -> None:
     try:
-        world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives,
-                                         moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
+        if spec.dp_size > 1:   # a DP group's world: this rank knocks at the group's rendezvous itself
+            # kept open for the process's life: the world's store is the rendezvous's connection
+            rendezvous = DpRendezvous(spec.dp_group, group_member(spec, rank, os.getpid()), spec.dp_size,
+                                      timeout_s=spec.collective_timeout_s)
+            world, groups, _, _ = join_group_world(spec, rendezvous)
+        else:
+            world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives,
+                                             moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))
         return

@@ -56,7 +56,7 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
-def _parse_address(address: str) -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")  # [::1]:29500
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -102,7 +102,7 @@ class DpRendezvous:
     formation's world (how long its rendezvous waits for a member that never comes)."""
 
     def __init__(self, address: str, member: Member, dp_size: int, timeout_s: float = 30.0) -> None:
-        self._host, self._port = _parse_address(address)
+        self._host, self._port = parse_address(address)
         _check_member(member, dp_size)
         self.address, self.member, self.dp_size, self.timeout_s = address, member, dp_size, timeout_s
         # the host's own connections go to the loopback when it listens on every interface

@@ -27,10 +27,13 @@ class ParallelWorld:
     world, members or not). Groups close on their own without touching the world; ``close``
     closes the groups still open, then destroys the default group, once. A one-rank world
     never initialises torch.distributed. Rank r uses GPU ``r % device_count`` when CUDA is
-    there, the CPU otherwise.
+    there, the CPU otherwise. The ranks meet at ``init_method`` (a ``tcp://`` address rank 0
+    listens on) or, when given, through ``store`` (a rendezvous that outlives the world: a
+    data-parallel group's, parallel/dp_rendezvous.py).
     """
 
-    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, rank: int, world_size: int, init_method: str | None, timeout_s: float = 120.0,
+                 store: dist.Store | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
         self.rank, self.world_size = rank, world_size
@@ -44,8 +47,12 @@ class ParallelWorld:
             raise RuntimeError("this process has joined a torch.distributed world already")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        dist.init_process_group(backend="gloo", init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=self.timeout)
+        if store is not None:
+            dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size,
+                                    timeout=self.timeout)
+        else:
+            dist.init_process_group(backend="gloo", init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=self.timeout)
         self._joined = True
 
     def new_group(

@@ -87,7 +87,7 @@ def header_to_proto(h: StepHeader) -> stage_pb2.StepHeader:
         new_seqs=[stage_pb2.NewSeqSampling(seq_id=n.seq_id, sampling=sampling_to_proto(n.params))
                   for n in h.new_seqs],
         preempted_seq_ids=h.preempted_seq_ids,
-        dp_epoch=h.dp_epoch,
+        dp_world=h.dp_world,
     )
 
 
@@ -98,7 +98,7 @@ def header_from_proto(p: stage_pb2.StepHeader) -> StepHeader:
         freed_seq_ids=list(p.freed_seq_ids),
         new_seqs=[NewSeq(n.seq_id, sampling_from_proto(n.sampling)) for n in p.new_seqs],
         preempted_seq_ids=list(p.preempted_seq_ids),
-        dp_epoch=p.dp_epoch,
+        dp_world=p.dp_world,
     )
 
 

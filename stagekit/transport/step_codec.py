@@ -12,7 +12,7 @@ bytes inside the header.
 Header layout (little-endian): ``step_id i64 | n_seqs u32 | n_blocks u32 | n_freed u32 |
 n_preempted u32 | extra_len u32``, then ``seq_id i64[n] | num_computed i32[n] |
 num_new i32[n] | sample u8[n] | blocks_per_seq u32[n] | blocks i32[n_blocks] |
-freed i64[] | preempted i64[]``, then ``extra`` (a StepHeader proto holding only new_seqs and dp_epoch).
+freed i64[] | preempted i64[]``, then ``extra`` (a StepHeader proto holding only new_seqs and dp_world).
 Result layout: ``step_id i64 | n u32 | flags u8 | error_len u32 | tops_len u32``, then
 ``seq_ids i64[n] | token_ids i32[n] | logprobs f32[n]``, the UTF-8 error, and ``tops``
 (a StepResult proto holding only top_logprobs).
@@ -36,10 +36,10 @@ def encode_header(h: StepHeader) -> bytes:
     n = len(seqs)
     blocks = [b for s in seqs for b in s.new_blocks]
     extra = b""
-    if h.new_seqs or h.dp_epoch:
+    if h.new_seqs or h.dp_world:
         extra = stage_pb2.StepHeader(new_seqs=[
             stage_pb2.NewSeqSampling(seq_id=x.seq_id, sampling=stage_proto.sampling_to_proto(x.params))
-            for x in h.new_seqs], dp_epoch=h.dp_epoch).SerializeToString()
+            for x in h.new_seqs], dp_world=h.dp_world).SerializeToString()
     nf, npre = len(h.freed_seq_ids), len(h.preempted_seq_ids)
     try:
         body = struct.pack(
@@ -68,11 +68,11 @@ def decode_header(raw: bytes | memoryview) -> StepHeader:
         k = counts[i]
         seqs.append(SeqSlice(ids[i], computed[i], new[i], sample[i] != 0, blocks[at:at + k]))
         at += k
-    new_seqs, dp_epoch = [], 0
+    new_seqs, dp_world = [], 0
     if extra_len:
         p = stage_pb2.StepHeader.FromString(bytes(raw[off:off + extra_len]))
-        new_seqs, dp_epoch = stage_proto.header_from_proto(p).new_seqs, p.dp_epoch
-    return StepHeader(step_id, seqs, list(rest[:nf]), new_seqs, list(rest[nf:]), dp_epoch)
+        new_seqs, dp_world = stage_proto.header_from_proto(p).new_seqs, p.dp_world
+    return StepHeader(step_id, seqs, list(rest[:nf]), new_seqs, list(rest[nf:]), dp_world)
 
 
 def encode_result(r: StepResult) -> bytes:

@@ -48,7 +48,7 @@ class StepHeader:
     freed_seq_ids: list[int] = field(default_factory=list)
     new_seqs: list[NewSeq] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; recomputed later
-    dp_epoch: int = 0  # data-parallel attention: the group world's epoch this step belongs to (0: no group)
+    dp_world: int = 0  # data-parallel attention: the id of the group world this step belongs to (0: no group)
 
     __reduce__ = reduce_by_fields
 

@@ -4,7 +4,9 @@ on the same checkpoint in the same invocation (``--baseline hf``).
 
 ``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout), and
 ``--layouts tp1x2,tp2x1`` one mesh per TP layout (TP size x torch threads per rank, with an
-optional ``-gloo`` / ``-shm`` for the TP collectives and ``-ep`` for experts placed whole);
+optional ``-gloo`` / ``-shm`` for the TP collectives and ``-ep`` for experts placed whole; a
+``dpN-`` prefix starts N replicas, and a ``-dpa`` suffix makes them one data-parallel-attention
+group);
 either way the meshes are measured in alternating rounds (``--rounds``, ABBA order), so
 that the load other processes put on the machine falls on all alike; figures are medians
 over rounds, ratios against the last mesh."""
@@ -42,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", default="",
                    help="comma-separated TP layouts instead of --tp/--threads, e.g. tp2x1,tp1x2 (TP size x threads "
                         "per rank; a -gloo or -shm suffix picks the TP collectives, -ep places a MoE model's "
-                        "experts whole over the TP ranks): one mesh each, alternating rounds")
+                        "experts whole over the TP ranks; a dpN- prefix runs N replicas, and -dpa makes them one "
+                        "data-parallel-attention group, e.g. dp2-tp1x1-dpa): one mesh each, alternating rounds")
     p.add_argument("--rounds", type=int, default=1, help="rounds over the meshes; figures are medians (default 1)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -94,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
                     results[t][b].append(asyncio.run(run_load(meshes[t].url, cfg.name, prompts, args.output_len)))
         for t, mesh in meshes.items():
             pids = [p.pid for name, p in mesh.procs if name.startswith("stage")]
+            ranks = len(pids) * variants[t]["tp"]
             rss[t] = {"end": round(sum(tree_rss_mib(p) for p in pids), 1),
-                      "peak": round(sum(tree_rss_mib(p, peak=True) for p in pids), 1)}
+                      "peak": round(sum(tree_rss_mib(p, peak=True) for p in pids), 1),
+                      "ranks": ranks, "end_per_rank": round(sum(tree_rss_mib(p) for p in pids) / ranks, 1)}
     finally:
         for mesh in meshes.values():
             mesh.stop()
@@ -140,23 +145,28 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
             raise ConfigError("--layouts compares TP layouts on one data plane: give --transport one plane")
         out = {}
         for v in (s for s in args.layouts.split(",") if s):
-            m = re.fullmatch(r"tp(\d+)x(\d+)(?:-(shm|gloo))?(-ep)?", v)
+            m = re.fullmatch(r"(?:dp(\d+)-)?tp(\d+)x(\d+)(?:-(shm|gloo))?(-ep)?(-dpa)?", v)
             if m is None:
-                raise ConfigError(f"--layouts entry {v!r}: expected tpNxT (TP size x threads), e.g. tp2x1, tp2x1-gloo")
-            out[v] = {"tp": int(m[1]), "threads": int(m[2]), "collectives": m[3] or "auto",
-                      "transport": args.transport or "", "moe_parallel": "ep" if m[4] else ""}
+                raise ConfigError(f"--layouts entry {v!r}: expected [dpN-]tpNxT[-shm|-gloo][-ep][-dpa] (replicas, TP "
+                                  "size x threads), e.g. tp2x1, tp2x1-gloo, dp2-tp1x1-dpa")
+            out[v] = {"tp": int(m[2]), "threads": int(m[3]), "collectives": m[4] or "auto",
+                      "transport": args.transport or "", "moe_parallel": "ep" if m[5] else "",
+                      "dp": int(m[1] or 1), "dp_attention": bool(m[6])}
         return out
-    return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t, "moe_parallel": ""}
+    return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t, "moe_parallel": "",
+                "dp": 1, "dp_attention": False}
             for t in ([t for t in args.transport.split(",") if t] or [""])}
 
 
 def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, label: str, *, tp: int, threads: int,
-                collectives: str, transport: str, moe_parallel: str) -> Mesh:
+                collectives: str, transport: str, moe_parallel: str, dp: int, dp_attention: bool) -> Mesh:
     from stagekit.ports import free_port
     from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
     spec = MeshSpec(model=model, layer_splits=split_layers(num_layers, args.pp), tp=tp, threads=threads,
                     port=free_port(), kv_cache_memory=args.kv_cache_memory, transport=transport or None,
+                    dp=dp, dp_attention=dp_attention,
+                    extra_gateway_args=["--routing", "least_loaded"] if dp > 1 else [],
                     extra_stage_args=["--collectives", collectives,
                                       *(["--moe-parallel", moe_parallel] if moe_parallel else [])])
     return start_mesh(spec, f"stagemesh-bench-{label.replace(':', '-') or 'default'}-")
@@ -191,6 +201,7 @@ def _print_table(report: dict) -> None:
                   f" {r.get(ratio, float('nan')):>10.3f} {r.get('hf_output_tok_s', float('nan')):>9.1f}"
                   f" {r.get('ratio_vs_hf', float('nan')):>6.2f}  {r['rounds_tok_s']}\n")
     for t, rss in report["stage_rss_mib"].items():
-        out.write(f"stage RSS MiB ({t or 'default'}): end {rss['end']}, peak {rss['peak']}\n")
+        out.write(f"stage RSS MiB ({t or 'default'}): end {rss['end']}, peak {rss['peak']}, "
+                  f"{rss['end_per_rank']} per rank of {rss['ranks']}\n")
     la = report["load_average"]
     out.write(f"load average: start {la['start']}, end {la['end']}\n")

@@ -31,16 +31,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
                    help="how the TP ranks exchange tensors: auto = shared memory on the CPU, NCCL/gloo on GPUs; "
                         "shm = shared memory; gloo = torch.distributed gloo (default: auto)")
-    p.add_argument("--moe-parallel", default="tp", choices=["tp", "ep"],
+    p.add_argument("--moe-parallel", default=None, choices=["tp", "ep"],
                    help="MoE models: how the --tp ranks share the experts: tp = every expert's hidden units split "
                         "over them (like a dense MLP); ep = experts placed whole, each rank holding and loading "
                         "only num_experts/tp of them (they must divide), shared experts on every rank "
-                        "(default: tp)")
-    p.add_argument("--moe-dispatch", default="local", choices=["local", "all_to_all"],
+                        "(default: tp; ep in a DP group)")
+    p.add_argument("--moe-dispatch", default=None, choices=["local", "all_to_all"],
                    help="with --moe-parallel ep: local = each rank computes its experts' share of the stage's "
                         "tokens and one all-reduce sums them (the fast path: a stage's ranks hold the same "
                         "tokens); all_to_all = tokens travel to their experts' ranks and back, the path for "
-                        "ranks holding different tokens, for testing and debugging here (default: local)")
+                        "ranks holding different tokens, for testing and debugging here (default: local; "
+                        "all_to_all in a DP group)")
+    dp = p.add_argument_group("data-parallel attention (MoE models)")
+    dp.add_argument("--dp-size", type=int, default=1,
+                    help="replicas in this stage's DP-attention group: each attends over its own requests with "
+                         "its own KV cache, and the MoE layers of the same-position stages of all of them form one "
+                         "expert-parallel group of dp-size x tp ranks (default: 1, no group)")
+    dp.add_argument("--dp-rank", type=int, default=0, help="this stage's replica in the group, 0..dp-size-1")
+    dp.add_argument("--dp-group", default="",
+                    help="HOST:PORT where the group meets: every stage of every replica of the group gives the same "
+                         "one; the stage at layer 0 of replica 0 listens there (TCP, so members may be in other "
+                         "containers or hosts)")
+    dp.add_argument("--collective-timeout", type=float, default=30.0,
+                    help="seconds a collective of the DP group may take before the group counts as failed (a member "
+                         "died or stalled): its replicas fail their requests and wait for the group to re-form "
+                         "(default: 30)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (replica head)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="tokens per step (replica head); longer prompts are prefilled in chunks")
@@ -73,6 +88,31 @@ def _kv_memory(text: str) -> dict:
     return {"kv_cache_memory_bytes": parse_bytes(text)}
 
 
+def _moe_modes(args: argparse.Namespace, num_experts: int, model: str) -> tuple[str, str]:
+    """``--moe-parallel`` / ``--moe-dispatch`` with their defaults; a DP group needs ep + all_to_all."""
+    from stagekit.errors import ConfigError
+    from stagekit.parallel.dp_rendezvous import parse_address
+
+    if args.dp_size == 1:
+        return args.moe_parallel or "tp", args.moe_dispatch or "local"
+    if args.dp_size < 1:
+        raise ConfigError(f"--dp-size {args.dp_size} must be at least 1")
+    if not 0 <= args.dp_rank < args.dp_size:
+        raise ConfigError(f"--dp-rank {args.dp_rank} must be in 0..{args.dp_size - 1} (--dp-size {args.dp_size})")
+    if not args.dp_group:
+        raise ConfigError("--dp-size > 1 needs --dp-group HOST:PORT, where the group's members meet")
+    parse_address(args.dp_group)
+    if not args.collective_timeout > 0:
+        raise ConfigError(f"--collective-timeout {args.collective_timeout} must be a positive number of seconds")
+    if num_experts == 0:
+        raise ConfigError(f"--dp-size {args.dp_size}: {model} has no experts (a dense model): its replicas would "
+                          "share nothing; run them as independent replicas (--dp-size 1)")
+    if args.moe_parallel == "tp" or args.moe_dispatch == "local":
+        raise ConfigError("a DP group places its experts over all its replicas' ranks and moves tokens to them: "
+                          "--moe-parallel ep and --moe-dispatch all_to_all (the defaults with --dp-size > 1)")
+    return "ep", "all_to_all"
+
+
 def run(args: argparse.Namespace) -> int:
     from services.stage.server import run as serve
     from stagekit.config.model_config import load_model_config
@@ -85,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_model_config(args.model, args.model_name)
         start, end = parse_layers(args.layers, cfg.num_layers)
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
-        check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
+        moe_parallel, moe_dispatch = _moe_modes(args, cfg.num_experts, repr(cfg.name))
+        check_moe_parallel(moe_parallel, cfg.num_experts, args.tp * args.dp_size, repr(cfg.name))
         if not 1 <= args.block_size <= 256:
             raise ConfigError(f"--block-size {args.block_size} must be between 1 and 256 tokens")
         if not args.step_timeout > 0:
@@ -101,10 +142,11 @@ def run(args: argparse.Namespace) -> int:
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
-            collectives=args.collectives, moe_parallel=args.moe_parallel, moe_dispatch=args.moe_dispatch,
+            collectives=args.collectives, moe_parallel=moe_parallel, moe_dispatch=moe_dispatch,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,
-            step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault,
+            step_timeout_s=args.step_timeout, kv_prefault=args.kv_prefault, dp_group=args.dp_group,
+            dp_rank=args.dp_rank, dp_size=args.dp_size, collective_timeout_s=args.collective_timeout,
         )
     except ConfigError as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)

@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
     p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
                    help="TP collectives inside each stage (see stagemesh stage --help)")
+    p.add_argument("--dp-attention", action="store_true",
+                   help="MoE models: the --dp replicas form one data-parallel-attention group: each attends over its "
+                        "own requests, the experts are placed over all replicas' ranks and tokens travel to them "
+                        "(all-to-all); the replicas step in lockstep and fail and recover as one")
+    p.add_argument("--collective-timeout", type=float, default=30.0,
+                   help="with --dp-attention: seconds a group collective may take before the group counts as failed")
     p.add_argument("--moe-parallel", default="tp", choices=["tp", "ep"],
                    help="MoE models: experts split over each stage's TP ranks (tp) or placed whole (ep); "
                         "see stagemesh stage --help")
@@ -41,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--grpc-port", type=int, default=None,
                     help="gRPC Generation API port (default: --port + 1; 0 = a free port)")
     gw.add_argument("--no-grpc", action="store_true", help="serve the REST API only")
-    gw.add_argument("--routing", default="round_robin", choices=["round_robin", "least_loaded", "prefix"],
-                    help="how the gateway spreads requests over the --dp replicas (default: %(default)s)")
+    gw.add_argument("--routing", default=None, choices=["round_robin", "least_loaded", "prefix"],
+                    help="how the gateway spreads requests over the --dp replicas (default: the gateway's: "
+                         "round_robin, least_loaded for a --dp-attention group)")
     gw.add_argument("--api-key", action="append", default=[],
                     help="require 'Authorization: Bearer KEY' on /v1 and gRPC (repeatable)")
     gw.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
@@ -54,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str], int | None]:
     """Gateway arguments, its environment (keys travel there, never on a command line) and the gRPC port."""
     grpc_port = None if args.no_grpc else (args.port + 1 if args.grpc_port is None else args.grpc_port)
-    gw_args = ["--routing", args.routing]
+    gw_args = ["--routing", args.routing] if args.routing else []
     if grpc_port is not None:
         gw_args += ["--grpc-port", str(grpc_port)]
     for name in args.api_key_file:
@@ -80,7 +87,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_model_config(model)
         splits = split_layers(cfg.num_layers, args.pp)
-        check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
+        if args.dp_attention:
+            if args.dp < 2:
+                raise ConfigError("--dp-attention needs --dp 2 or more replicas to group")
+            if not cfg.num_experts:
+                raise ConfigError(f"--dp-attention: {cfg.name!r} has no experts (a dense model): run --dp replicas "
+                                  "without it")
+            check_moe_parallel("ep", cfg.num_experts, args.tp * args.dp, repr(cfg.name))
+        else:
+            check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
     except ConfigError as e:
         print(f"stagemesh up: error: {e}", file=sys.stderr)
         return 2
@@ -92,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
                          transport=args.transport,
                          extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
-                         + ["--collectives", args.collectives, "--moe-parallel", args.moe_parallel]), log_dir)
+                         + ["--collectives", args.collectives]
+                         + ([] if args.dp_attention else ["--moe-parallel", args.moe_parallel]),
+                         dp_attention=args.dp_attention, collective_timeout=args.collective_timeout), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
