@@ -31,7 +31,8 @@ class ModelRunner:
         self.layout = StageLayout(spec.start_layer, spec.end_layer, self.cfg.num_layers, spec.tp_size)
         self.layout.validate(self.cfg.num_heads, self.cfg.num_kv_heads)
         # a DP group's experts are placed over the same-position stages of all its replicas
-        check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size * spec.dp_size, repr(self.cfg.name))
+        check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size * spec.dp_size, repr(self.cfg.name),
+                           f"--dp-size {spec.dp_size} x --tp {spec.tp_size}" if spec.dp_size > 1 else "")
         self.in_dp_group = spec.dp_size > 1
         self.dtype = self.cfg.torch_dtype(spec.dtype)
         self.groups, self.device = groups, groups.device

@@ -37,10 +37,13 @@ def expert_owner(num_experts: int, ep_size: int) -> list[int]:
     return owner
 
 
-def check_moe_parallel(moe_parallel: str, num_experts: int, ep_size: int, model: str = "the model") -> None:
+def check_moe_parallel(moe_parallel: str, num_experts: int, ep_size: int, model: str = "the model",
+                       ranks: str = "") -> None:
     """ConfigError unless ``moe_parallel`` can work for ``model`` with ``num_experts``
     experts (0: dense) over a stage of ``ep_size`` ranks: ``ep`` needs experts, at most
-    one rank per expert, and an even split (docs/ARCHITECTURE.md says why uneven is refused)."""
+    one rank per expert, and an even split (docs/ARCHITECTURE.md says why uneven is refused).
+    ``ranks`` says where the EP ranks come from (default ``--tp N``)."""
+    ranks = ranks or f"--tp {ep_size}"
     if moe_parallel not in ("tp", "ep"):
         raise ConfigError(f"--moe-parallel must be tp or ep, got {moe_parallel!r}")
     if moe_parallel == "tp":
@@ -48,10 +51,10 @@ def check_moe_parallel(moe_parallel: str, num_experts: int, ep_size: int, model:
     if num_experts == 0:
         raise ConfigError(f"--moe-parallel ep: {model} has no experts (a dense model); leave it at tp")
     if ep_size > num_experts:
-        raise ConfigError(f"--moe-parallel ep: {ep_size} expert-parallel ranks (--tp {ep_size}) but {model} has "
+        raise ConfigError(f"--moe-parallel ep: {ep_size} expert-parallel ranks ({ranks}) but {model} has "
                           f"only {num_experts} experts (at most {num_experts} ranks)")
     if num_experts % ep_size:
         fits = [n for n in range(2, num_experts + 1) if num_experts % n == 0]
         raise ConfigError(f"--moe-parallel ep: {num_experts} experts of {model} do not divide over {ep_size} "
-                          f"ranks (--tp {ep_size}); sizes that divide: {', '.join(map(str, fits))}, "
+                          f"ranks ({ranks}); sizes that divide: {', '.join(map(str, fits))}, "
                           "or use --moe-parallel tp")

@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         start, end = parse_layers(args.layers, cfg.num_layers)
         StageLayout(start, end, cfg.num_layers, args.tp).validate(cfg.num_heads, cfg.num_kv_heads)
         moe_parallel, moe_dispatch = _moe_modes(args, cfg.num_experts, repr(cfg.name))
-        check_moe_parallel(moe_parallel, cfg.num_experts, args.tp * args.dp_size, repr(cfg.name))
+        check_moe_parallel(moe_parallel, cfg.num_experts, args.tp * args.dp_size, repr(cfg.name),
+                           f"--dp-size {args.dp_size} x --tp {args.tp}" if args.dp_size > 1 else "")
         if not 1 <= args.block_size <= 256:
             raise ConfigError(f"--block-size {args.block_size} must be between 1 and 256 tokens")
         if not args.step_timeout > 0:

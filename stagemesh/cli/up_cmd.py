@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             if not cfg.num_experts:
                 raise ConfigError(f"--dp-attention: {cfg.name!r} has no experts (a dense model): run --dp replicas "
                                   "without it")
-            check_moe_parallel("ep", cfg.num_experts, args.tp * args.dp, repr(cfg.name))
+            check_moe_parallel("ep", cfg.num_experts, args.tp * args.dp, repr(cfg.name),
+                               f"--dp {args.dp} x --tp {args.tp}")
         else:
             check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
     except ConfigError as e:

@@ -91,11 +91,11 @@ def _check_tokens(mesh: Mesh, ref: Reference) -> None:
         assert [tokens_of(f.result()) for f in futs] == [ref.tokens[2], ref.tokens[0]]
 
 
-def _stream_fails_in_time(mesh: Mesh, stop_member) -> None:
-    """A long stream on replica 0 while ``stop_member()`` hits replica 1: the stream ends with
-    an error within the collective timeout (plus the time to notice), never hangs."""
+def _stream_fails_in_time(mesh: Mesh, stop_member, survivor: int = 0) -> None:
+    """A long stream on replica ``survivor`` while ``stop_member()`` hits the other: the stream
+    ends with an error within the collective timeout (plus the time to notice), never hangs."""
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(generate, mesh.replicas[0][0], PROMPTS[1], "long", temperature=0.0, max_tokens=200,
+        fut = pool.submit(generate, mesh.replicas[survivor][0], PROMPTS[1], "long", temperature=0.0, max_tokens=200,
                           ignore_eos=True)
         time.sleep(1.0)
         assert not fut.done(), "the stream should still run when the member goes"
@@ -105,24 +105,26 @@ def _stream_fails_in_time(mesh: Mesh, stop_member) -> None:
             fut.result(timeout=TIMEOUT_S + 30)
         assert time.monotonic() - hit < TIMEOUT_S + 15
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "DP group" in err.value.details()
-    info = stage_info(mesh.replicas[0][0])
+    info = stage_info(mesh.replicas[survivor][0])
     assert info.dp_state == "forming" and "failed" in info.dp_detail
 
 
-def test_killed_member_fails_the_group_and_a_restart_brings_it_back(group) -> None:
+@pytest.mark.parametrize("victim_rank", [1, 0], ids=["member", "rendezvous-host"])
+def test_killed_member_fails_the_group_and_a_restart_brings_it_back(group, victim_rank: int) -> None:
     mesh, ref = group
     _wait(lambda: _group_up(mesh), "the gateway to see the group up")
-    victim = _stage_proc(mesh, 1)
-    _stream_fails_in_time(mesh, lambda: os.killpg(victim.pid, signal.SIGKILL))
+    victim = _stage_proc(mesh, victim_rank)
+    _stream_fails_in_time(mesh, lambda: os.killpg(victim.pid, signal.SIGKILL), survivor=1 - victim_rank)
     victim.wait(timeout=10)
     _wait(lambda: not _group_up(mesh), "the gateway to take the group out")
     health = _health(mesh)
     assert health["dp_groups"][0]["reason"] and not any(r["healthy"] for r in health["replicas"])
-    # restart the member on its old port: the gateway re-wires it and the group re-forms
-    port = int(mesh.replicas[1][0].rsplit(":", 1)[1])
+    # restart the member on its old port (the host also on its old rendezvous port): the gateway
+    # re-wires it and the group re-forms
+    port = int(mesh.replicas[victim_rank][0].rsplit(":", 1)[1])
     mesh.procs = [(n, p) for n, p in mesh.procs if p is not victim]
-    mesh.start_stage(1, 0, port)
-    mesh.wait_stage(mesh.replicas[1][0], time.monotonic() + 120)
+    mesh.start_stage(victim_rank, 0, port)
+    mesh.wait_stage(mesh.replicas[victim_rank][0], time.monotonic() + 120)
     _wait(lambda: _both_ready(mesh), "the group to re-form")
     _wait(lambda: _group_up(mesh), "the gateway to route to the group again")
     _check_tokens(mesh, ref)

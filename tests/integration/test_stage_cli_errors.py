@@ -141,3 +141,28 @@ def test_moe_parallel_ep_needs_experts(demo: Path) -> None:
                             "--moe-parallel", "ep"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and f"stagemesh {cmd}: error: --moe-parallel ep: 'demo' has no experts" in r.stderr, (
             r.stderr)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dp-size", "2", "--dp-rank", "0"], "--dp-size > 1 needs --dp-group HOST:PORT"),
+    (["--dp-size", "2", "--dp-rank", "2", "--dp-group", "127.0.0.1:29600"], "--dp-rank 2 must be in 0..1"),
+    (["--dp-size", "2", "--dp-group", "nowhere"], "bad data-parallel group address 'nowhere': expected HOST:PORT"),
+    (["--dp-size", "2", "--dp-group", "127.0.0.1:29600", "--moe-dispatch", "local"],
+     "a DP group places its experts over all its replicas' ranks"),
+    (["--dp-size", "2", "--dp-group", "127.0.0.1:29600", "--collective-timeout", "0"], "--collective-timeout 0"),
+    (["--dp-size", "3", "--dp-group", "127.0.0.1:29600"],
+     "--moe-parallel ep: 8 experts of 'mixtral' do not divide over 3 ranks (--dp-size 3 x --tp 1)"),
+])
+def test_dp_group_settings_that_cannot_work(mixtral_demo: Path, args: list[str], message: str) -> None:
+    r = _stage("--model", str(mixtral_demo), *args)
+    assert r.returncode == 2 and f"stagemesh stage: error: {message}" in r.stderr, r.stderr
+
+
+def test_dp_attention_needs_experts_and_replicas(demo: Path, mixtral_demo: Path) -> None:
+    r = _stage("--model", str(demo), "--dp-size", "2", "--dp-group", "127.0.0.1:29600")
+    assert r.returncode == 2 and "--dp-size 2: 'demo' has no experts (a dense model)" in r.stderr, r.stderr
+    for model, dp, message in ((demo, "2", "--dp-attention: 'demo' has no experts"),
+                               (mixtral_demo, "1", "--dp-attention needs --dp 2 or more replicas")):
+        r = subprocess.run([sys.executable, "-m", "stagemesh.cli.main", "up", "--model", str(model), "--dp", dp,
+                            "--dp-attention"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"stagemesh up: error: {message}" in r.stderr, r.stderr
