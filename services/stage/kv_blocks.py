@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from stagekit.engine.stage_runtime import StageRuntime
+from stagekit.engine.tp_executor import TPExecutor
 from stagekit.kv.block_io import BlockIO, Incoming
 from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2
@@ -31,10 +32,22 @@ class KvBlocks:
 
     def __init__(self, runtime: StageRuntime, pool: ThreadPoolExecutor) -> None:
         lay = runtime.layout
-        self.io = BlockIO(runtime.kv_cache, runtime.cfg.num_kv_heads, lay.tp_size, lay.start_layer, lay.end_layer)
+        self._runtime = runtime
+        self._io = BlockIO(runtime.kv_cache, runtime.cfg.num_kv_heads, lay.tp_size, lay.start_layer, lay.end_layer)
         self.tp_size = lay.tp_size
-        self._executor = runtime.executor
         self._pool = pool
+
+    @property
+    def io(self) -> BlockIO:
+        """The block I/O of the runtime's pool now (a DP-group stage rebuilds it when it rejoins)."""
+        kv = self._runtime.kv_cache
+        if self._io.kv is not kv:
+            self._io = BlockIO(kv, self._io.num_kv_heads, self.tp_size, self._io.start_layer, self._io.end_layer)
+        return self._io
+
+    @property
+    def _executor(self) -> TPExecutor:
+        return self._runtime.executor
 
     @property
     def gathers(self) -> bool:
