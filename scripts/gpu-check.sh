@@ -3,7 +3,9 @@
 # root: `bash scripts/gpu-check.sh`; logs go to $OUT (default /tmp/gpu-check).
 # It runs on CUDA: the sharded layers (NCCL when there are >= 2 GPUs, gloo over CUDA tensors
 # when ranks share one), the TP x PP parity matrix against transformers, half precision,
-# live stage requests, and the transport suite (CUDA tensors over UCX where ucxx imports).
+# live stage requests, the MoE parity (experts split and placed, all-to-all dispatch) and the
+# data-parallel-attention group (EP across replicas, lockstep), and the transport suite (CUDA
+# tensors over UCX where ucxx imports).
 # Needs python3 with CUDA torch, transformers, safetensors, tokenizers, jinja2 and pytest;
 # missing wheels come from .whl/ and .whl-ucx/ (scripts/gpu-wheels.sh fetches them), and the
 # generated protos from stagekit/rpc/pb (carry it, or have grpcio-tools there).
@@ -30,7 +32,9 @@ except Exception as e:  # noqa: BLE001
 PY
 [ -f stagekit/rpc/pb/stage_pb2.py ] || python3 scripts/gen_protos.py || exit 1
 tests=(tests/gpu tests/unit/test_parallel_layers.py tests/integration/test_parity.py
-       tests/integration/test_dtypes.py tests/integration/test_stage_requests.py)
+       tests/integration/test_dtypes.py tests/integration/test_stage_requests.py
+       tests/integration/test_parity_moe.py
+       tests/integration/test_dp_attention.py)
 [ -d tests/transport ] && tests+=(tests/transport)
 python3 -m pytest -q -p no:cacheprovider -rs "${tests[@]}" 2>&1 | tee "$OUT/pytest.log"
 exit "${PIPESTATUS[0]}"
