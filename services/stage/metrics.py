@@ -95,6 +95,14 @@ class StageCollector:
         loads = self.node.runtime.expert_load()
         if loads:
             yield from self._moe_metrics(loads)
+        dp = self.node.runtime.dp
+        if dp is not None:
+            yield self._gauge("stagemesh_dp_group_ready", "1 while this stage's data-parallel-attention group is "
+                              "formed and its world current, 0 while it forms.", 1.0 if dp.ready else 0.0)
+            yield self._counter("stagemesh_dp_group_failures", "Times this stage saw its data-parallel-attention "
+                                "group fail (and left its world to re-form it).", dp.failures_total)
+            yield self._gauge("stagemesh_dp_group_epoch", "Formations of the group since its rendezvous host "
+                              "started (the epoch of this stage's world).", dp.epoch)
         if self.node.engine is not None:
             yield from self._head_metrics(self.node.engine.head_stats())
 

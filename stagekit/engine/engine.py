@@ -235,8 +235,10 @@ class Engine:
                     if header is not None:
                         self._fail(header, e)
                     break
-                if not anyone:
-                    assert header is None, "a head with work always steps"
+                if not anyone:   # nobody has work, or a head is not wired yet: nobody can step
+                    if header is not None:
+                        self._fail(header, StageUnavailable("the DP group cannot step: the pipeline of one of its "
+                                                            "replicas is not wired yet"))
                     break
                 if header is None:
                     header = self.scheduler.empty_step()  # a dummy step: only the MoE collectives

@@ -36,7 +36,7 @@ def group(moe_checkpoints: dict, tmp_path):
     for name, content in tokenizer_files().items():
         (model / name).write_bytes(content)
     mesh = Mesh(MeshSpec(model=str(model), layer_splits=split_layers(5, 1), dp=2, threads=1, port=_port(),
-                         dp_attention=True, collective_timeout=TIMEOUT_S,
+                         dp_attention=True, collective_timeout=TIMEOUT_S, stage_metrics=True,
                          extra_gateway_args=["--health-interval", "1"]), tmp_path / "logs")
     try:
         mesh.start(timeout_s=240)
@@ -107,6 +107,14 @@ def _stream_fails_in_time(mesh: Mesh, stop_member, survivor: int = 0) -> None:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "DP group" in err.value.details()
     info = stage_info(mesh.replicas[survivor][0])
     assert info.dp_state == "forming" and "failed" in info.dp_detail
+    metrics = _stage_metrics(mesh, survivor)
+    assert metrics["stagemesh_dp_group_ready"] == 0 and metrics["stagemesh_dp_group_failures_total"] >= 1
+
+
+def _stage_metrics(mesh: Mesh, replica: int) -> dict[str, float]:
+    with urllib.request.urlopen(mesh.stage_metrics_urls[(replica, 0)], timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {line.split("{")[0]: float(line.split()[-1]) for line in lines if line.startswith("stagemesh_dp_group")}
 
 
 @pytest.mark.parametrize("victim_rank", [1, 0], ids=["member", "rendezvous-host"])
@@ -128,6 +136,7 @@ def test_killed_member_fails_the_group_and_a_restart_brings_it_back(group, victi
     _wait(lambda: _both_ready(mesh), "the group to re-form")
     _wait(lambda: _group_up(mesh), "the gateway to route to the group again")
     _check_tokens(mesh, ref)
+    assert _stage_metrics(mesh, 1 - victim_rank)["stagemesh_dp_group_ready"] == 1
 
 
 def test_stopped_member_fails_the_group_and_continuing_brings_it_back(group) -> None:
