@@ -18,8 +18,10 @@ def test_bench_serve_compares_tp_layouts() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["meshes"] == {
-        "tp2x1-gloo": {"tp": 2, "threads": 1, "collectives": "gloo", "transport": "", "moe_parallel": ""},
-        "tp1x1": {"tp": 1, "threads": 1, "collectives": "auto", "transport": "", "moe_parallel": ""},
+        "tp2x1-gloo": {"tp": 2, "threads": 1, "collectives": "gloo", "transport": "", "moe_parallel": "", "dp": 1,
+                       "dp_attention": False},
+        "tp1x1": {"tp": 1, "threads": 1, "collectives": "auto", "transport": "", "moe_parallel": "", "dp": 1,
+                  "dp_attention": False},
     }
     rows = {(r["mesh"], r["batch"]): r for r in report["runs"]}
     assert set(rows) == {(m, b) for m in ("tp2x1-gloo", "tp1x1") for b in (1, 2)}
@@ -33,4 +35,4 @@ def test_bench_serve_compares_tp_layouts() -> None:
 def test_bench_serve_rejects_a_bad_layout() -> None:
     out = subprocess.run([*BENCH, "--layouts", "tp2"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
-    assert "expected tpNxT" in out.stderr and "Traceback" not in out.stderr
+    assert "expected [dpN-]tpNxT" in out.stderr and "Traceback" not in out.stderr
