@@ -87,8 +87,11 @@ class TPExecutor:
         log.info("stage layers %d:%d ready on %d TP rank(s), TP collectives: %s", spec.start_layer, spec.end_layer,
                  spec.tp_size, "none (one rank)" if comm is None else type(comm).__name__)
         if spec.dp_size > 1:
-            log.info("DP group %s epoch %d: replica %d of %d, experts over %d EP ranks", spec.dp_group, self.epoch,
-                     spec.dp_rank, spec.dp_size, self.groups.ep.world_size if self.groups.ep else 1)
+            ep = self.groups.ep
+            ep_comm = None if ep is None else ep.communicator
+            log.info("DP group %s epoch %d: replica %d of %d, experts over %d EP ranks, EP collectives: %s",
+                     spec.dp_group, self.epoch, spec.dp_rank, spec.dp_size, ep.world_size if ep else 1,
+                     "none (one rank)" if ep_comm is None else type(ep_comm).__name__)
         elif self.runner.cfg.num_experts and spec.tp_size > 1:
             log.info("MoE experts: %s", "split over the TP ranks (tp)" if spec.moe_parallel == "tp" else
                      f"placed whole over {spec.tp_size} EP ranks (ep), {spec.moe_dispatch} dispatch")

@@ -212,8 +212,8 @@ class Inbox:
                                     timeout=s.connect_timeout_s)
         link.welcomed = True
         self._on_link(link)
-        log.info("accepted UCX link %x from process %d on %s", hello.link_id, hello.sender.pid,
-                 hello.sender.host.split("/")[0])
+        log.info("accepted UCX link %x from process %d (%s)", hello.link_id, hello.sender.pid,
+                 wire.describe_route(hello.sender.host, hello.error_handling))
 
     def close(self) -> None:
         if not self._stopped.done():

@@ -133,7 +133,8 @@ class UcxTransport(Transport):
             _RETIRED.append(link)
             raise
         self._out = link
-        log.info("UCX link %x to %s open", link.link_id, peer_address)
+        log.info("UCX link %x to %s open (%s)", link.link_id, peer_address,
+                 wire.describe_route(peer.host, link.error_handling))
 
     async def send(self, frame: Frame) -> None:
         out = self._out

@@ -72,6 +72,14 @@ def this_host() -> str:
     return "/".join(parts)
 
 
+def describe_route(peer_host: str, error_handling: bool) -> str:
+    """Where a link's peer runs and how UCX may reach it, for the log: endpoint error handling
+    excludes UCX's shared-memory transports, so a link with it goes over the network (TCP)."""
+    where = "this host" if peer_host == this_host() else f"host {peer_host.split('/')[0]}"
+    how = "error handling on: network transports only" if error_handling else "no error handling: shared memory"
+    return f"{where}, {how}"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerAddress:
     """Who a peer is on the UCX data plane: its worker address, the inbox its receiver
