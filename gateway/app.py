@@ -139,14 +139,23 @@ def _ops_router() -> APIRouter:
     return router
 
 
+def _route_groups_least_loaded(pool: ReplicaPool) -> None:
+    """The default policy once replicas form DP-attention groups: attention load is per replica,
+    so a group's heads are balanced by what each has in flight."""
+    if pool.dp_groups.groups and pool.router.policy != "least_loaded":
+        pool.router = make_router("least_loaded", pool.prefix_index)
+        logger.info("replicas form DP-attention group(s) %s: routing least_loaded", sorted(pool.dp_groups.groups))
+
+
 def create_app(
     config: GatewayConfig,
     *,
     tokenizer_factory: TokenizerFactory | None = None,
     router: Router | None = None,
 ) -> FastAPI:
-    """The gateway app; its lifespan wires the replicas, fetches the head's info and tokenizer,
-    and serves the gRPC Generation API when ``config.grpc_port`` is set."""
+    """The gateway app; its lifespan waits for the first ready replica (the others join when they
+    answer), fetches its head's info and tokenizer, and serves the gRPC Generation API when
+    ``config.grpc_port`` is set."""
     metrics = GatewayMetrics()
     keys = ApiKeys(config.api_keys)
 
@@ -168,11 +177,9 @@ def create_app(
         grpc_server: GenerationServer | None = None
         try:
             head_info = await pool.start(config.startup_timeout_s)
-            if router is None and config.routing is None and pool.dp_groups.groups:
-                # attention load is per replica: a group's heads are balanced by what each has in flight
-                pool.router = make_router("least_loaded", index)
-                groups = sorted(pool.dp_groups.groups)
-                logger.info("replicas form DP-attention group(s) %s: routing least_loaded", groups)
+            if router is None and config.routing is None:
+                _route_groups_least_loaded(pool)
+                pool.probe_listeners.append(_route_groups_least_loaded)  # a group may appear after start
             tokenizer = (tokenizer_factory or load_tokenizer)(await pool.tokenizer_files())
             model_name = config.model_name_override or head_info.model_name or "stagemesh"
             state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()))
@@ -181,10 +188,11 @@ def create_app(
                 grpc_server = GenerationServer(state, keys)
                 app.state.grpc_port = await grpc_server.start(config.grpc_host, config.grpc_port)
             logger.info(
-                "serving %s (max_model_len %d, vocab %d) from %d replica(s), routing %s%s",
+                "serving %s (max_model_len %d, vocab %d) from %d of %d replica(s), routing %s%s",
                 model_name,
                 head_info.max_model_len,
                 head_info.vocab_size,
+                sum(r.healthy for r in replicas),
                 len(replicas),
                 pool.router.policy,
                 f", gRPC on {config.grpc_host}:{app.state.grpc_port}" if grpc_server else "",

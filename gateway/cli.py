@@ -71,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fail (rather than continue elsewhere) a request whose replica dies after it produced tokens",
     )
     parser.add_argument(
-        "--startup-timeout", type=float, default=300.0, help="seconds to wait for stages (default: %(default)s)"
+        "--startup-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a first replica to be ready; the others join when they are (default: %(default)s)",
     )
     parser.add_argument(
         "--health-interval", type=float, default=5.0, help="seconds between replica probes (default: %(default)s)"

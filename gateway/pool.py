@@ -48,8 +48,9 @@ class Lease:
 class ReplicaPool:
     """The replicas behind one gateway; requests go only to healthy ones with room.
 
-    A background loop probes every replica each ``health_interval_s``: a replica that stops
-    answering is taken out, one that answers again (re-wired if a stage restarted) comes back.
+    The pool serves once one replica is ready (`start`). A background loop probes every replica
+    each ``health_interval_s``: a replica that stops answering is taken out, one that answers
+    again (re-wired if a stage restarted) comes back, and one missing at start joins.
     Replicas of a DP-attention group serve together or not at all (`DpGroups`, re-evaluated on
     every probe and every health change once started).
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
@@ -93,22 +94,31 @@ class ReplicaPool:
         return sum(r.gate.waiting for r in self.replicas)
 
     async def start(self, timeout_s: float) -> StageInfo:
-        """Wire every replica (waiting up to ``timeout_s`` for their stages); the head info of the first."""
+        """Serve as soon as one replica is ready: wait up to ``timeout_s`` for the first, give the
+        others one more try (replicas that come up together, like a DP group, start together),
+        then start the health loop, which wires the missing ones when they answer. Returns the
+        head info of the first ready replica; `StartupError` (naming every replica's last error)
+        when none became ready in time."""
         tasks = [asyncio.create_task(r.wait_wired(timeout_s)) for r in self.replicas]
-        await asyncio.wait(tasks, timeout=timeout_s + 1.0)
-        for replica, task in zip(self.replicas, tasks, strict=True):
-            if not task.done():
+        try:
+            await _first_success(tasks, timeout_s + 1.0)
+        finally:
+            for task in tasks:
                 task.cancel()
-            elif task.exception() is not None:
-                logger.warning("replica %d not ready: %s", replica.index, task.exception())
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         ready = [r for r in self.replicas if r.healthy and r.head_info is not None]
         if not ready:
             raise StartupError(
                 f"no replica became ready within {timeout_s:g}s: "
-                + "; ".join(f"replica {r.index}: {r.last_error}" for r in self.replicas)
+                + "; ".join(f"replica {r.index}: {r.last_error or 'not ready'}" for r in self.replicas)
             )
-        names = {r.head_info.model_name for r in ready if r.head_info is not None}
+        late = [r for r in self.replicas if not r.healthy]
+        if late:
+            await asyncio.gather(*(r.probe() for r in late))
+        for r in self.replicas:
+            if not r.healthy:
+                logger.warning("replica %d not ready, serving without it until it is: %s", r.index, r.last_error)
+        names = {r.head_info.model_name for r in self.replicas if r.healthy and r.head_info is not None}
         if len(names) > 1:
             logger.warning("replicas serve different models: %s", sorted(names))
         self.dp_groups.update(self.replicas)  # not while replicas came up one by one: no false alarms
@@ -187,6 +197,7 @@ class ReplicaPool:
                     "index": r.index,
                     "addresses": list(r.addresses),
                     "healthy": r.serving,  # what routing sees: a member of a down DP group is out too
+                    "state": r.state,
                     "running": r.gate.running,
                     "waiting": r.gate.waiting,
                     "outstanding_tokens": r.gate.outstanding_tokens,
@@ -232,3 +243,16 @@ class ReplicaPool:
         if self._background:
             await asyncio.wait(list(self._background), timeout=2.0)
         await asyncio.gather(*(r.close() for r in self.replicas))
+
+
+async def _first_success(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> None:
+    """Return once one of ``tasks`` succeeded, all of them ended, or ``timeout_s`` passed."""
+    pending = set(tasks)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while pending:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return
+        done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if any(not task.cancelled() and task.exception() is None for task in done):
+            return

@@ -59,6 +59,7 @@ class ReplicaClient:
         self.transport = transport
         self.rpc_timeout_s = rpc_timeout_s
         self.healthy = False
+        self.joined = False  # healthy at least once: a replica never seen ready is still joining
         self.wired = False
         self.last_error: str | None = None
         self.hold_reason: str | None = None  # why its DP group keeps it out of routing (dp_groups.py)
@@ -75,6 +76,15 @@ class ReplicaClient:
     @property
     def serving(self) -> bool:
         return self.healthy and self.hold_reason is None
+
+    @property
+    def state(self) -> str:
+        """For /health: serving, held (by its DP group), down (after serving) or joining (never ready yet)."""
+        if self.serving:
+            return "serving"
+        if self.healthy:
+            return "held"
+        return "down" if self.joined else "joining"
 
     @property
     def load(self) -> int:
@@ -132,9 +142,9 @@ class ReplicaClient:
             try:
                 info = await self.refresh()
             except StagemeshError as err:
+                self.last_error = str(err)  # why it is missing, for /health once the gateway serves without it
                 # A stage that answers "invalid" (e.g. another data plane) will not change its mind.
                 if isinstance(err, InvalidRequest) or time.monotonic() + delay > deadline:
-                    self.last_error = str(err)
                     raise
                 if str(err) != last_logged:
                     logger.info("waiting for replica %d: %s", self.index, err)
@@ -187,7 +197,7 @@ class ReplicaClient:
 
     def mark_healthy(self) -> None:
         changed = not self.healthy
-        self.healthy, self.last_error = True, None
+        self.healthy, self.joined, self.last_error = True, True, None
         if changed:
             logger.info("replica %d is healthy", self.index)
             self._notify()

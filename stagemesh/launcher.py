@@ -2,7 +2,9 @@
 with its TP ranks) and a gateway. Used by ``stagemesh up`` and by the tests.
 
 Every process starts in its own session, so stopping one kills its TP workers with it
-(by process group); ``stop`` ends everything this launcher started and nothing else.
+(by process group); ``stop`` ends everything this launcher started and nothing else. A stage
+restarted (`restart_stage`) comes back on the port it had, appending to its log; keeping a
+mesh running that way is `stagemesh.supervisor`'s job.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class MeshSpec:
 
 
 class Mesh:
-    """Invariant: ``procs`` holds every process started and not yet reaped."""
+    """Invariant: ``procs`` holds every process started and not yet reaped; ``replicas`` holds
+    every stage's address once `start` found it, and a stage started again keeps that address."""
 
     def __init__(self, spec: MeshSpec, log_dir: str | Path) -> None:
         self.spec = spec
@@ -71,21 +74,50 @@ class Mesh:
         self.url = f"http://{spec.host}:{spec.port}"
         self.stage_metrics_urls: dict[tuple[int, int], str] = {}
         self.dp_group = f"{spec.host}:{free_port()}" if spec.dp_attention else ""
+        self._spawned: set[str] = set()
 
     def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "wb")
+        # a process started again appends: the log keeps why its last run ended
+        mode = "ab" if name in self._spawned else "wb"
+        self._spawned.add(name)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
-        p = subprocess.Popen([sys.executable, "-m", "stagemesh.cli.main", *args], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        with open(self.log_dir / f"{name}.log", mode) as log:
+            p = subprocess.Popen([sys.executable, "-m", "stagemesh.cli.main", *args], stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs.append((name, p))
         return p
 
-    def start_stage(self, replica: int, index: int, port: int, ready_file: Path | None = None) -> None:
+    def ready_file(self, replica: int, index: int) -> Path:
+        """Where stage ``index`` of ``replica`` writes its ``host:port`` once it serves."""
+        return self.log_dir / f"stage-r{replica}-s{index}.address"
+
+    def stage_ready(self, replica: int, index: int) -> bool:
+        ready = self.ready_file(replica, index)
+        return ready.is_file() and ready.read_text().endswith("\n")  # written whole
+
+    def restart_stage(self, replica: int, index: int) -> subprocess.Popen:
+        """Start a stage of the started mesh again on its port (the gateway's --replica lists name
+        it); `stage_ready` says when it serves."""
+        port = int(self.replicas[replica][index].rsplit(":", 1)[1])
+        self.ready_file(replica, index).unlink(missing_ok=True)
+        return self.start_stage(replica, index, port, ready_file=self.ready_file(replica, index))
+
+    def reap(self, name: str, proc: subprocess.Popen) -> None:
+        """Forget an exited process, killing what is left of its process group (TP workers)."""
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=5)
+        self.procs.remove((name, proc))
+
+    def log_tail(self, name: str, chars: int = 2000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+    def start_stage(self, replica: int, index: int, port: int, ready_file: Path | None = None) -> subprocess.Popen:
         """Start stage ``index`` of ``replica`` on ``port`` (0: one the stage binds itself and
         writes to ``ready_file``)."""
         s = self.spec
         a, b = s.layer_splits[index]
-        self._spawn(f"stage-r{replica}-s{index}", [
+        return self._spawn(f"stage-r{replica}-s{index}", [
             "stage", "--model", s.model, "--layers", f"{a}:{b}", "--tp", str(s.tp), "--host", s.host,
             "--port", str(port), "--dtype", s.dtype, "--threads", str(s.threads),
             *(["--ready-file", str(ready_file)] if ready_file is not None else []),
@@ -104,7 +136,8 @@ class Mesh:
     def _metrics_args(self, replica: int, index: int) -> list[str]:
         if not self.spec.stage_metrics:
             return []
-        port = free_port()
+        url = self.stage_metrics_urls.get((replica, index))  # a restarted stage keeps its metrics port
+        port = int(url.rsplit(":", 1)[1].split("/")[0]) if url else free_port()
         self.stage_metrics_urls[(replica, index)] = f"http://{self.spec.host}:{port}/metrics"
         return ["--metrics-port", str(port)]
 
@@ -113,7 +146,7 @@ class Mesh:
         deadline = time.monotonic() + timeout_s
         # stages bind port 0 and write what they bound: a port picked here and bound later by the
         # stage could be taken meanwhile (by another stage's TP rendezvous or gloo connections)
-        files = [[self.log_dir / f"stage-r{r}-s{i}.address" for i in range(len(s.layer_splits))] for r in range(s.dp)]
+        files = [[self.ready_file(r, i) for i in range(len(s.layer_splits))] for r in range(s.dp)]
         for r, row in enumerate(files):
             for i, ready in enumerate(row):
                 ready.unlink(missing_ok=True)
@@ -131,8 +164,7 @@ class Mesh:
     def _check_alive(self) -> None:
         for name, p in self.procs:
             if p.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with code {p.returncode}:\n{tail}")
+                raise RuntimeError(f"{name} exited with code {p.returncode}:\n{self.log_tail(name)}")
 
     def wait_address(self, ready_file: Path, deadline: float) -> str:
         """The ``host:port`` a stage started on port 0 wrote once it served."""

@@ -1,4 +1,5 @@
-"""``stagemesh up``: the whole mesh on this machine; Ctrl-C stops everything it started."""
+"""``stagemesh up``: the whole mesh on this machine, its stages restarted when they exit
+(`stagemesh.supervisor`); Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def default_demo_dir() -> Path:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("up", help="start gateway + replicas x stages on this machine")
+    p = sub.add_parser("up", help="start gateway + replicas x stages on this machine (stages that exit are restarted)")
     p.add_argument("--model", default=None, help="HF model directory (default: the built-in demo model)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from stagekit.errors import ConfigError
     from stagekit.parallel.expert_placement import check_moe_parallel
     from stagemesh.launcher import Mesh, MeshSpec, split_layers
+    from stagemesh.supervisor import Supervisor
 
     model = args.model
     if model is None:
@@ -127,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"stagemesh is up: {mesh.url}  (model {cfg.name!r}{grpc_note}; Ctrl-C stops it)", flush=True)
         for (r, i), url in sorted(mesh.stage_metrics_urls.items()):
             print(f"  stage metrics replica {r} stage {i}: {url}", flush=True)
+        supervisor = Supervisor(mesh, lambda line: print(f"stagemesh up: {line}", file=sys.stderr, flush=True))
         while not stopping:
-            mesh._check_alive()
-            time.sleep(0.5)
+            supervisor.step()
+            time.sleep(0.25)
     except (RuntimeError, TimeoutError) as e:
         print(f"stagemesh up: {e}", file=sys.stderr)
         return 1

@@ -177,6 +177,31 @@ def test_a_group_given_only_in_part_is_down(mesh: list[list[str]]) -> None:
         assert group_metric(gw, "stagemesh_dp_group_down_total") == 0  # never up: no transition
 
 
+def test_a_member_missing_at_start_joins_later(stage_host: StageHost, mesh: list[list[str]]) -> None:
+    all_heads = heads(stage_host, mesh)
+    absent = {address: stage_host.stages[address] for address in mesh[1]}
+    for address in absent:
+        stage_host.stop(address)
+    with GatewayThread(mesh) as gw:  # replica 2 alone can serve: the gateway does not wait for the group
+        body = health(gw)
+        assert (body["status"], body["routing"]) == ("ok", "least_loaded")
+        assert [r["state"] for r in body["replicas"]] == ["held", "joining", "serving"]
+        assert not body["dp_groups"][0]["up"]
+        assert "replica(s) [1] never answered" in body["dp_groups"][0]["reason"]
+        before = calls(all_heads)
+        assert [complete(gw).status_code for _ in range(3)] == [200] * 3
+        assert calls(all_heads) == [before[0], before[1], before[2] + 3]
+
+        for address, stage in absent.items():
+            stage_host.start(stage, port=int(address.rsplit(":", 1)[1]))
+        wait_for(lambda: health(gw)["dp_groups"][0]["up"], timeout_s=5)
+        assert [r["state"] for r in health(gw)["replicas"]] == ["serving"] * 3
+        before = calls(all_heads)
+        assert [complete(gw).status_code for _ in range(6)] == [200] * 6
+        assert all(now > then for now, then in zip(calls(all_heads), before, strict=True))
+        assert group_metric(gw, "stagemesh_dp_group_down_total") == 0  # never up before: no transition
+
+
 def test_startup_waits_for_the_group_to_form(stage_host: StageHost, mesh: list[list[str]]) -> None:
     members = heads(stage_host, mesh[:2])
     for stage in members:

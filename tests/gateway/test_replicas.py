@@ -1,4 +1,5 @@
-"""Several replicas: wiring, round robin, health, failover, startup waits; aborts on disconnect."""
+"""Several replicas: wiring, round robin, health, failover, startup waits (for the first replica only: the
+others join when they come up); aborts on disconnect."""
 
 from __future__ import annotations
 
@@ -87,6 +88,39 @@ def test_startup_waits_for_late_stages(stage_host: StageHost) -> None:
     finally:
         gw.stop()
         stage_host.stop(address)
+
+
+def test_serves_with_a_replica_down_and_adds_it_when_it_comes_up(stage_host: StageHost) -> None:
+    up = stage_host.start_replica(2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late = f"127.0.0.1:{port}"
+    started = time.monotonic()
+    gw = GatewayThread([up, [late]], startup_timeout_s=30).start(timeout_s=10)
+    late_stage = FakeStage()
+    try:
+        assert time.monotonic() - started < 5  # not the 30 s start-up timeout
+        response = httpx.get(f"{gw.url}/health")
+        assert response.status_code == 200
+        missing = response.json()["replicas"][1]
+        assert (missing["healthy"], missing["state"]) == (False, "joining")
+        assert late in missing["last_error"]  # which stage, and why
+        head = stage_host.stages[up[0]]
+        before = len(head.generate_calls)
+        assert [complete(gw.url).status_code for _ in range(3)] == [200] * 3
+        assert len(head.generate_calls) == before + 3
+
+        stage_host.start(late_stage, port=port)
+        wait_for(lambda: httpx.get(f"{gw.url}/health").json()["replicas"][1]["state"] == "serving")
+        assert (late_stage.pipeline, late_stage.index) == ([late], 0)  # wired by the health loop
+        assert [complete(gw.url).status_code for _ in range(4)] == [200] * 4
+        assert len(late_stage.generate_calls) == 2  # round robin: half of them
+    finally:
+        gw.stop()
+        for address in [*up, late]:
+            if address in stage_host._servers:
+                stage_host.stop(address)
 
 
 def test_startup_gives_up_without_stages() -> None:
