@@ -10,6 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
+# Roles a chat message may have (the model's template may accept fewer).
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
 # Smart-mode union: each prompt form matches exactly one member; bools never pass as ids.
 PromptInput = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
 
