@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import ApiKeys
@@ -76,7 +76,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         error_type = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return ErrorJSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code)
+        # the headers carry e.g. a 405's Allow
+        return ErrorJSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code,
+                                 headers=err.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -140,7 +142,7 @@ def _ops_router() -> APIRouter:
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(state: GatewayState = Depends(get_state)) -> Response:
         for r in state.pool.replicas:
             state.metrics.observe_replica(r.index, healthy=r.serving, running=r.gate.running, waiting=r.gate.waiting)
