@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.auth import ApiKeys
@@ -51,21 +54,31 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "Invalid request: " + "; ".join(parts) + ".", param
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON in ASCII: an error message may quote what the client sent, and a lone surrogate
+    (valid in a JSON string, not in UTF-8) must not turn a 400 into a 500 while rendering."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StagemeshError)
     async def on_error(request: Request, err: StagemeshError) -> JSONResponse:
         face = face_of(err)
-        return JSONResponse(gateway_error_body(err), status_code=face.status_code, headers=dict(face.headers))
+        return ErrorJSONResponse(gateway_error_body(err), status_code=face.status_code, headers=dict(face.headers))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(err)
-        return JSONResponse(error_body(message, "invalid_request_error", param=param), status_code=400)
+        return ErrorJSONResponse(error_body(message, "invalid_request_error", param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         error_type = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code)
+        # the headers carry e.g. a 405's Allow
+        return ErrorJSONResponse(error_body(str(err.detail), error_type), status_code=err.status_code,
+                                 headers=err.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
@@ -129,7 +142,7 @@ def _ops_router() -> APIRouter:
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @router.get("/metrics", summary="Prometheus metrics")
+    @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(state: GatewayState = Depends(get_state)) -> Response:
         for r in state.pool.replicas:
             state.metrics.observe_replica(r.index, healthy=r.serving, running=r.gate.running, waiting=r.gate.waiting)
@@ -175,6 +188,8 @@ def create_app(
             metrics=metrics,
         )
         grpc_server: GenerationServer | None = None
+        # at least two: one huge prompt being tokenized must not queue every other request behind it
+        workers = ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 1)), thread_name_prefix="gateway-prepare")
         try:
             head_info = await pool.start(config.startup_timeout_s)
             if router is None and config.routing is None:
@@ -182,7 +197,7 @@ def create_app(
                 pool.probe_listeners.append(_route_groups_least_loaded)  # a group may appear after start
             tokenizer = (tokenizer_factory or load_tokenizer)(await pool.tokenizer_files())
             model_name = config.model_name_override or head_info.model_name or "stagemesh"
-            state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()))
+            state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()), workers)
             app.state.gateway = state
             if config.grpc_port is not None:
                 grpc_server = GenerationServer(state, keys)
@@ -202,6 +217,7 @@ def create_app(
             if grpc_server is not None:
                 await grpc_server.stop()
             await pool.close()
+            workers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="stagemesh gateway", version="1", lifespan=lifespan)
     _install_error_handlers(app)

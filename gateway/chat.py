@@ -36,14 +36,15 @@ def _check_unsupported(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def prepare_chat(
+async def prepare_chat(
     req: ChatCompletionRequest, state: GatewayState, endpoint: str = "/v1/chat/completions"
 ) -> tuple[RequestRun, int | None]:
-    """Check a chat request and turn it into choices; also the number of top log-probs (None: off)."""
+    """Check a chat request and turn it into choices; also the number of top log-probs (None: off).
+    The template is rendered and tokenized on the worker pool."""
     check_model(req.model, state)
     num_top = _check_unsupported(req)
     check_sampling_fields(req, state.vocab_size)
-    prompt = chat_prompt(req.messages, state.tokenizer, state.vocab_size)
+    prompt = await state.offload(chat_prompt, req.messages, state.tokenizer, state.vocab_size, state.max_prompt_chars)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sampling = build_sampling(
         req,
@@ -53,6 +54,7 @@ def prepare_chat(
         vocab_size=state.vocab_size,
         top_logprobs=num_top or 0,
         limits=state.config.limits,
+        eos_token_ids=state.head_info.eos_token_ids,
     )
     request_id = new_request_id("chatcmpl")
     jobs = make_jobs(request_id, [prompt], [sampling], req.n, stop_strings(req.stop))
@@ -60,7 +62,7 @@ def prepare_chat(
 
 
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: GatewayState) -> Response:
-    run, num_top = prepare_chat(req, state)
+    run, num_top = await prepare_chat(req, state)
     try:
         if req.stream:
             return await _stream(req, run, state, num_top)

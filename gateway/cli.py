@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from gateway.auth import API_KEYS_ENV, load_api_keys
-from gateway.config import ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
+from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
 
 DESCRIPTION = (
     "OpenAI-compatible HTTP gateway (and gRPC Generation API) in front of one or more replicas. "
@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
     limits.add_argument("--max-tokens", type=int, default=None, help="refuse larger max_tokens (400)")
     limits.add_argument("--max-body-bytes", type=int, default=_LIMITS.max_body_bytes, help="413 above")
+    limits.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help=f"refuse longer text prompts (400) before tokenizing them (default: {PROMPT_CHARS_PER_TOKEN} per "
+        "token of --max-prompt-tokens, else of the model's context)",
+    )
     limits.add_argument(
         "--max-running-per-replica",
         type=int,
@@ -106,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         grpc_tls_cert=args.grpc_tls_cert,
         grpc_tls_key=args.grpc_tls_key,
         admission=AdmissionLimits(args.max_running_per_replica, args.max_waiting_per_replica, args.max_waiting),
-        limits=RequestLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes),
+        limits=RequestLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_prompt_chars),
         migrate=not args.no_migration,
         startup_timeout_s=args.startup_timeout,
         health_interval_s=args.health_interval,

@@ -32,12 +32,17 @@ def _check_unsupported(req: CompletionRequest) -> None:
         )
 
 
-def prepare_completion(req: CompletionRequest, state: GatewayState, endpoint: str = "/v1/completions") -> RequestRun:
-    """Check a completions request and turn it into choices to run (no stage sees it before)."""
+async def prepare_completion(
+    req: CompletionRequest, state: GatewayState, endpoint: str = "/v1/completions"
+) -> RequestRun:
+    """Check a completions request and turn it into choices to run (no stage sees it before);
+    the prompts are tokenized on the worker pool."""
     check_model(req.model, state)
     _check_unsupported(req)
     check_sampling_fields(req, state.vocab_size)
-    prompts = completion_prompts(req.prompt, state.tokenizer, state.vocab_size)
+    prompts = await state.offload(
+        completion_prompts, req.prompt, state.tokenizer, state.vocab_size, state.max_prompt_chars
+    )
     num_top = req.logprobs or 0
     samplings = [
         build_sampling(
@@ -48,6 +53,7 @@ def prepare_completion(req: CompletionRequest, state: GatewayState, endpoint: st
             vocab_size=state.vocab_size,
             top_logprobs=num_top,
             limits=state.config.limits,
+            eos_token_ids=state.head_info.eos_token_ids,
         )
         for ids in prompts
     ]
@@ -57,7 +63,7 @@ def prepare_completion(req: CompletionRequest, state: GatewayState, endpoint: st
 
 
 async def create_completion(req: CompletionRequest, request: Request, state: GatewayState) -> Response:
-    run = prepare_completion(req, state)
+    run = await prepare_completion(req, state)
     try:
         if req.stream:
             return await _stream(req, run, state)

@@ -24,13 +24,33 @@ class AdmissionLimits:
             raise ValueError("waiting limits must be >= 0")
 
 
+# A prompt longer than this many characters per token of the limit is refused before it is
+# tokenized: ordinary text averages ~4 characters a token, and even runs of spaces or
+# punctuation, which some vocabularies hold as single long tokens, rarely reach 32.
+PROMPT_CHARS_PER_TOKEN = 32
+
+
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """Per-request limits checked at the gateway before any stage sees the request."""
+    """Per-request limits checked at the gateway before any stage sees the request.
+    ``max_prompt_chars`` bounds a text prompt before tokenizing (None: ``PROMPT_CHARS_PER_TOKEN``
+    per token of ``max_prompt_tokens``, else of the model's context; see ``prompt_chars``)."""
 
     max_prompt_tokens: int | None = None
     max_tokens: int | None = None
     max_body_bytes: int = 16 * 1024 * 1024
+    max_prompt_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("max_prompt_chars must be at least 1")
+
+    def prompt_chars(self, max_model_len: int) -> int | None:
+        """The most characters a text prompt (or a chat's messages together) may have."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        tokens = self.max_prompt_tokens or max_model_len
+        return PROMPT_CHARS_PER_TOKEN * tokens if tokens > 0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway.config import RequestLimits
@@ -9,7 +10,7 @@ from gateway.errors import ContextLengthExceeded
 from gateway.prompts import check_token_ids
 from gateway.schemas import SamplingFields
 from stagekit.errors import InvalidRequest
-from stagekit.types.sampling_params import SamplingParams
+from stagekit.types.sampling_params import SEED_RANGE, SamplingParams, temperature_ok, temperature_rule
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -24,13 +25,17 @@ def check_sampling_fields(req: SamplingFields, vocab_size: int) -> None:
     """Value checks that need no prompt; raises `InvalidRequest` naming the field."""
     _require(1 <= req.n <= MAX_N, f"'n' must be between 1 and {MAX_N}, got {req.n}.", "n")
     if req.temperature is not None:
-        _require(req.temperature >= 0, f"'temperature' must be >= 0, got {req.temperature}.", "temperature")
+        _require(
+            temperature_ok(req.temperature),
+            f"'temperature' must be {temperature_rule()}, got {req.temperature}.",
+            "temperature",
+        )
     if req.top_p is not None:
         _require(0 < req.top_p <= 1, f"'top_p' must be in (0, 1], got {req.top_p}.", "top_p")
     if req.top_k is not None:
         _require(req.top_k >= -1, f"'top_k' must be -1 (off), 0 (off) or positive, got {req.top_k}.", "top_k")
     if req.seed is not None:
-        _require(-(2**63) <= req.seed < 2**63, "'seed' must fit in a signed 64-bit integer.", "seed")
+        _require(SEED_RANGE[0] <= req.seed < SEED_RANGE[1], "'seed' must fit in a signed 64-bit integer.", "seed")
     _require(req.min_tokens >= 0, f"'min_tokens' must be >= 0, got {req.min_tokens}.", "min_tokens")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
@@ -70,9 +75,11 @@ def build_sampling(
     vocab_size: int,
     top_logprobs: int = 0,
     limits: RequestLimits | None = None,
+    eos_token_ids: Sequence[int] = (),
 ) -> SamplingParams:
     """Sampling for one prompt; ``max_tokens=None`` means whatever the context (and the
-    gateway's ``--max-tokens`` limit) leaves."""
+    gateway's ``--max-tokens`` limit) leaves. Checked as the stage will check it (``validate``),
+    so what the gateway sends on is never refused there."""
     limits = limits or RequestLimits()
     check_prompt_limit(prompt_len, limits)
     if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
@@ -104,7 +111,7 @@ def build_sampling(
         "min_tokens",
     )
     top_p = 1.0 if req.top_p is None else req.top_p
-    return SamplingParams(
+    params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=top_p,
         top_k=min(max(req.top_k or 0, 0), vocab_size),
@@ -115,10 +122,13 @@ def build_sampling(
         ignore_eos=req.ignore_eos,
         top_logprobs=top_logprobs,
     )
+    params.validate(vocab_size, eos_token_ids)
+    return params
 
 
 def for_choice(params: SamplingParams, choice: int) -> SamplingParams:
     """The ``choice``-th of ``n`` samples: a seeded request must not give n identical samples."""
     if params.seed is None or choice == 0:
         return params
-    return replace(params, seed=params.seed + choice)
+    lo, hi = SEED_RANGE  # wraps around: the stage API's seed is an int64
+    return replace(params, seed=(params.seed + choice - lo) % (hi - lo) + lo)

@@ -6,12 +6,24 @@ happen in `prompts.py` and `sampling.py` so that their messages name the numbers
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema
 
+# Roles a chat message may have (the model's template may accept fewer).
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+# The documented schemas say what `prompts.py` accepts (non-empty text, non-empty id lists,
+# ids >= 0) while validation stays there, so that its messages name the numbers.
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # Smart-mode union: each prompt form matches exactly one member; bools never pass as ids.
-PromptInput = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+PromptInput = (
+    Annotated[StrictStr, WithJsonSchema(_TEXT)]
+    | Annotated[list[StrictInt], WithJsonSchema(_IDS)]
+    | Annotated[list[StrictStr], WithJsonSchema({"type": "array", "items": _TEXT, "minItems": 1})]
+    | Annotated[list[list[StrictInt]], WithJsonSchema({"type": "array", "items": _IDS, "minItems": 1})]
+)
 
 
 class StreamOptions(BaseModel):
@@ -63,13 +75,13 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: str = Field(json_schema_extra={"enum": sorted(CHAT_ROLES)})
     content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None

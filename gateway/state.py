@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -13,10 +16,14 @@ from gateway.metrics import GatewayMetrics
 from gateway.pool import ReplicaPool
 from gateway.tokenizing import TokenizerLike
 
+T = TypeVar("T")
+
 
 @dataclass(slots=True)
 class GatewayState:
-    """The pool, the model's tokenizer and the facts handlers validate against."""
+    """The pool, the model's tokenizer and the facts handlers validate against. ``workers``
+    runs a request's CPU-heavy preparation (tokenizing, chat templates) so that the event loop
+    never waits on it: one large prompt must not stall every other request and ``/health``."""
 
     config: GatewayConfig
     pool: ReplicaPool
@@ -25,6 +32,11 @@ class GatewayState:
     model_name: str
     metrics: GatewayMetrics
     created: int
+    workers: ThreadPoolExecutor
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the worker pool; its exceptions are raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
     @property
     def vocab_size(self) -> int:
@@ -33,6 +45,10 @@ class GatewayState:
     @property
     def max_model_len(self) -> int:
         return self.head_info.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        return self.config.limits.prompt_chars(self.max_model_len)
 
     def model_card(self) -> dict[str, Any]:
         """The served model as OpenAI's model object (plus vLLM's ``max_model_len``)."""

@@ -13,6 +13,7 @@ from gateway.auth import ApiKeys
 from gateway.pool import ReplicaPool
 from gateway.rpc.servicer import GenerationServicer
 from gateway.state import GatewayState
+from stagekit.rpc.decode_guard import MalformedRequestGuard
 from stagekit.rpc.pb import generation_pb2, generation_pb2_grpc
 
 logger = logging.getLogger("stagemesh.gateway")
@@ -23,7 +24,8 @@ _HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 class GenerationServer:
     """Serves ``stagemesh.v1.Generation`` plus ``grpc.health.v1.Health`` (SERVING while a replica
-    serves, following the pool's probes) and server reflection, optionally over TLS."""
+    serves, following the pool's probes) and server reflection, optionally over TLS; malformed
+    request bytes are answered INVALID_ARGUMENT (`MalformedRequestGuard`)."""
 
     def __init__(self, state: GatewayState, keys: ApiKeys) -> None:
         self.state = state
@@ -33,7 +35,7 @@ class GenerationServer:
 
     async def start(self, host: str, port: int) -> int:
         """Bind and start; the bound port (``port`` 0 picks a free one)."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[MalformedRequestGuard()])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.state, self.keys), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection([GENERATION_SERVICE, _HEALTH_SERVICE, reflection.SERVICE_NAME], server)

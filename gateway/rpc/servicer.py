@@ -39,13 +39,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if not self.keys.allows(metadata.get("authorization")):
             raise Unauthorized("Incorrect API key provided.")
 
-    def _prepare(self, request: generation_pb2.GenerationRequest, method: str) -> tuple[RequestRun, bool]:
+    async def _prepare(self, request: generation_pb2.GenerationRequest, method: str) -> tuple[RequestRun, bool]:
         req, with_logprobs = generation_proto.request_from_proto(request)
         endpoint = _SERVICE + method
         if isinstance(req, ChatCompletionRequest):
-            run, _ = prepare_chat(req, self.state, endpoint)
+            run, _ = await prepare_chat(req, self.state, endpoint)
         else:
-            run = prepare_completion(req, self.state, endpoint)
+            run = await prepare_completion(req, self.state, endpoint)
         return run, with_logprobs
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
@@ -63,7 +63,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         code = grpc.StatusCode.OK
         try:
             self._authorize(context)
-            run, with_logprobs = self._prepare(request, "Generate")
+            run, with_logprobs = await self._prepare(request, "Generate")
             try:
                 async with aclosing(run.deltas()) as deltas:
                     async for d in deltas:
@@ -95,7 +95,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         code = grpc.StatusCode.OK
         try:
             self._authorize(context)
-            run, with_logprobs = self._prepare(request, "Complete")
+            run, with_logprobs = await self._prepare(request, "Complete")
             try:
                 results = await run.collect()
             except BaseException as err:

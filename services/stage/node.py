@@ -73,30 +73,54 @@ class StageNode:
         return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
 
     async def wire(self, pipeline: list[str], index: int) -> None:
-        """Point the data plane at the next stage (the last stage points back at the head)."""
-        if not pipeline or not 0 <= index < len(pipeline):
-            raise InvalidRequest(f"wiring index {index} is outside the pipeline of {len(pipeline)} stage(s)")
-        if (index == 0) != self.layout.is_first or (index == len(pipeline) - 1) != self.layout.is_last:
-            raise InvalidRequest(
-                f"this stage holds layers {self.layout.start_layer}:{self.layout.end_layer} of "
-                f"{self.layout.num_layers}; it cannot sit at position {index} of a {len(pipeline)}-stage pipeline"
-            )
-        self.transport.local_name = pipeline[index]
-        if len(pipeline) > 1:
-            peer = await _peer_info(pipeline[(index + 1) % len(pipeline)])
+        """Point the data plane at the next stage (the last stage points back at the head).
+        Everything is checked before anything changes: a refused Wire leaves the stage as it was."""
+        self._check_position(pipeline, index)
+        peer = await _peer_info(pipeline[(index + 1) % len(pipeline)]) if len(pipeline) > 1 else None
+        if peer is not None:
             self._check_plane(pipeline[index], peer)
-            await self.transport.connect(peer.address, peer.transport_address)
+            if self.engine is None:  # the head checks the whole pipeline below
+                self._check_next(peer, index == len(pipeline) - 1)
+        peers: list[PeerInfo] = []
         if self.engine is not None:
             peers = [await _peer_info(addr) for addr in pipeline]
             for p in peers:
                 self._check_plane(pipeline[index], p)
             self._check_pipeline(peers)
+        self.transport.local_name = pipeline[index]
+        if peer is not None:
+            await self.transport.connect(peer.address, peer.transport_address)
+        if self.engine is not None:
             num_blocks = min(p.kv_capacity_tokens // p.kv_block_size for p in peers)
             self.engine.configure_kv(num_blocks, all(p.prefix_cache_blocks > 0 for p in peers))
             self.engine.pipeline_depth = len(pipeline)
             self.engine.pipeline_wired = True
         self.pipeline = list(pipeline)
         log.info("wired at position %d of %s", index, pipeline)
+
+    def _check_position(self, pipeline: list[str], index: int) -> None:
+        if not pipeline or not 0 <= index < len(pipeline):
+            raise InvalidRequest(f"wiring index {index} is outside the pipeline of {len(pipeline)} stage(s)")
+        twice = sorted({addr for addr in pipeline if pipeline.count(addr) > 1})
+        if twice:
+            raise InvalidRequest(f"the pipeline {pipeline} names {', '.join(twice)} more than once: each stage "
+                                 "holds its own layers and sits at one position")
+        if (index == 0) != self.layout.is_first or (index == len(pipeline) - 1) != self.layout.is_last:
+            raise InvalidRequest(
+                f"this stage holds layers {self.layout.start_layer}:{self.layout.end_layer} of "
+                f"{self.layout.num_layers}; it cannot sit at position {index} of a {len(pipeline)}-stage pipeline"
+            )
+
+    def _check_next(self, peer: PeerInfo, last: bool) -> None:
+        """The stage this one sends to holds the next layers (the head, after the last stage):
+        a pipeline that loops back to this stage under another address would never finish a step."""
+        expect = 0 if last else self.layout.end_layer
+        if peer.model_name != self.cfg.name or peer.start_layer != expect:
+            raise InvalidRequest(
+                f"stage {peer.address} holds layers {peer.start_layer}:{peer.end_layer} of {peer.model_name!r}; "
+                f"the stage after this one (layers {self.layout.start_layer}:{self.layout.end_layer} of "
+                f"{self.cfg.name!r}) must start at layer {expect}"
+            )
 
     def _check_plane(self, me: str, peer: PeerInfo) -> None:
         """One data plane per replica: a frame from a stage on another plane could not

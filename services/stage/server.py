@@ -21,6 +21,7 @@ from stagekit.engine.stage_runtime import StageRuntime, start_executor
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.parallel.dp_rendezvous import RendezvousCancelled
+from stagekit.rpc.decode_guard import MalformedRequestGuard
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.factory import make_transport
 
@@ -45,7 +46,7 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     node = StageNode(runtime, transport, pool)
     kv = KvPort(KvBlocks(runtime, pool), transport, node.engine)   # KV export, import and landing
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestGuard()])
     stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node, kv, transport.name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

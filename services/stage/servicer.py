@@ -126,6 +126,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                            context: grpc.aio.ServicerContext) -> stage_pb2.PushKvBlocksResponse:
         try:
             got = await self.kv.receive(request_iterator)
+        except grpc.aio.AbortError:  # already answered (a malformed chunk: MalformedRequestGuard)
+            raise
         except Exception as e:
             await context.abort(status_for(e), str(e) or type(e).__name__)
         return stage_pb2.PushKvBlocksResponse(bytes_received=got)

@@ -145,9 +145,7 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        params.validate()
-        if params.top_logprobs > self.vocab_size:
-            raise InvalidRequest(f"top_logprobs {params.top_logprobs} exceeds the vocabulary size {self.vocab_size}")
+        params.validate(self.vocab_size, self.runtime.cfg.eos_token_ids)
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequest(

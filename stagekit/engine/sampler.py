@@ -3,11 +3,14 @@ min_tokens (EOS and stop ids suppressed until reached), sampled-token logprobs."
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from stagekit.types.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -60,13 +63,13 @@ class Sampler:
             row = logits[i]
             if st.num_generated < st.params.min_tokens and st.suppress:
                 row = row.clone()
-                row[[t for t in st.suppress if t < row.numel()]] = float("-inf")
-            tokens.append(self._pick(row, st))
+                row[[t for t in st.suppress if 0 <= t < row.numel()]] = float("-inf")
+            tokens.append(self._pick_safely(sid, row, logits[i], st))
             st.num_generated += 1
         idx = torch.tensor(tokens, dtype=torch.int64)
         chosen = logprobs_all.gather(1, idx[:, None])[:, 0]
         out = SampleOutput(tokens, chosen.tolist())
-        k = max((self._seqs[s].params.top_logprobs for s in seq_ids), default=0)
+        k = min(max((self._seqs[s].params.top_logprobs for s in seq_ids), default=0), logits.shape[-1])
         if k:
             vals, ids = logprobs_all.topk(k, dim=-1)
             out.top_logprobs = [
@@ -75,6 +78,22 @@ class Sampler:
                 for i, s in enumerate(seq_ids)
             ]
         return out
+
+    def _pick_safely(self, seq_id: int, row: torch.Tensor, raw: torch.Tensor, st: _SeqState) -> int:
+        """``_pick``, or when ``row`` cannot be sampled (non-finite probabilities: parameters the
+        stage's validation should have refused, or logits the model overflowed) the greedy token,
+        so that one sequence never fails the step of every other. Greedy among the tokens
+        ``row`` still allows if one is finite, else among the ``raw`` logits: always a token id."""
+        try:
+            return self._pick(row, st)
+        except Exception as e:  # torch.multinomial: "probability tensor contains either inf, nan or element < 0"
+            log.warning("sequence %d: could not sample (%s; temperature %r); took the greedy token",
+                        seq_id, e, st.params.temperature)
+        for candidates in (row, raw):
+            finite = torch.isfinite(candidates)
+            if bool(finite.any()):
+                return int(candidates.masked_fill(~finite, float("-inf")).argmax())
+        return 0
 
     @staticmethod
     def _pick(row: torch.Tensor, st: _SeqState) -> int:

@@ -12,6 +12,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.tokenizing import TokenizerFactory
 
 
 class GatewayThread:
@@ -24,6 +25,7 @@ class GatewayThread:
         api_key: str | None = None,
         health_interval_s: float = 0.2,
         startup_timeout_s: float = 10.0,
+        tokenizer_factory: TokenizerFactory | None = None,
         **config: Any,
     ) -> None:
         """``config`` holds further `GatewayConfig` fields (routing, grpc_port, admission, ...)."""
@@ -35,7 +37,7 @@ class GatewayThread:
             startup_timeout_s=startup_timeout_s,
             **config,
         )
-        self.app = create_app(self.config)
+        self.app = create_app(self.config, tokenizer_factory=tokenizer_factory)
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
         # and without it every response waits ~40 ms for a delayed ACK.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

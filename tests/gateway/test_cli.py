@@ -41,12 +41,15 @@ def test_config_from_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         "--replica", "h:1", "--replica", "h:2", "--routing", "prefix", "--grpc-port", "0",
         "--api-key", "k1", "--api-key-file", str(keys), "--max-prompt-tokens", "100", "--max-tokens", "50",
         "--max-running-per-replica", "4", "--max-waiting-per-replica", "2", "--max-waiting", "3", "--no-migration",
+        "--max-prompt-chars", "5000",
     )  # fmt: skip
     config = cli.config_from_args(args)
     assert config.replicas == (("h:1",), ("h:2",))
     assert config.api_keys == ("k1", "k2", "k3", "k4")
     assert (config.routing, config.grpc_port, config.migrate) == ("prefix", 0, False)
     assert (config.limits.max_prompt_tokens, config.limits.max_tokens) == (100, 50)
+    assert config.limits.max_prompt_chars == 5000
+    assert cli.config_from_args(_parse("--replica", "h:1", "--max-prompt-tokens", "10")).limits.prompt_chars(99) == 320
     assert (config.admission.max_running_per_replica, config.admission.max_waiting_per_replica) == (4, 2)
     assert config.admission.max_waiting_total == 3
     assert "k1" not in repr(config)  # keys never reach a log line through the config

@@ -26,7 +26,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str, str | None]] = [
     ({"prompt": [1, True]}, "invalid value for 'prompt'", "prompt"),
     ({"prompt": "Hello", "max_tokens": "many"}, "invalid value for 'max_tokens'", "max_tokens"),
     ({"prompt": "Hello", "n": 0}, "'n' must be between", "n"),
-    ({"prompt": "Hello", "temperature": -1}, "'temperature' must be >= 0", "temperature"),
+    ({"prompt": "Hello", "temperature": -1}, "'temperature' must be 0 (greedy) or between 0.01 and 100", "temperature"),
     ({"prompt": "Hello", "top_p": 0}, "'top_p' must be in (0, 1]", "top_p"),
     ({"prompt": "Hello", "top_k": -2}, "'top_k'", "top_k"),
     ({"prompt": "Hello", "stop": [1]}, "invalid value for 'stop'", "stop"),
