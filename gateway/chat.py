@@ -12,7 +12,7 @@ from gateway.generation import ChoiceDelta
 from gateway.logprobs import chat_logprobs
 from gateway.prompts import chat_prompt
 from gateway.request_run import RequestRun, check_model, make_jobs, new_request_id
-from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, stop_strings
+from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, request_seed, stop_strings
 from gateway.schemas import ChatCompletionRequest
 from gateway.state import GatewayState
 from gateway.streaming import sse_response, start_stream
@@ -46,8 +46,10 @@ async def prepare_chat(
     check_sampling_fields(req, state.vocab_size)
     prompt = await state.offload(chat_prompt, req.messages, state.tokenizer, state.vocab_size, state.max_prompt_chars)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    seed = request_seed(req)
     sampling = build_sampling(
         req,
+        seed=seed,
         max_tokens=max_tokens,
         prompt_len=len(prompt),
         max_model_len=state.max_model_len,
@@ -58,7 +60,7 @@ async def prepare_chat(
     )
     request_id = new_request_id("chatcmpl")
     jobs = make_jobs(request_id, [prompt], [sampling], req.n, stop_strings(req.stop))
-    return RequestRun(state, endpoint, request_id, jobs, len(prompt)), num_top
+    return RequestRun(state, endpoint, request_id, jobs, len(prompt), seed), num_top
 
 
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: GatewayState) -> Response:
@@ -89,6 +91,7 @@ def _response(run: RequestRun, state: GatewayState, results: list[ChoiceResult],
         "object": "chat.completion",
         "created": run.created,
         "model": state.model_name,
+        "seed": run.seed,
         "choices": choices,
         "usage": run.usage(),
     }
@@ -104,6 +107,7 @@ async def _stream(req: ChatCompletionRequest, run: RequestRun, state: GatewaySta
             "object": "chat.completion.chunk",
             "created": run.created,
             "model": state.model_name,
+            "seed": run.seed,
             "choices": choices,
         }
         if include_usage:

@@ -12,7 +12,7 @@ from gateway.generation import ChoiceDelta
 from gateway.logprobs import completion_logprobs
 from gateway.prompts import completion_prompts
 from gateway.request_run import RequestRun, check_model, make_jobs, new_request_id
-from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, stop_strings
+from gateway.sampling import MAX_TOP_LOGPROBS, build_sampling, check_sampling_fields, request_seed, stop_strings
 from gateway.schemas import CompletionRequest
 from gateway.state import GatewayState
 from gateway.streaming import sse_response, start_stream
@@ -44,9 +44,11 @@ async def prepare_completion(
         completion_prompts, req.prompt, state.tokenizer, state.vocab_size, state.max_prompt_chars
     )
     num_top = req.logprobs or 0
+    seed = request_seed(req)
     samplings = [
         build_sampling(
             req,
+            seed=seed,
             max_tokens=req.max_tokens,
             prompt_len=len(ids),
             max_model_len=state.max_model_len,
@@ -59,7 +61,7 @@ async def prepare_completion(
     ]
     request_id = new_request_id("cmpl")
     jobs = make_jobs(request_id, prompts, samplings, req.n, stop_strings(req.stop))
-    return RequestRun(state, endpoint, request_id, jobs, sum(len(p) for p in prompts))
+    return RequestRun(state, endpoint, request_id, jobs, sum(len(p) for p in prompts), seed)
 
 
 async def create_completion(req: CompletionRequest, request: Request, state: GatewayState) -> Response:
@@ -92,6 +94,7 @@ def _response(
         "object": "text_completion",
         "created": run.created,
         "model": state.model_name,
+        "seed": run.seed,
         "choices": choices,
         "usage": run.usage(),
     }
@@ -107,6 +110,7 @@ async def _stream(req: CompletionRequest, run: RequestRun, state: GatewayState) 
             "object": "text_completion",
             "created": run.created,
             "model": state.model_name,
+            "seed": run.seed,
             "choices": choices,
         }
         if include_usage:

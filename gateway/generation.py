@@ -3,8 +3,10 @@
 A choice whose replica fails (down, or full) before it produced a token is retried on another
 healthy replica. With migration on, one that fails after producing tokens continues on another
 replica too: the tokens so far are appended to the prompt and the rest of the budget is asked
-for, so the client sees one unbroken stream (Dynamo's request migration). Greedy output is
-unchanged by a migration; seeded sampling continues with a fresh generator.
+for, so the client sees one unbroken stream (Dynamo's request migration). The output is
+unchanged by a migration, greedy or sampled: the continuation carries the request's seed and
+its output position (``seed_offset``), and a stage draws the token at output position i from
+(seed, i) alone.
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ class _ChoiceState:
         self.generated: list[int] = []
 
     def next_request(self) -> tuple[tuple[int, ...], SamplingParams]:
-        """The prompt and sampling that continue the choice from where it is."""
+        """The prompt and sampling that continue the choice from where it is: the rest of its
+        token budget and of its min_tokens, its next output position for the seeded draws."""
         s, done = self.job.sampling, len(self.generated)
         if not done:
             return self.job.prompt_token_ids, s
-        rest = replace(s, max_tokens=s.max_tokens - done, min_tokens=max(0, s.min_tokens - done))
+        rest = replace(s, max_tokens=s.max_tokens - done, min_tokens=max(0, s.min_tokens - done),
+                       seed_offset=s.seed_offset + done)
         return self.job.prompt_token_ids + tuple(self.generated), rest
 
     def add(self, chunk: GenerateChunk) -> bool:

@@ -55,12 +55,15 @@ def make_jobs(
 
 
 class RequestRun:
-    """Runs the jobs of one request and accounts for them exactly once (``finish``)."""
+    """Runs the jobs of one request and accounts for them exactly once (``finish``). ``seed``
+    is the request's (sent or chosen by the gateway), which its response reports."""
 
     def __init__(
-        self, state: GatewayState, endpoint: str, request_id: str, jobs: list[ChoiceJob], prompt_tokens: int
+        self, state: GatewayState, endpoint: str, request_id: str, jobs: list[ChoiceJob], prompt_tokens: int,
+        seed: int,
     ) -> None:
         self.state = state
+        self.seed = seed
         self.endpoint = endpoint
         self.request_id = request_id
         self.jobs = jobs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -66,9 +67,16 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+def request_seed(req: SamplingFields) -> int:
+    """The request's seed, or a random one: every request is sampled with a seed, which its
+    response reports, so that any output can be reproduced by sending the seed back."""
+    return req.seed if req.seed is not None else secrets.randbits(63)
+
+
 def build_sampling(
     req: SamplingFields,
     *,
+    seed: int,
     max_tokens: int | None,
     prompt_len: int,
     max_model_len: int,
@@ -77,9 +85,9 @@ def build_sampling(
     limits: RequestLimits | None = None,
     eos_token_ids: Sequence[int] = (),
 ) -> SamplingParams:
-    """Sampling for one prompt; ``max_tokens=None`` means whatever the context (and the
-    gateway's ``--max-tokens`` limit) leaves. Checked as the stage will check it (``validate``),
-    so what the gateway sends on is never refused there."""
+    """Sampling for one prompt with ``seed`` (`request_seed`); ``max_tokens=None`` means
+    whatever the context (and the gateway's ``--max-tokens`` limit) leaves. Checked as the
+    stage will check it (``validate``), so what the gateway sends on is never refused there."""
     limits = limits or RequestLimits()
     check_prompt_limit(prompt_len, limits)
     if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
@@ -115,7 +123,7 @@ def build_sampling(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=top_p,
         top_k=min(max(req.top_k or 0, 0), vocab_size),
-        seed=req.seed,
+        seed=seed,
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         stop_token_ids=tuple(req.stop_token_ids or ()),
@@ -127,7 +135,8 @@ def build_sampling(
 
 
 def for_choice(params: SamplingParams, choice: int) -> SamplingParams:
-    """The ``choice``-th of ``n`` samples: a seeded request must not give n identical samples."""
+    """The ``choice``-th of ``n`` samples: a seeded request must not give n identical samples.
+    Choice c uses seed + c, wrapped into the signed 64-bit range the stage API carries."""
     if params.seed is None or choice == 0:
         return params
     lo, hi = SEED_RANGE  # wraps around: the stage API's seed is an int64

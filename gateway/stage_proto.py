@@ -26,6 +26,7 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
         top_logprobs=params.top_logprobs,
+        seed_offset=params.seed_offset,
     )
     if params.seed is not None:
         msg.seed = params.seed

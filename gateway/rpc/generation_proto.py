@@ -88,6 +88,7 @@ def _token_fields(tokens: Sequence[TokenOutput], with_logprobs: bool) -> dict[st
 
 def chunk_to_proto(
     request_id: str,
+    seed: int,
     index: int,
     text: str,
     tokens: Sequence[TokenOutput],
@@ -96,6 +97,7 @@ def chunk_to_proto(
 ) -> generation_pb2.GenerationChunk:
     return generation_pb2.GenerationChunk(
         request_id=request_id,
+        seed=seed,
         index=index,
         text=text,
         finish_reason=_FINISH.get(finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
@@ -107,12 +109,17 @@ def usage_to_proto(usage: dict[str, int]) -> generation_pb2.Usage:
     return generation_pb2.Usage(**usage)
 
 
-def usage_chunk(request_id: str, usage: dict[str, int]) -> generation_pb2.GenerationChunk:
-    return generation_pb2.GenerationChunk(request_id=request_id, usage=usage_to_proto(usage))
+def usage_chunk(request_id: str, seed: int, usage: dict[str, int]) -> generation_pb2.GenerationChunk:
+    return generation_pb2.GenerationChunk(request_id=request_id, seed=seed, usage=usage_to_proto(usage))
 
 
 def complete_response(
-    request_id: str, model: str, results: Sequence[ChoiceResult], usage: dict[str, int], with_logprobs: bool
+    request_id: str,
+    seed: int,
+    model: str,
+    results: Sequence[ChoiceResult],
+    usage: dict[str, int],
+    with_logprobs: bool,
 ) -> generation_pb2.CompleteResponse:
     choices = [
         generation_pb2.CompletionChoice(
@@ -124,7 +131,7 @@ def complete_response(
         for r in results
     ]
     return generation_pb2.CompleteResponse(
-        request_id=request_id, model=model, choices=choices, usage=usage_to_proto(usage)
+        request_id=request_id, seed=seed, model=model, choices=choices, usage=usage_to_proto(usage)
     )
 
 

@@ -69,9 +69,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     async for d in deltas:
                         if d.text or d.tokens or d.finish_reason is not None:
                             yield generation_proto.chunk_to_proto(
-                                run.request_id, d.index, d.text, d.tokens, d.finish_reason, with_logprobs
+                                run.request_id, run.seed, d.index, d.text, d.tokens, d.finish_reason, with_logprobs
                             )
-                yield generation_proto.usage_chunk(run.request_id, run.usage())
+                yield generation_proto.usage_chunk(run.request_id, run.seed, run.usage())
             except BaseException as err:
                 run.finish(err)
                 raise
@@ -102,8 +102,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 run.finish(err)
                 raise
             run.finish("ok")
-            return generation_proto.complete_response(run.request_id, self.state.model_name, results, run.usage(),
-                                                      with_logprobs)
+            return generation_proto.complete_response(run.request_id, run.seed, self.state.model_name, results,
+                                                      run.usage(), with_logprobs)
         except StagemeshError as err:
             code = face_of(err).grpc_code
             await self._abort(context, err)

@@ -51,6 +51,7 @@ def chunk_from_proto(msg: generation_pb2.GenerationChunk) -> Chunk:
         logprobs=tuple(msg.logprobs),
         top_logprobs=_tops(list(msg.top_logprobs)),
         finish_reason=_FINISH.get(msg.finish_reason),
+        seed=msg.seed if msg.HasField("seed") else None,
     )
 
 
@@ -71,7 +72,8 @@ def completion_from_proto(msg: generation_pb2.CompleteResponse) -> Completion:
         )
         for c in msg.choices
     )
-    return Completion(msg.request_id, msg.model, choices, usage_from_proto(msg.usage))
+    seed = msg.seed if msg.HasField("seed") else None
+    return Completion(msg.request_id, msg.model, choices, usage_from_proto(msg.usage), seed)
 
 
 def models_from_proto(msg: generation_pb2.ListModelsResponse) -> list[Model]:

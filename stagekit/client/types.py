@@ -23,7 +23,9 @@ class TopLogprob:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """New output of one choice; its last chunk has ``finish_reason`` (stop, length or abort)."""
+    """New output of one choice; its last chunk has ``finish_reason`` (stop, length or abort).
+    ``seed``: the request's seed (sent, or chosen by the gateway; None from a gateway that
+    does not report it): sending it back reproduces the output."""
 
     request_id: str
     index: int
@@ -32,6 +34,7 @@ class Chunk:
     logprobs: tuple[float, ...] = ()
     top_logprobs: tuple[tuple[TopLogprob, ...], ...] = ()
     finish_reason: str | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +49,13 @@ class Choice:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
+    """Every choice of a request; ``seed`` as on `Chunk`."""
+
     request_id: str
     model: str
     choices: tuple[Choice, ...]
     usage: Usage
+    seed: int | None = None
 
     @property
     def text(self) -> str:

@@ -4,10 +4,12 @@ min_tokens (EOS and stop ids suppressed until reached), sampled-token logprobs."
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 import torch
 
+from stagekit.engine.seeded_draws import race, seed_generator
 from stagekit.types.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -17,8 +19,13 @@ log = logging.getLogger(__name__)
 class _SeqState:
     params: SamplingParams
     suppress: list[int]
-    generator: torch.Generator | None
+    seed: int  # the request's, or one drawn here for a request without
     num_generated: int = 0
+
+    @property
+    def position(self) -> int:
+        """The request's output position of the next token (across migrations)."""
+        return self.params.seed_offset + self.num_generated
 
 
 @dataclass(slots=True)
@@ -30,22 +37,20 @@ class SampleOutput:
 
 class Sampler:
     """Keeps each live sequence's sampling state; ``sample`` is called once per step with
-    one logits row per sampled sequence."""
+    one logits row per sampled sequence. A sampled token depends only on its logits row, the
+    sequence's parameters and seed, and its output position (``seeded_draws``): nothing
+    drawn before it, so a preempted sequence recomputed later, or a request continued on
+    another replica at its ``seed_offset``, gets the tokens an undisturbed run gets."""
 
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self._seqs: dict[int, _SeqState] = {}
+        self._generator = torch.Generator()  # re-seeded for every draw: holds no request's state
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator()
-            if params.seed is not None:
-                gen.manual_seed(params.seed)
-            else:
-                gen.seed()
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
         suppress = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
-        self._seqs[seq_id] = _SeqState(params, suppress, gen)
+        self._seqs[seq_id] = _SeqState(params, suppress, seed)
 
     def remove(self, seq_ids: list[int]) -> None:
         for s in seq_ids:
@@ -95,8 +100,7 @@ class Sampler:
                 return int(candidates.masked_fill(~finite, float("-inf")).argmax())
         return 0
 
-    @staticmethod
-    def _pick(row: torch.Tensor, st: _SeqState) -> int:
+    def _pick(self, row: torch.Tensor, st: _SeqState) -> int:
         p = st.params
         if p.greedy:
             return int(row.argmax())
@@ -111,4 +115,4 @@ class Sampler:
             drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=st.generator))
+        return race(probs, seed_generator(self._generator, st.seed, st.position))

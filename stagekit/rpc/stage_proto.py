@@ -54,7 +54,7 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(
         temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens,
         min_tokens=s.min_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        top_logprobs=s.top_logprobs,
+        top_logprobs=s.top_logprobs, seed_offset=s.seed_offset,
     )
     if s.seed is not None:
         p.seed = s.seed
@@ -66,6 +66,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
         stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos, top_logprobs=p.top_logprobs,
+        seed_offset=p.seed_offset,
     )
 
 

@@ -39,7 +39,11 @@ def covers_vocabulary(suppressed: Sequence[int], vocab_size: int) -> bool:
 class SamplingParams:
     """``temperature == 0`` is greedy, otherwise within [MIN_TEMPERATURE, MAX_TEMPERATURE];
     ``top_p`` in (0, 1] (1 = off); ``top_k`` <= 0 = off. The same ``seed`` gives the same
-    tokens for the same prompt. ``validate`` holds the rules a sampler needs."""
+    tokens for the same prompt: the token at output position i is drawn from a value that
+    depends only on (seed, i). ``seed_offset`` is the output position of this call's first
+    token: a request continued elsewhere (migration: the tokens so far appended to its prompt)
+    sets it to the number of tokens already generated, so that it draws what the original
+    would have drawn. ``validate`` holds the rules a sampler needs."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -50,6 +54,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     top_logprobs: int = 0
+    seed_offset: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +77,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_logprobs must be >= 0, got {self.top_logprobs}", param="top_logprobs")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise InvalidRequest(f"seed must fit in a signed 64-bit integer, got {self.seed}", param="seed")
+        if self.seed_offset < 0:
+            raise InvalidRequest(f"seed_offset must be >= 0, got {self.seed_offset}", param="seed_offset")
         if vocab_size > 0:
             self._validate_vocab(vocab_size, eos_token_ids)
 

@@ -2,7 +2,9 @@
 
 Every fake stage runs on one background event loop (`StageHost`), so tests stay synchronous.
 The head "generates" the token ids of `SCRIPT` in order (greedy), from a seeded offset (sampled),
-then EOS; logprobs are a simple function of the position, so tests can predict every field.
+then EOS; logprobs are a simple function of the position, so tests can predict every field. A
+sampled token depends only on (seed, output position) as on a real stage: a call with
+``seed_offset`` k continues the script where an uninterrupted call would be at its k-th token.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class FakeStage(stage_pb2_grpc.StageServicer):
         offset = 0
         if sampling.temperature > 0:
             rng = random.Random(sampling.seed if sampling.HasField("seed") else None)
-            offset = rng.randrange(len(self.script))
+            offset = rng.randrange(len(self.script)) + sampling.seed_offset
         out = stage_pb2.GenerateResponse(request_id=rid)
         try:
             for k in range(sampling.max_tokens):

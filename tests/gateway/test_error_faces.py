@@ -19,7 +19,7 @@ from gateway.errors import (
     from_rpc_error,
     gateway_error_body,
 )
-from gateway.sampling import build_sampling, check_sampling_fields
+from gateway.sampling import build_sampling, check_sampling_fields, request_seed
 from gateway.schemas import CompletionRequest
 from stagekit.errors import (
     CapacityExceeded,
@@ -95,8 +95,8 @@ def _accepted(**fields: object) -> bool:
     req = CompletionRequest(prompt=[1, 2, 3], **fields)
     try:
         check_sampling_fields(req, VOCAB)
-        params = build_sampling(req, max_tokens=req.max_tokens, prompt_len=3, max_model_len=MAX_LEN,
-                                vocab_size=VOCAB, top_logprobs=0)
+        params = build_sampling(req, seed=request_seed(req), max_tokens=req.max_tokens, prompt_len=3,
+                                max_model_len=MAX_LEN, vocab_size=VOCAB, top_logprobs=0)
     except InvalidRequest as err:
         assert err.param is not None  # the gateway names the field in its own words
         return False

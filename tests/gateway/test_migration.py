@@ -66,3 +66,21 @@ def test_without_migration_only_requests_with_tokens_fail(stage_host: StageHost,
         wait_for(lambda: all(r["healthy"] for r in httpx.get(f"{gw.url}/health").json()["replicas"]))
         heads[1].fail_after = (0, grpc.StatusCode.UNAVAILABLE, "gone before any token")
         assert complete(gw).status_code == 200  # no token yet: retried on the other replica
+
+
+def test_a_sampled_choice_continues_with_its_seed_at_its_output_position(
+    stage_host: StageHost, pair: list[list[str]]
+) -> None:
+    body = {"temperature": 1.0, "min_tokens": 5}
+    with GatewayThread(pair) as gw:
+        undisturbed = complete(gw, **body).json()
+    heads = [stage_host.stages[r[0]] for r in pair]
+    heads[0].fail_after = (3, grpc.StatusCode.UNAVAILABLE, "stage went away")
+    with GatewayThread(pair) as gw:
+        migrated = complete(gw, **body, seed=undisturbed["seed"]).json()
+    first, resumed = heads[0].generate_calls[-1], heads[1].generate_calls[-1]
+    assert first.request_id == resumed.request_id == f"{migrated['id']}-0"
+    assert resumed.sampling.seed == first.sampling.seed and resumed.sampling.HasField("seed")
+    assert resumed.sampling.seed_offset == 3 and first.sampling.seed_offset == 0
+    assert (resumed.sampling.max_tokens, resumed.sampling.min_tokens) == (5, 2)
+    assert migrated["choices"][0]["text"] == undisturbed["choices"][0]["text"]

@@ -1,6 +1,7 @@
 """A TP1·PP2 replica whose KV pool is far smaller than its load: requests are admitted as
 blocks free up, running ones are preempted and recomputed when blocks run out, and every
-request still gets exactly the tokens it gets alone (greedy and seeded sampling). The same
+request still gets exactly the tokens it gets alone (greedy and seeded sampling), also when it
+continues another run at an output position (``seed_offset``, what a migration sends). The same
 for a Mixtral (MoE) demo of the same attention shape, whose recomputed tokens pass through
 the experts again."""
 
@@ -42,7 +43,11 @@ def test_pool_size_is_reported(small_pool) -> None:
         assert info.kv_capacity_tokens == BLOCKS * 16 and info.kv_block_size == 16
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=11)])
+SEEDED = dict(temperature=1.0, top_p=0.9, seed=11)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=11), SEEDED],
+                         ids=["greedy", "seeded", "seeded-top_p"])
 def test_preempted_requests_get_the_tokens_they_get_alone(small_pool, sampling) -> None:
     head = small_pool[0]
     alone = [tokens_of(generate(head, p, max_tokens=MAX_TOKENS, ignore_eos=True, **sampling)) for p in PROMPTS]
@@ -56,6 +61,20 @@ def test_preempted_requests_get_the_tokens_they_get_alone(small_pool, sampling) 
     while any(stage_info(a).kv_used_tokens for a in small_pool) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [stage_info(a).kv_used_tokens for a in small_pool] == [0, 0]  # every block came back
+
+
+def test_seeded_continuations_under_preemption_draw_what_the_whole_run_drew(small_pool) -> None:
+    """Each request continued at output position k, with its first k tokens appended to its
+    prompt (a migrated request), gets the whole run's tokens from k on, preempted or not."""
+    head, k = small_pool[0], 15
+    whole = [tokens_of(generate(head, p, max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED)) for p in PROMPTS]
+    assert len({t for w in whole for t in w}) > 20  # really sampled
+    before = stage_info(head).num_preemptions
+    prompts = [p + w[:k] for p, w in zip(PROMPTS, whole, strict=True)]
+    rest = [tokens_of(r) for r in generate_many(head, prompts, max_tokens=MAX_TOKENS - k, ignore_eos=True,
+                                                seed_offset=k, **SEEDED)]
+    assert stage_info(head).num_preemptions > before, "the pool was expected to run out"
+    assert rest == [w[k:] for w in whole]
 
 
 def test_a_request_larger_than_the_pool_is_refused(small_pool) -> None:

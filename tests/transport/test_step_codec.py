@@ -28,7 +28,7 @@ HEADERS = [
                freed_seq_ids=[11, 2**50], preempted_seq_ids=[12],
                new_seqs=[NewSeq(3, SamplingParams(temperature=0.75, top_p=0.5, top_k=5, seed=42, max_tokens=9,
                                                   min_tokens=2, stop_token_ids=(1, 2), ignore_eos=True,
-                                                  top_logprobs=3)),
+                                                  top_logprobs=3, seed_offset=7)),
                          NewSeq(4, SamplingParams())]),
     StepHeader(-3, [SeqSlice(i, 100 + i, 1, True, (i,) if i % 7 == 0 else ()) for i in range(64)]),
 ]
