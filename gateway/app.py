@@ -175,7 +175,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         replicas = [
-            ReplicaClient(i, addrs, transport=config.transport, rpc_timeout_s=config.rpc_timeout_s)
+            ReplicaClient(i, addrs, transport=config.transport, rpc_timeout_s=config.rpc_timeout_s,
+                          creds=config.stage_credentials)
             for i, addrs in enumerate(config.replicas)
         ]
         index = PrefixIndex()

@@ -7,7 +7,9 @@ import asyncio
 import logging
 
 from gateway.auth import API_KEYS_ENV, load_api_keys
+from gateway.cli_security import add_security_arguments, tls_settings
 from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
+from stagekit.errors import ConfigError
 
 DESCRIPTION = (
     "OpenAI-compatible HTTP gateway (and gRPC Generation API) in front of one or more replicas. "
@@ -28,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC Generation API on this port")
-    parser.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this cert")
-    parser.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the private key of --grpc-tls-cert")
     parser.add_argument("--model-name", default=None, help="model name to serve (default: the head's)")
     parser.add_argument(
         "--routing",
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="routing policy (default: round_robin; least_loaded when the replicas form a DP-attention group, "
         "whose attention load is per replica)",
     )
+    add_security_arguments(parser)
     auth = parser.add_argument_group("auth", f"keys also come from ${API_KEYS_ENV} (comma separated)")
     auth.add_argument(
         "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1 and gRPC"
@@ -110,8 +111,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         routing=args.routing,
         grpc_port=args.grpc_port,
         grpc_host=args.host,
-        grpc_tls_cert=args.grpc_tls_cert,
-        grpc_tls_key=args.grpc_tls_key,
+        **tls_settings(args),
         admission=AdmissionLimits(args.max_running_per_replica, args.max_waiting_per_replica, args.max_waiting),
         limits=RequestLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_prompt_chars),
         migrate=not args.no_migration,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ConfigError) as err:
         logger.error("%s", err)
         return 2
     if config.api_keys:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
+
 ROUTING_POLICIES = ("round_robin", "least_loaded", "prefix")
 
 
@@ -66,8 +68,10 @@ class GatewayConfig:
     routing: str | None = None  # None: round_robin, or least_loaded when the replicas form a DP group
     grpc_port: int | None = None
     grpc_host: str = "127.0.0.1"
-    grpc_tls_cert: str | None = None
-    grpc_tls_key: str | None = None
+    tls_cert: str | None = None  # PEM files: serve the REST API and the gRPC Generation API over TLS
+    tls_key: str | None = None
+    rest_tls: bool = True  # False: TLS on gRPC only (the deprecated --grpc-tls-cert/--grpc-tls-key)
+    stage_credentials: MeshCredentials = field(default=PLAINTEXT, repr=False)  # TLS and token toward stages
     admission: AdmissionLimits = AdmissionLimits()
     limits: RequestLimits = RequestLimits()
     migrate: bool = True
@@ -81,7 +85,7 @@ class GatewayConfig:
             raise ValueError("every replica needs at least one stage address")
         if self.routing is not None and self.routing not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
-        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
-            raise ValueError("gRPC TLS needs both a certificate and a key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
         if any(not key for key in self.api_keys):
             raise ValueError("API keys must not be empty")

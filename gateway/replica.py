@@ -15,6 +15,8 @@ from gateway.domain import GenerateChunk, StageInfo
 from gateway.dp_groups import forming_reason
 from gateway.errors import from_rpc_error
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
+from stagekit.rpc.channels import stage_channel
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.types.sampling_params import SamplingParams
 
@@ -51,6 +53,7 @@ class ReplicaClient:
         transport: str = "",
         rpc_timeout_s: float = 5.0,
         gate: ReplicaGate | None = None,
+        creds: MeshCredentials = PLAINTEXT,
     ) -> None:
         if not addresses:
             raise ValueError(f"replica {index} has no stage addresses")
@@ -58,6 +61,7 @@ class ReplicaClient:
         self.addresses = tuple(addresses)
         self.transport = transport
         self.rpc_timeout_s = rpc_timeout_s
+        self.creds = creds  # TLS and mesh token toward the stages
         self.healthy = False
         self.joined = False  # healthy at least once: a replica never seen ready is still joining
         self.wired = False
@@ -97,7 +101,7 @@ class ReplicaClient:
     def _stub(self, stage: int) -> stage_pb2_grpc.StageStub:
         if not self._stubs:
             for address in self.addresses:
-                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                channel = stage_channel(address, self.creds, _CHANNEL_OPTIONS)
                 self._channels.append(channel)
                 self._stubs.append(stage_pb2_grpc.StageStub(channel))
         return self._stubs[stage]

@@ -24,6 +24,7 @@ def build_server(
     itself (id, outcome, tokens, latency), and a second line per request costs throughput.
     """
     app = create_app(config)
+    tls = config.tls_cert is not None and config.rest_tls
     uv_config = uvicorn.Config(
         app,
         host=host,
@@ -32,6 +33,8 @@ def build_server(
         access_log=access_log,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        ssl_certfile=config.tls_cert if tls else None,
+        ssl_keyfile=config.tls_key if tls else None,
     )
     return uvicorn.Server(uv_config)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stagekit.errors import ConfigError
 from stagekit.ports import free_port
+from stagekit.rpc.channels import stage_channel_sync
+from stagekit.rpc.mesh_credentials import MeshCredentials
 
 
 def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:
@@ -59,6 +62,21 @@ class MeshSpec:
     # the dp replicas form one data-parallel-attention group (MoE models), meeting at a free port
     dp_attention: bool = False
     collective_timeout: float = 30.0
+    # PEM files: the gateway serves REST and gRPC over TLS with tls_cert/tls_key; with stage_tls_cert/key every
+    # stage serves and dials with that pair (and the gateway dials with it), requiring it be signed by
+    # stage_tls_ca when given (mutual TLS); mesh_token_file: stages require the token, the gateway sends it
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    stage_tls_ca: str | None = None
+    stage_tls_cert: str | None = None
+    stage_tls_key: str | None = None
+    mesh_token_file: str | None = None
+
+    def stage_security_args(self, prefix: str) -> list[str]:
+        """The stage-facing TLS and token options, as a stage (``prefix`` "") or the gateway ("stage-") takes them."""
+        pairs = [("ca", self.stage_tls_ca), ("cert", self.stage_tls_cert), ("key", self.stage_tls_key)]
+        args = [a for name, path in pairs if path for a in (f"--{prefix}tls-{name}", path)]
+        return args + (["--mesh-token-file", self.mesh_token_file] if self.mesh_token_file else [])
 
 
 class Mesh:
@@ -71,7 +89,7 @@ class Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.replicas: list[list[str]] = []
-        self.url = f"http://{spec.host}:{spec.port}"
+        self.url = f"{'https' if spec.tls_cert else 'http'}://{spec.host}:{spec.port}"
         self.stage_metrics_urls: dict[tuple[int, int], str] = {}
         self.dp_group = f"{spec.host}:{free_port()}" if spec.dp_attention else ""
         self._spawned: set[str] = set()
@@ -123,7 +141,7 @@ class Mesh:
             *(["--ready-file", str(ready_file)] if ready_file is not None else []),
             "--kv-cache-memory", s.kv_cache_memory, "--no-progress", *s.extra_stage_args,
             *(["--transport", s.transport] if s.transport else []),
-            *self._metrics_args(replica, index), *self.dp_args(replica),
+            *self._metrics_args(replica, index), *self.dp_args(replica), *s.stage_security_args(""),
         ])
 
     def dp_args(self, replica: int) -> list[str]:
@@ -155,7 +173,10 @@ class Mesh:
         for addr in [a for rep in self.replicas for a in rep]:
             self.wait_stage(addr, deadline)
         if s.gateway:
-            args = ["gateway", "--host", s.host, "--port", str(s.port), *s.extra_gateway_args]
+            args = ["gateway", "--host", s.host, "--port", str(s.port), *s.extra_gateway_args,
+                    *s.stage_security_args("stage-")]
+            if s.tls_cert and s.tls_key:
+                args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key]
             for rep in self.replicas:
                 args += ["--replica", ",".join(rep)]
             self._spawn("gateway", args, s.gateway_env)
@@ -178,10 +199,12 @@ class Mesh:
             time.sleep(0.1)
 
     def wait_stage(self, addr: str, deadline: float) -> None:
+        s = self.spec
+        creds = MeshCredentials.from_files(ca=s.stage_tls_ca, cert=s.stage_tls_cert, key=s.stage_tls_key)
         while True:
             self._check_alive()
             try:
-                with grpc.insecure_channel(addr) as ch:
+                with stage_channel_sync(addr, creds) as ch:
                     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -195,7 +218,7 @@ class Mesh:
         while True:
             self._check_alive()
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2, context=_PROBE_TLS) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -217,6 +240,13 @@ class Mesh:
                 p.wait(timeout=5)
             _signal_group(p, signal.SIGKILL)  # stragglers of the group (TP workers)
         self.procs.clear()
+
+
+# readiness of a gateway this launcher started itself: whether its certificate is trusted is
+# the clients' business, not this probe's
+_PROBE_TLS = ssl.create_default_context()
+_PROBE_TLS.check_hostname = False
+_PROBE_TLS.verify_mode = ssl.CERT_NONE
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:

@@ -41,8 +41,8 @@ class GenerationServer:
         reflection.enable_server_reflection([GENERATION_SERVICE, _HEALTH_SERVICE, reflection.SERVICE_NAME], server)
         config = self.state.config
         address = f"{host}:{port}"
-        if config.grpc_tls_cert and config.grpc_tls_key:
-            key, cert = Path(config.grpc_tls_key).read_bytes(), Path(config.grpc_tls_cert).read_bytes()
+        if config.tls_cert and config.tls_key:
+            key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
             bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             bound = server.add_insecure_port(address)

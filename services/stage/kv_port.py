@@ -28,6 +28,7 @@ from services.stage.kv_blocks import KvBlocks
 from services.stage.stage_channels import StageChannels
 from stagekit.engine.engine import Engine
 from stagekit.errors import InvalidRequest, NotFound, StageUnavailable
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2
 from stagekit.transport.base import Transport
 
@@ -43,9 +44,10 @@ class KvPort:
     Invariant: blocks are read only while an export pins them and written only while an
     import reserves them (the heads' engines hold both), never by a step meanwhile."""
 
-    def __init__(self, blocks: KvBlocks, transport: Transport, engine: Engine | None) -> None:
+    def __init__(self, blocks: KvBlocks, transport: Transport, engine: Engine | None,
+                 creds: MeshCredentials = PLAINTEXT) -> None:
         self.blocks, self.transport, self.engine = blocks, transport, engine
-        self.channels = StageChannels()   # to other stages, for the transfers' control calls
+        self.channels = StageChannels(creds)   # to other stages, for the transfers' control calls
         # destinations: gRPC address -> (data plane, published address), asked once
         self._planes: dict[str, tuple[str, bytes]] = {}
         self._ucx = _ucx_transport(transport)

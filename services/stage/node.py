@@ -15,6 +15,8 @@ from stagekit.engine.engine import Engine
 from stagekit.engine.relay import StageRelay
 from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.errors import InvalidRequest, StageUnavailable
+from stagekit.rpc.channels import stage_channel
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES
 from stagekit.transport.base import Transport
@@ -39,8 +41,10 @@ class PeerInfo:
 class StageNode:
     """Invariant: exactly one of ``engine`` (head) and ``relay`` (downstream) is set."""
 
-    def __init__(self, runtime: StageRuntime, transport: Transport, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, runtime: StageRuntime, transport: Transport, pool: ThreadPoolExecutor,
+                 creds: MeshCredentials = PLAINTEXT) -> None:
         self.runtime, self.transport, self.pool = runtime, transport, pool
+        self.creds = creds   # for the calls to the other stages of the pipeline
         self.layout, self.cfg = runtime.layout, runtime.cfg
         self.engine: Engine | None = None
         self.relay: StageRelay | None = None
@@ -76,14 +80,14 @@ class StageNode:
         """Point the data plane at the next stage (the last stage points back at the head).
         Everything is checked before anything changes: a refused Wire leaves the stage as it was."""
         self._check_position(pipeline, index)
-        peer = await _peer_info(pipeline[(index + 1) % len(pipeline)]) if len(pipeline) > 1 else None
+        peer = await _peer_info(pipeline[(index + 1) % len(pipeline)], self.creds) if len(pipeline) > 1 else None
         if peer is not None:
             self._check_plane(pipeline[index], peer)
             if self.engine is None:  # the head checks the whole pipeline below
                 self._check_next(peer, index == len(pipeline) - 1)
         peers: list[PeerInfo] = []
         if self.engine is not None:
-            peers = [await _peer_info(addr) for addr in pipeline]
+            peers = [await _peer_info(addr, self.creds) for addr in pipeline]
             for p in peers:
                 self._check_plane(pipeline[index], p)
             self._check_pipeline(peers)
@@ -147,9 +151,9 @@ class StageNode:
             raise InvalidRequest(f"the pipeline ends at layer {expect} of {self.cfg.num_layers}")
 
 
-async def _peer_info(address: str) -> PeerInfo:
+async def _peer_info(address: str, creds: MeshCredentials) -> PeerInfo:
     try:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with stage_channel(address, creds) as ch:
             info = await stage_pb2_grpc.StageStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
     except grpc.aio.AioRpcError as e:
         raise StageUnavailable(f"stage {address} did not answer: {e.code().name} {e.details()}") from None

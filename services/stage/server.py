@@ -22,6 +22,8 @@ from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.parallel.dp_rendezvous import RendezvousCancelled
 from stagekit.rpc.decode_guard import MalformedRequestGuard
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
+from stagekit.rpc.mesh_token import MeshTokenGuard
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.factory import make_transport
 
@@ -32,7 +34,8 @@ STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
 async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
-                transport_name: str | None = None, metrics_port: int | None = None) -> None:
+                transport_name: str | None = None, metrics_port: int | None = None,
+                creds: MeshCredentials = PLAINTEXT) -> None:
     pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     loop = asyncio.get_running_loop()
     dp = DpMember(spec) if spec.dp_size > 1 else None   # a DP group's host starts its rendezvous here
@@ -41,12 +44,14 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     if dp is not None:
         dp.on_failure = lambda: pool.submit(_rejoin, runtime)
         dp.start_watch()
-    transport = make_transport(transport_name)
+    transport = make_transport(transport_name, creds)
     log.info("data plane: %s", getattr(transport, "description", transport.name))
-    node = StageNode(runtime, transport, pool)
-    kv = KvPort(KvBlocks(runtime, pool), transport, node.engine)   # KV export, import and landing
+    node = StageNode(runtime, transport, pool, creds)
+    kv = KvPort(KvBlocks(runtime, pool), transport, node.engine, creds)   # KV export, import and landing
 
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[MalformedRequestGuard()])
+    # the token check comes first: a caller without it learns nothing, not even that its bytes were bad
+    guards = ([MeshTokenGuard(creds.token, STAGE_SERVICE)] if creds.token else []) + [MalformedRequestGuard()]
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=guards)
     stage_pb2_grpc.add_StageServicer_to_server(StageServicer(node, kv, transport.name), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -54,7 +59,11 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
         [STAGE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    server_creds = creds.server_credentials()
+    if server_creds is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", server_creds)
     if bound == 0:
         raise SystemExit(f"could not bind {host}:{port}")
     await server.start()
@@ -62,8 +71,9 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     for svc in ("", STAGE_SERVICE):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     layout = runtime.layout
-    log.info("stage layers %d:%d of %s (tp=%d) serving on %s:%d",
-             layout.start_layer, layout.end_layer, runtime.cfg.name, layout.tp_size, host, bound)
+    log.info("stage layers %d:%d of %s (tp=%d) serving on %s:%d (%s%s)",
+             layout.start_layer, layout.end_layer, runtime.cfg.name, layout.tp_size, host, bound,
+             _security(creds), ", mesh token required" if creds.token else "")
     freeze_startup_heap()
     print(f"STAGE READY {host}:{bound}", flush=True)
     stop_metrics = None
@@ -89,6 +99,12 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
         stop_metrics()
 
 
+def _security(creds: MeshCredentials) -> str:
+    if creds.cert is None:
+        return "plaintext"
+    return "mutual TLS" if creds.ca is not None else "TLS"
+
+
 def _rejoin(runtime: StageRuntime) -> None:
     try:
         runtime.rejoin()
@@ -99,7 +115,8 @@ def _rejoin(runtime: StageRuntime) -> None:
 
 
 def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
-        transport_name: str | None = None, metrics_port: int | None = None) -> None:
+        transport_name: str | None = None, metrics_port: int | None = None,
+        creds: MeshCredentials = PLAINTEXT) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(spec, host, port, ready_file, transport_name, metrics_port))
+    asyncio.run(serve(spec, host, port, ready_file, transport_name, metrics_port, creds))

@@ -15,6 +15,8 @@ import asyncio
 
 import grpc
 
+from stagekit.rpc.channels import stage_channel
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2_grpc
 from stagekit.rpc.status import error_for
 
@@ -25,7 +27,8 @@ _STALE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.S
 class StageChannels:
     """Invariant: at most one open channel per address; closed channels are never used."""
 
-    def __init__(self) -> None:
+    def __init__(self, creds: MeshCredentials = PLAINTEXT) -> None:
+        self.creds = creds
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()
 
@@ -37,7 +40,7 @@ class StageChannels:
             self._retire(ch)
             ch = None
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = self._channels[address] = stage_channel(address, self.creds, CHANNEL_OPTIONS)
         return ch
 
     async def call(self, address: str, method: str, request: object, timeout: float = 120.0) -> object:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from stagekit.errors import StageUnavailable
+from stagekit.rpc.channels import stage_channel
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.base import Transport
 
@@ -50,7 +51,7 @@ class TransportHost:
     async def link(self, peer: str, timeout_s: float = 20.0) -> None:
         """Point the outbound link at the transport hosted at ``peer``."""
         try:
-            async with grpc.aio.insecure_channel(peer) as ch:
+            async with stage_channel(peer) as ch:
                 info = await stage_pb2_grpc.StageStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             raise StageUnavailable(f"{peer} did not answer: {e.code().name}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from stagekit.errors import ConfigError
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -22,12 +23,12 @@ def default_transport() -> str:
     return "ucx" if ucx_importable() else "grpc"
 
 
-def make_transport(name: str | None = None) -> Transport:
+def make_transport(name: str | None = None, creds: MeshCredentials = PLAINTEXT) -> Transport:
     """The named data plane; without a name the default, where a UCX that imports but
     cannot start (no usable transports, say) falls back to gRPC with a warning."""
     if name is None and default_transport() == "ucx":
         try:
-            return make_transport("ucx")
+            return make_transport("ucx", creds)
         except ConfigError:  # a bad STAGEMESH_UCX_* setting: say so rather than fall back
             raise
         except Exception as e:
@@ -37,7 +38,7 @@ def make_transport(name: str | None = None) -> Transport:
     if name == "grpc":
         from stagekit.transport.grpc.transport import GrpcTransport
 
-        return GrpcTransport()
+        return GrpcTransport(creds)
     base, _, profile = name.partition(":")
     if base == "ucx":
         from stagekit.transport.ucx.runtime import ucx_importable

@@ -70,6 +70,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(a stalled downstream stage; a dead one is noticed at once)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--no-progress", action="store_true", help="no loading progress bar")
+    sec = p.add_argument_group("security", "TLS between the mesh's processes and a shared token (README)")
+    sec.add_argument("--tls-cert", default=None, metavar="PEM",
+                     help="serve over TLS with this certificate; also shown to the stages this one dials")
+    sec.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    sec.add_argument("--tls-ca", default=None, metavar="PEM",
+                     help="require client certificates signed by this CA (mutual TLS); stages dialed are "
+                     "checked against it too")
+    sec.add_argument("--mesh-token-file", default=None, metavar="FILE",
+                     help="refuse Stage API calls that do not carry the token in this file; send it to other stages")
     p.set_defaults(func=run)
 
 
@@ -120,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from stagekit.errors import ConfigError
     from stagekit.parallel.expert_placement import check_moe_parallel
     from stagekit.parallel.layout import StageLayout, parse_layers
+    from stagekit.rpc.mesh_credentials import MeshCredentials
 
     try:
         cfg = load_model_config(args.model, args.model_name)
@@ -139,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
             if not shm_usable():
                 raise ConfigError("--collectives shm: no shared-memory collectives on this machine (no C compiler "
                                   "and not x86); use --collectives gloo")
+        if args.tls_ca is not None and args.tls_cert is None:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key: a stage asking for client certificates "
+                              "serves over TLS and shows its own to the stages it dials")
+        creds = MeshCredentials.from_files(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                                           token_file=args.mesh_token_file)
         spec = StageSpec(
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
@@ -153,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2
     try:
-        serve(spec, args.host, args.port, args.ready_file, args.transport, metrics_port=args.metrics_port)
+        serve(spec, args.host, args.port, args.ready_file, args.transport, metrics_port=args.metrics_port,
+              creds=creds)
     except ConfigError as e:
         print(f"stagemesh stage: error: {e}", file=sys.stderr)
         return 2

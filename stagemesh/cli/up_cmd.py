@@ -54,6 +54,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--api-key", action="append", default=[],
                     help="require 'Authorization: Bearer KEY' on /v1 and gRPC (repeatable)")
     gw.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
+    sec = p.add_argument_group("TLS and mesh token", "see README, 'TLS and mesh token'")
+    sec.add_argument("--tls-cert", default=None, metavar="PEM", help="the gateway serves REST and gRPC over TLS")
+    sec.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    sec.add_argument("--stage-tls-cert", default=None, metavar="PEM",
+                     help="stages serve and dial over TLS with this certificate; the gateway shows it to them")
+    sec.add_argument("--stage-tls-key", default=None, metavar="PEM", help="the private key of --stage-tls-cert")
+    sec.add_argument("--stage-tls-ca", default=None, metavar="PEM",
+                     help="mutual TLS between gateway and stages: certificates must be signed by this CA")
+    sec.add_argument("--mesh-token-file", default=None, metavar="FILE",
+                     help="stages refuse Stage API calls without the token in this file")
     p.add_argument("--stage-metrics", action="store_true",
                    help="every stage serves Prometheus metrics on a free port (printed when up)")
     p.set_defaults(func=run)
@@ -89,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_model_config(model)
         splits = split_layers(cfg.num_layers, args.pp)
+        if (args.tls_cert is None) != (args.tls_key is None) or (args.stage_tls_cert is None) != (
+                args.stage_tls_key is None):
+            raise ConfigError("TLS needs both a certificate and its key")
+        if args.stage_tls_ca and not args.stage_tls_cert:
+            raise ConfigError("--stage-tls-ca needs --stage-tls-cert/--stage-tls-key (the stages serve with them)")
         if args.dp_attention:
             if args.dp < 2:
                 raise ConfigError("--dp-attention needs --dp 2 or more replicas to group")
@@ -112,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
                          extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
                          + ["--collectives", args.collectives]
                          + ([] if args.dp_attention else ["--moe-parallel", args.moe_parallel]),
-                         dp_attention=args.dp_attention, collective_timeout=args.collective_timeout), log_dir)
+                         dp_attention=args.dp_attention, collective_timeout=args.collective_timeout,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, stage_tls_ca=args.stage_tls_ca,
+                         stage_tls_cert=args.stage_tls_cert, stage_tls_key=args.stage_tls_key,
+                         mesh_token_file=args.mesh_token_file), log_dir)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -125,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting {args.dp} replica(s) x {args.pp} stage(s) x tp {args.tp} of {cfg.name}; logs in {log_dir}",
               file=sys.stderr, flush=True)
         mesh.start()
-        grpc_note = f", gRPC {args.host}:{grpc_port}" if grpc_port else ""
+        grpc_note = f", gRPC{'+TLS' if args.tls_cert else ''} {args.host}:{grpc_port}" if grpc_port else ""
         print(f"stagemesh is up: {mesh.url}  (model {cfg.name!r}{grpc_note}; Ctrl-C stops it)", flush=True)
         for (r, i), url in sorted(mesh.stage_metrics_urls.items()):
             print(f"  stage metrics replica {r} stage {i}: {url}", flush=True)

@@ -174,7 +174,7 @@ def test_tls(replica: list[str], tmp_path: Path) -> None:
          "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    with GatewayThread([replica], grpc_port=0, grpc_tls_cert=str(cert), grpc_tls_key=str(key)) as gateway:
+    with GatewayThread([replica], grpc_port=0, tls_cert=str(cert), tls_key=str(key)) as gateway:
         with GenerationClient(gateway.grpc_target, tls=True, root_certificates=str(cert)) as c:
             assert c.complete("Hello", max_tokens=5, temperature=0).text == EXPECTED_5
         with GenerationClient(gateway.grpc_target, retry=NO_RETRY, timeout_s=3) as plain:

@@ -23,6 +23,8 @@ import grpc
 
 from stagekit.errors import StageUnavailable
 from stagekit.rpc import stage_proto
+from stagekit.rpc.channels import stage_channel
+from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
 from stagekit.transport.base import Transport
 from stagekit.transport.grpc import control
@@ -42,7 +44,8 @@ class GrpcTransport(Transport):
 
     name = "grpc"
 
-    def __init__(self) -> None:
+    def __init__(self, creds: MeshCredentials = PLAINTEXT) -> None:
+        self.creds = creds   # TLS and token for the stream to the next stage
         self._inbound: asyncio.Queue[Frame] = asyncio.Queue()
         self._origin = OriginSteps()
         self._channel: grpc.aio.Channel | None = None
@@ -76,7 +79,7 @@ class GrpcTransport(Transport):
     async def connect(self, peer_address: str, peer_transport_address: bytes = b"") -> None:
         await self._close_outbound()
         self._peer, self._error, self.ring_broken = peer_address, "", ""
-        self._channel = grpc.aio.insecure_channel(peer_address, options=_OPTIONS)
+        self._channel = stage_channel(peer_address, self.creds, _OPTIONS)
         self._outbox = asyncio.Queue()
         self._outbox.put_nowait(control.control_frame(HELLO))
         stub = stage_pb2_grpc.StageStub(self._channel)
