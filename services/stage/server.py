@@ -46,6 +46,9 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
         dp.start_watch()
     transport = make_transport(transport_name, creds)
     log.info("data plane: %s", getattr(transport, "description", transport.name))
+    if creds.tls and transport.name != "grpc":
+        log.warning("the %s data plane is not covered by TLS: frames and KV blocks between stages travel "
+                    "unencrypted (use --transport grpc to encrypt them)", transport.name)
     node = StageNode(runtime, transport, pool, creds)
     kv = KvPort(KvBlocks(runtime, pool), transport, node.engine, creds)   # KV export, import and landing
 
