@@ -14,7 +14,7 @@ Three ways to split it over ranks, chosen by which groups have more than one ran
   - ``local`` (the default inside a stage, where every rank holds the same tokens after
     attention): every rank routes every token, computes only its experts' pairs, and one
     all-reduce over ``ep_group`` sums the routed output — the collective count of ``tp``.
-  - ``all_to_all`` (ranks holding different tokens, as data-parallel attention will): the
+  - ``all_to_all`` (ranks holding different tokens, as with data-parallel attention): the
     pairs travel to their experts' ranks and back (``layers/moe_dispatch.py``); no
     all-reduce, each rank gets its own tokens' output.
 
