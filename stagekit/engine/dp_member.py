@@ -17,9 +17,6 @@ import os
 import threading
 from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
-
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.engine.stage_world import group_member
 from stagekit.errors import StageUnavailable
@@ -93,13 +90,12 @@ class DpMember:
             if not self.ready:
                 raise StageUnavailable(f"DP group is forming: {self.detail}")
             # one MIN over [-has_work, wired]: -(anyone has work), everyone wired
-            t = torch.tensor([-int(has_work), int(wired)], dtype=torch.int64)
             try:
-                dist.all_reduce(t, op=dist.ReduceOp.MIN, group=dp.cpu_group)
+                neg_anyone, all_wired = dp.min_ints([-int(has_work), int(wired)])
             except Exception as e:
                 self.fail(f"the lockstep with the other heads failed: {e}")
                 raise StageUnavailable(f"DP group failed: {e}") from e
-            return bool(t[0] < 0 and t[1] > 0)
+            return neg_anyone < 0 and all_wired > 0
         finally:
             self._round_idle.set()
 

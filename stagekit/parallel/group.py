@@ -77,11 +77,15 @@ class GroupCoordinator:
 
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over the group (over the CPU group)."""
+        return self.min_ints([value])[0]
+
+    def min_ints(self, values: list[int]) -> list[int]:
+        """Each position's smallest value over the group, in one collective (over the CPU group)."""
         if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
-        return int(t.item())
+        return t.tolist()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 
@@ -36,3 +39,20 @@ def tokens_of(responses: list[stage_pb2.GenerateResponse]) -> list[int]:
 def stage_info(addr: str) -> stage_pb2.StageInfo:
     with grpc.insecure_channel(addr) as ch:
         return stage_pb2_grpc.StageStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
+
+
+@contextmanager
+def demo_replica(root: Path) -> Iterator[list[str]]:
+    """A wired two-stage replica (layers 0:2 | 2:4) of the tiny demo model under ``root``,
+    stopped again (no process left) when the block ends; yields its stage addresses."""
+    from stagekit.demo import write_demo_model
+    from stagemesh.launcher import Mesh, MeshSpec
+
+    model = write_demo_model(root / "demo")
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False), root / "logs")
+    try:
+        mesh.start(timeout_s=120)
+        wire(mesh.replicas[0])
+        yield mesh.replicas[0]
+    finally:
+        mesh.stop()

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from stagekit.ports import free_port
 from stagemesh.launcher import Mesh, MeshSpec, split_layers
 from tests.gateway.tokenizer_files import tokenizer_files
 from tests.helpers.checkpoints import NUM_NEW, PROMPTS, Reference
@@ -35,7 +36,7 @@ def group(moe_checkpoints: dict, tmp_path):
     shutil.copytree(ref.path, model)
     for name, content in tokenizer_files().items():
         (model / name).write_bytes(content)
-    mesh = Mesh(MeshSpec(model=str(model), layer_splits=split_layers(5, 1), dp=2, threads=1, port=_port(),
+    mesh = Mesh(MeshSpec(model=str(model), layer_splits=split_layers(5, 1), dp=2, threads=1, port=free_port(),
                          dp_attention=True, collective_timeout=TIMEOUT_S, stage_metrics=True,
                          extra_gateway_args=["--health-interval", "1"]), tmp_path / "logs")
     try:
@@ -43,12 +44,6 @@ def group(moe_checkpoints: dict, tmp_path):
         yield mesh, ref
     finally:
         mesh.stop()
-
-
-def _port() -> int:
-    from stagekit.ports import free_port
-
-    return free_port()
 
 
 def _health(mesh: Mesh) -> dict:

@@ -14,12 +14,10 @@ import httpx
 import pytest
 from google.protobuf.message import DecodeError
 
-from stagekit.demo import write_demo_model
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
-from stagemesh.launcher import Mesh, MeshSpec
 from tests.gateway.harness import GatewayThread
 from tests.helpers.raw_grpc import GARBAGE, raw_call
-from tests.helpers.stage_client import generate, stage_info, tokens_of, wire
+from tests.helpers.stage_client import demo_replica, generate, stage_info, tokens_of, wire
 
 PROMPT = [3, 200, 201, 202, 50, 60]
 STAGE = "/stagemesh.v1.Stage/"
@@ -27,15 +25,8 @@ STAGE = "/stagemesh.v1.Stage/"
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    root = tmp_path_factory.mktemp("fuzz-replica")
-    model = write_demo_model(root / "demo")
-    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False), root / "logs")
-    try:
-        mesh.start(timeout_s=120)
-        wire(mesh.replicas[0])
-        yield mesh.replicas[0]
-    finally:
-        mesh.stop()
+    with demo_replica(tmp_path_factory.mktemp("fuzz-replica")) as pipeline:
+        yield pipeline
 
 
 @pytest.fixture(scope="module")

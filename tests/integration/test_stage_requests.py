@@ -4,28 +4,21 @@ serving after each."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 
-from stagekit.demo import write_demo_model
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
-from stagemesh.launcher import Mesh, MeshSpec
-from tests.helpers.stage_client import generate, generate_many, stage_info, tokens_of, wire
+from tests.helpers.stage_client import demo_replica, generate, generate_many, stage_info, tokens_of
 
 PROMPT = [3, 200, 201, 202, 50, 60]
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("replica")
-    model = write_demo_model(root / "demo")
-    mesh = Mesh(MeshSpec(model=str(model), layer_splits=[(0, 2), (2, 4)], threads=1, gateway=False), root / "logs")
-    try:
-        mesh.start(timeout_s=120)
-        wire(mesh.replicas[0])
-        yield mesh.replicas[0]
-    finally:
-        mesh.stop()
+def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    with demo_replica(tmp_path_factory.mktemp("replica")) as pipeline:
+        yield pipeline
 
 
 def test_health_and_info_describe_each_stage(replica) -> None:
