@@ -8,9 +8,12 @@ from pathlib import Path
 
 import grpc
 
+from stagekit.rpc.channels import RESOLVE_OPTIONS
+
 _OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
+    *RESOLVE_OPTIONS,   # a gateway behind a name that moves is found again within a second
 )
 
 

@@ -8,6 +8,10 @@ in a host through ``ip netns exec`` and ``unshare --uts`` with a hostname of the
 see what processes on different machines see: other addresses, and another machine identity (hostname);
 the boot id and /dev/shm stay the machine's, which only a test on one machine has in common.
 
+Names: ``NetnsLab.set_names`` gives every host the same /etc/hosts (``ip netns exec`` bind-mounts
+/etc/netns/NAME/hosts over /etc/hosts for what it runs), rewritten in place, so a name can be moved to
+another host while the processes that resolve it keep running (a replaced pod's DNS name).
+
 Every name carries the test process's pid, and everything is removed at the end, on failure too; a
 switch or host left by a killed run (its pid gone) is removed by the next lab, with the processes in it.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 
 _PREFIX = "smnet"
 _IFNAME = "eth0"  # each host's one interface (GLOO_SOCKET_IFNAME, UCX_NET_DEVICES)
+_ETC_NETNS = Path("/etc/netns")  # per-namespace /etc files that `ip netns exec` mounts
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -80,6 +85,7 @@ def sweep_stale() -> None:
                 except ProcessLookupError:
                     pass
             _ip("netns", "del", name, check=False)
+            shutil.rmtree(_ETC_NETNS / name, ignore_errors=True)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         m = re.search(rf"\d+: ({_PREFIX[:2]}v(\d+)r)[@:]", line)
         if m and not _pid_alive(int(m.group(2))):
@@ -185,6 +191,16 @@ class NetnsLab:
         _ip("-n", switch, "link", "set", port, "master", "br0")
         _ip("-n", switch, "link", "set", port, "up")
 
+    def set_names(self, names: dict[str, Host]) -> None:
+        """Every host resolves each name to its host's address (its /etc/hosts, rewritten in place: the
+        bind mount of a process already running follows the file, and glibc reads it on every lookup)."""
+        text = "127.0.0.1 localhost\n" + "".join(f"{h.address} {name}\n" for name, h in names.items())
+        for host in self.hosts:
+            path = _ETC_NETNS / host.netns / "hosts"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:   # truncate + write: the same inode
+                f.write(text)
+
     def spawn(self, host: Host, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start ``argv`` in ``host``, in a session of its own (its process group is killed at close), output
         into ``log``."""
@@ -219,6 +235,7 @@ class NetnsLab:
         # a namespace with processes in it outlives `ip netns del`: they are all gone by now
         for host in self.hosts:
             _ip("netns", "del", host.netns, check=False)
+            shutil.rmtree(_ETC_NETNS / host.netns, ignore_errors=True)
         _ip("netns", "del", self.switch, check=False)
         _ip("link", "del", self.root_link, check=False)  # gone with its peer already, normally
         self.hosts.clear()
