@@ -237,3 +237,11 @@ def test_bad_arguments_are_config_errors(kit: Kit) -> None:
     with pytest.raises(ConfigError, match="started with dp_size 3 but the group host .* with dp_size 2"):
         other.form()
     assert "dp_size 3" in other.status
+
+
+def test_a_group_meets_at_a_dns_name(kit: Kit) -> None:
+    """--dp-group takes a name (a pod's stable DNS name on Kubernetes): the host listens where it resolves and
+    every member resolves it on each dial."""
+    kit.address = f"localhost:{free_port()}"
+    formations = kit.form_all(kit.members(), epoch=1)
+    assert sorted(f.rank for f in formations) == [0, 1, 2, 3]
