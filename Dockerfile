@@ -2,8 +2,10 @@
 # the `stagemesh` command, so `docker run IMAGE stage --help` works like the CLI.
 #
 #   docker build -t stagemesh:latest .                                  # CPU torch (default)
-#   docker build -t stagemesh:cuda --build-arg TORCH_VARIANT=cu128 \
-#                --build-arg EXTRAS=ucx .                               # CUDA torch (+ UCX data plane)
+#   docker build -t stagemesh:cuda --build-arg TORCH_VARIANT=cu128 .    # CUDA torch
+#
+# Both carry the UCX data plane (the `ucx` extra, ucxx; it runs on CPU too), which the stages
+# use by default; `--build-arg EXTRAS=` leaves it out (the stages then fall back to gRPC).
 #
 # torch comes from ./wheelhouse/ when a wheel for the requested version and variant is there
 # (e.g. a CPU wheel copied or hard-linked from a local cache: no multi-GB download), otherwise
@@ -15,7 +17,7 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=
 ARG TORCH_INDEX_URL=
-ARG EXTRAS=
+ARG EXTRAS=ucx
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/stagemesh && /opt/stagemesh/bin/pip install -q --upgrade pip
 ENV PATH=/opt/stagemesh/bin:${PATH}
