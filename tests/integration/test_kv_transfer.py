@@ -157,3 +157,14 @@ def test_a_receiving_stage_dying_mid_transfer_fails_the_export_promptly(replicas
     reply = _export(a[0], prompt, b)
     assert reply.num_blocks_sent == 120 // 16 and reply.transport == replicas.path
     assert tokens_of(generate(b[0], prompt, max_tokens=6, ignore_eos=True)) == expected
+
+
+def test_a_destination_given_by_name_is_reached(replicas: Replicas) -> None:
+    """ExportKv's destination may name the stages (a Kubernetes pod's DNS name): the exporter resolves the
+    name when it dials (GetInfo, the push on either plane)."""
+    a, named = replicas.a, [address.replace("127.0.0.1", "localhost") for address in replicas.b]
+    assert named != replicas.b
+    prompt = _prompt(40, salt=11)
+    generate(a[0], prompt, max_tokens=2)
+    reply = _export(a[0], prompt, named)
+    assert reply.num_blocks_sent == 2 and reply.transport == replicas.path
