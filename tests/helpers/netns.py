@@ -236,6 +236,10 @@ class NetnsLab:
         for host in self.hosts:
             _ip("netns", "del", host.netns, check=False)
             shutil.rmtree(_ETC_NETNS / host.netns, ignore_errors=True)
+        try:
+            _ETC_NETNS.rmdir()   # only if no other lab (or the machine's own setup) uses it
+        except OSError:
+            pass
         _ip("netns", "del", self.switch, check=False)
         _ip("link", "del", self.root_link, check=False)  # gone with its peer already, normally
         self.hosts.clear()
