@@ -51,6 +51,7 @@ class Outcome:
     latency_s: float
     answer: str | None = None  # the text (REST) or token ids (gRPC), None when it failed
     error: str = ""
+    request_id: str = ""  # the gateway's id (REST), to find the request in its log
 
 
 class Sender:
@@ -68,13 +69,15 @@ class Sender:
 
     def send(self, kind: Kind) -> Outcome:
         start = time.perf_counter()
+        outcome = Outcome(kind, 0.0)
         try:
-            answer = self._rest(kind) if kind.api == "rest" else self._grpc(kind)
-            return Outcome(kind, time.perf_counter() - start, answer=answer)
+            outcome.answer = self._rest(kind, outcome) if kind.api == "rest" else self._grpc(kind)
         except Exception as e:  # whatever it was (HTTP, gRPC, an SDK error type), it is a failed request
-            return Outcome(kind, time.perf_counter() - start, error=f"{type(e).__name__}: {_describe(e)}")
+            outcome.error = f"{type(e).__name__}: {_describe(e)}"
+        outcome.latency_s = time.perf_counter() - start
+        return outcome
 
-    def _rest(self, kind: Kind) -> str:
+    def _rest(self, kind: Kind, outcome: Outcome) -> str:
         body = {"model": self.model, "prompt": kind.prompt, "stream": True, **kind.sampling(self.max_tokens)}
         text, done = "", False
         with self.http.stream("POST", f"{self.url}/v1/completions", json=body) as response:
@@ -85,6 +88,7 @@ class Sender:
                     done = True
                 elif line.startswith("data: "):
                     event = json.loads(line[len("data: "):])
+                    outcome.request_id = event.get("id", outcome.request_id)
                     if "error" in event:
                         raise RuntimeError(f"error event in the stream: {event['error']}")
                     text += "".join(c["text"] for c in event.get("choices", []))

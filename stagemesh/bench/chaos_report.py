@@ -60,7 +60,8 @@ class ChaosReport:
                 self.wrong += 1
                 if self.wrong <= 5:
                     where = difference(o.answer, references[o.kind])
-                    self.problems.append(f"wrong answer to {o.kind.label()}: {where}")
+                    named = f" ({o.request_id})" if o.request_id else ""
+                    self.problems.append(f"wrong answer to {o.kind.label()}{named}: {where}")
             else:
                 self.succeeded += 1
         self.problems += [f"{n} request(s) failed with {why}" for why, n in errors.most_common(10)]
