@@ -49,7 +49,7 @@ def kinds() -> list[Kind]:
 class Outcome:
     kind: Kind
     latency_s: float
-    answer: str | None = None  # the text (REST) or token ids (gRPC), None when it failed
+    answer: str | None = None  # the text (REST), or the token ids and the text (gRPC); None when it failed
     error: str = ""
     request_id: str = ""  # the gateway's id (REST), to find the request in its log
 
@@ -98,9 +98,11 @@ class Sender:
 
     def _grpc(self, kind: Kind) -> str:
         ids: list[int] = []
+        text = ""
         for chunk in self.grpc.generate(kind.prompt, model=self.model, **kind.sampling(self.max_tokens)):
             ids += chunk.token_ids
-        return ",".join(map(str, ids))
+            text += chunk.text
+        return f"{','.join(map(str, ids))} {text!r}"  # the tokens, and the text the gateway made of them
 
 
 def _describe(e: Exception) -> str:
