@@ -5,6 +5,7 @@ stage (relay). Servicers call into this; it never touches protobuf."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,10 @@ class StageNode:
     def _check_position(self, pipeline: list[str], index: int) -> None:
         if not pipeline or not 0 <= index < len(pipeline):
             raise InvalidRequest(f"wiring index {index} is outside the pipeline of {len(pipeline)} stage(s)")
-        twice = sorted({addr for addr in pipeline if pipeline.count(addr) > 1})
+        if len(pipeline) > self.layout.num_layers:  # also bounds the work of the checks below
+            raise InvalidRequest(f"a pipeline of {len(pipeline)} stages for a model of {self.layout.num_layers} "
+                                 "layers: each stage holds at least one layer")
+        twice = sorted(addr for addr, n in Counter(pipeline).items() if n > 1)
         if twice:
             raise InvalidRequest(f"the pipeline {pipeline} names {', '.join(twice)} more than once: each stage "
                                  "holds its own layers and sits at one position")

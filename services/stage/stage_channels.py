@@ -12,9 +12,11 @@ shared pool) for the same reason."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 
+from stagekit.errors import InvalidRequest
 from stagekit.rpc.channels import stage_channel
 from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2_grpc
@@ -22,6 +24,16 @@ from stagekit.rpc.status import error_for
 
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 _STALE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+# host:port, host a name, an IPv4 address or a bracketed IPv6 one: what the Stage API's callers send
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is a stage address (``host:port``), else `InvalidRequest`: an address a
+    caller sent must not reach gRPC's channel constructor, which fails on it with UNKNOWN."""
+    if not _ADDRESS.fullmatch(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
+        raise InvalidRequest(f"{address[:100]!r} is not a stage address (host:port)")
+    return address
 
 
 class StageChannels:
@@ -34,7 +46,7 @@ class StageChannels:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The kept channel to ``address`` (a fresh one if it has none or its connection failed)."""
-        ch = self._channels.get(address)
+        ch = self._channels.get(check_address(address))
         if ch is not None and ch.get_state(try_to_connect=False) in _STALE:
             self._channels.pop(address)
             self._retire(ch)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +67,10 @@ class Engine:
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
-        self._seq_ids = itertools.count(1)
+        # unique across restarts of this head: the stages after a head that died keep the block tables of
+        # the sequences it had in flight (no free reaches them), and a new sequence under an old id would
+        # extend that stale table and read and write blocks other sequences now own (found by the chaos soak)
+        self._seq_ids = itertools.count(time.time_ns())
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
         self._tasks: list[asyncio.Task] = []

@@ -10,8 +10,8 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|collectives"
-                                     "|handoff --help)")
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|chaos"
+                                     "|collectives|handoff --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -56,12 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import collectives, gateway, memory_soak, step_handoff
+    from stagemesh.bench import chaos, collectives, gateway, memory_soak, step_handoff
 
     # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
     for name, module, help_text in (
         ("gateway", gateway, "what the gateway adds: latency and request rate vs the stages direct"),
         ("soak", memory_soak, "resident memory of the stage processes over many requests"),
+        ("chaos", chaos, "a DP2xPP2 mesh under load while stages are killed and stopped: 0 failed, 0 wrong"),
         ("collectives", collectives, "all-reduce/all-gather/all-to-all on one host: shared memory vs gloo"),
         ("handoff", step_handoff, "a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory"),
     ):

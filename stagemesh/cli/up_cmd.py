@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "see stagemesh stage --help")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
+    p.add_argument("--step-timeout", type=float, default=None,
+                   help="seconds a head waits for a step's result before failing its requests (default: the "
+                        "stage's, 120); see stagemesh stage --help")
     gw = p.add_argument_group("gateway")
     gw.add_argument("--grpc-port", type=int, default=None,
                     help="gRPC Generation API port (default: --port + 1; 0 = a free port)")
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                          transport=args.transport,
                          extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
                          + ["--collectives", args.collectives]
+                         + ([] if args.step_timeout is None else ["--step-timeout", str(args.step_timeout)])
                          + ([] if args.dp_attention else ["--moe-parallel", args.moe_parallel]),
                          dp_attention=args.dp_attention, collective_timeout=args.collective_timeout,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, stage_tls_ca=args.stage_tls_ca,
