@@ -44,7 +44,8 @@ def format_profile(report: dict) -> str:
         extra = streams["pp2"]["direct_itl_ms"] - streams["pp1"]["direct_itl_ms"]
         lines.append(f"data plane + second stage (pp2 - pp1, direct): {extra:+.2f} ms per token")
     if "trace" in report:
-        lines.append(f"torch.profiler trace: {report['trace']}; top ops per generated token (batch 1):")
+        lines.append(f"torch.profiler trace: {report['trace']}; top ops per generated token (batch 1, "
+                     "prefill included):")
         lines += [f"  {op['op']:40}{op['calls_per_token']:>8.1f} calls{op['self_ms_per_token']:>9.3f} ms"
                   for op in report["trace_top_ops"]]
     la = report["load_average"]

@@ -3,9 +3,10 @@
 A one-stage replica head (engine, stage runtime, TP executor, model runner: the objects a
 stage process builds) runs in this process on a deterministic workload: ``B`` fixed prompts
 admitted at once, greedy, ``ignore_eos``, exactly ``--output-len`` tokens each. Each batch
-size runs twice: first with only the engine's marks (the step time a client sees, without
-instrumentation), then with every module of the model timed (``step_clock.StepClock``);
-the table is the second run's decode steps, averaged, beside the first run's step time.
+size runs ``--rounds`` times two runs: one with only the engine's marks (the step time a
+client sees, without instrumentation), one with every module of the model timed
+(``step_clock.StepClock``); the table averages the decode steps of the timed runs, beside
+the step time of the others.
 ``--mesh`` adds what sits outside a step: the per-token cost of the gateway and, with
 ``pp2``, of the data plane between two stages (``stream_overhead``).
 """
@@ -20,11 +21,15 @@ import os
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from stagemesh.bench.step_clock import CATEGORIES, StepClock, StepRecord
+
+if TYPE_CHECKING:
+    from stagekit.engine.engine import Engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,6 +150,7 @@ class HeadUnderTest:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
         self.runtime = StageRuntime(self.pool.submit(start_executor, spec).result())
         self.model: nn.Module = self.runtime.executor.runner.model
+        self.engine: Engine | None = None
         self._ids = itertools.count()
 
     async def start(self) -> None:
@@ -162,22 +168,25 @@ class HeadUnderTest:
         from stagekit.types.sampling_params import SamplingParams
 
         params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        engine = self.engine
+        assert engine is not None, "start() first"
 
         async def one(prompt: list[int]) -> None:
-            async for _ in self.engine.generate(f"profile-{next(self._ids)}", prompt, params):
+            async for _ in engine.generate(f"profile-{next(self._ids)}", prompt, params):
                 pass
 
         if clock is not None:
-            attach(clock, self.engine, modules)
+            attach(clock, engine, modules)
         try:
             await asyncio.gather(*(one(p) for p in prompts))
         finally:
             if clock is not None:
                 clock.detach()
 
-    async def trace(self, prompts: list[list[int]], path: str, tokens: int = 9) -> list[dict]:
+    async def trace(self, prompts: list[list[int]], path: str, tokens: int = 17) -> list[dict]:
         """A torch.profiler Chrome trace of ``tokens`` greedy tokens (categories as ranges) written
-        to ``path``; returns the aten ops that took the most time, per generated token."""
+        to ``path``; returns the aten ops that took the most time, per generated token (the
+        prompt's prefill step included)."""
         # the profiler records the thread it was started on: the compute thread, where the step runs
         loop = asyncio.get_running_loop()
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -193,7 +202,8 @@ class HeadUnderTest:
                  "self_ms_per_token": round(e.self_cpu_time_total / 1000 / tokens, 3)} for e in ops[:15]]
 
     async def stop(self) -> None:
-        await self.engine.stop()
+        if self.engine is not None:
+            await self.engine.stop()
 
     def close(self) -> None:
         self.pool.submit(self.runtime.shutdown).result()
