@@ -45,6 +45,15 @@ def gguf_name(hf: str) -> str:
     return f"blk.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
+def special_tokens(model_dir: Path) -> dict[int, str]:
+    """id -> text of the checkpoint's special tokens (tokenizer_config.json), if it lists any."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    added = json.loads(path.read_text()).get("added_tokens_decoder", {})
+    return {int(i): t["content"] for i, t in added.items() if t.get("special")}
+
+
 def main(model_dir: str, out: str) -> None:
     import gguf
 
@@ -70,12 +79,17 @@ def main(model_dir: str, out: str) -> None:
     w.add_vocab_size(vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     tokens = [f"<0x{i:02X}>".encode() for i in range(256)] + [f"<t{i}>".encode() for i in range(256, vocab)]
+    bos, eos = cfg.get("bos_token_id", 1), cfg.get("eos_token_id", 2)
+    types = [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (vocab - 256)
+    for i, text in special_tokens(Path(model_dir)).items():   # llama.cpp knows end-of-text tokens by name
+        if i < vocab:
+            tokens[i], types[i] = text.encode(), gguf.TokenType.CONTROL
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * vocab)
-    w.add_token_types([gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (vocab - 256))
-    w.add_bos_token_id(cfg.get("bos_token_id") or 1)
-    w.add_eos_token_id(cfg.get("eos_token_id") or 2)
+    w.add_token_types(types)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         for name, t in load_file(str(f)).items():
