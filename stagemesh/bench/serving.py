@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per rank (and for the baseline)")
     p.add_argument("--kv-cache-memory", default="4GiB", help="KV cache per stage rank")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    p.add_argument("--no-step-profile", action="store_true",
+                   help="skip the batch-1 step measured in this process (step and matmul time, weight streaming "
+                        "against the machine's read bandwidth)")
+    p.add_argument("--llama-cpp-bench", default="", metavar="PATH",
+                   help="a llama-batched-bench binary: run it as a baseline in the same run (needs --gguf)")
+    p.add_argument("--gguf", default="", metavar="PATH", help="GGUF of the same weights for --llama-cpp-bench")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
 
@@ -77,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     from stagekit.config.model_config import load_model_config
     from stagemesh.bench.load import run_load  # httpx: only needed to run it
 
+    if bool(args.llama_cpp_bench) != bool(args.gguf):
+        from stagekit.errors import ConfigError
+
+        raise ConfigError("--llama-cpp-bench and --gguf go together: the binary and the GGUF of the same weights")
     model = _model_dir(args)
     cfg = load_model_config(model)
     batches = [int(b) for b in args.batch.split(",")]
@@ -111,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         for b in batches:
             baseline[b] = run_hf(model, _prompts(b, args.prompt_len, cfg.vocab_size, args.seed), args.output_len,
                                  args.threads)
+    llama_cpp = {}
+    if args.llama_cpp_bench:
+        from stagemesh.bench.llama_cpp_baseline import run_llama_batched_bench
+
+        llama_cpp = run_llama_batched_bench(args.llama_cpp_bench, args.gguf, batches, args.prompt_len,
+                                            args.output_len, args.threads)
     report = {
         "model": model, "pp": args.pp, "tp": args.tp, "threads": args.threads, "rounds": max(1, args.rounds),
         "meshes": variants,
@@ -128,12 +144,38 @@ def run(args: argparse.Namespace) -> int:
                 row["hf_output_tok_s"] = round(baseline[b].output_tok_s, 2)
                 row["hf_ttft_s"] = round(baseline[b].ttft_s, 4)
                 row["ratio_vs_hf"] = round(row["output_tok_s"] / baseline[b].output_tok_s, 3)
+            if b in llama_cpp:
+                row["llama_cpp_output_tok_s"] = llama_cpp[b]["output_tok_s"]
+                row["llama_cpp_decode_step_ms"] = llama_cpp[b]["decode_step_ms"]
+                row["ratio_vs_llama_cpp"] = round(row["output_tok_s"] / llama_cpp[b]["output_tok_s"], 3)
             report["runs"].append(row)
+    if not args.no_step_profile:
+        report["step"] = batch1_step(model, cfg.num_layers, cfg.vocab_size, args)
     if args.json:
         print(json.dumps(report))
     else:
         _print_table(report)
     return 0
+
+
+def batch1_step(model: str, num_layers: int, vocab_size: int, args: argparse.Namespace) -> dict:
+    """The batch-1 decode step of a one-stage replica (TP 1, ``--threads``) measured in this
+    process, beside the read bandwidth measured right after it: how close the step's weight
+    streaming comes to the machine's limit, in the matmuls alone and over the whole step."""
+    from stagemesh.bench.step_profile import profile_steps
+    from stagemesh.cli.sizes import parse_bytes
+
+    prof = profile_steps(model, num_layers, vocab_size, tp=1, threads=args.threads,
+                         kv_bytes=parse_bytes(args.kv_cache_memory), batches=[1], prompt_len=args.prompt_len,
+                         output_len=args.output_len, seed=args.seed)
+    row, bw = prof["batches"][0], prof["read_bandwidth_gb_s"]
+    cats = row["categories"]
+    matmul_ms = cats["matmul"]["ms"] + cats["lm_head"]["ms"]
+    step_gb_s = prof["weight_bytes"] / (row["step_ms"] / 1000) / 1e9
+    return {"step_ms": row["step_ms"], "matmul_ms": round(matmul_ms, 3), "weight_bytes": prof["weight_bytes"],
+            "read_bandwidth_gb_s": bw, "matmul_gb_s": row["matmul_gb_s"],
+            "matmul_vs_bandwidth": row["matmul_vs_bandwidth"],
+            "step_gb_s": round(step_gb_s, 2), "step_vs_bandwidth": round(step_gb_s / bw, 3)}
 
 
 def _variants(args: argparse.Namespace) -> dict[str, dict]:
@@ -203,5 +245,21 @@ def _print_table(report: dict) -> None:
     for t, rss in report["stage_rss_mib"].items():
         out.write(f"stage RSS MiB ({t or 'default'}): end {rss['end']}, peak {rss['peak']}, "
                   f"{rss['end_per_rank']} per rank of {rss['ranks']}\n")
+    for r in report["runs"]:
+        if "llama_cpp_output_tok_s" in r:
+            out.write(f"llama.cpp (llama-batched-bench) batch {r['batch']}: {r['llama_cpp_output_tok_s']:.1f} tok/s, "
+                      f"decode step {r['llama_cpp_decode_step_ms']:.2f} ms; stagemesh {r['mesh']} / llama.cpp "
+                      f"{r['ratio_vs_llama_cpp']:.2f}\n")
+    one = [r for r in report["runs"] if r["batch"] == 1]
+    if one:
+        out.write("batch-1 ms per token through the gateway (ITL p50): "
+                  + ", ".join(f"{r['mesh']} {1000 * r['itl_p50_s']:.2f}" for r in one) + "\n")
+    if "step" in report:
+        s = report["step"]
+        out.write(f"batch-1 step in this process: {s['step_ms']:.2f} ms, of it matmuls {s['matmul_ms']:.2f} ms over "
+                  f"{s['weight_bytes'] / 1e6:.0f} MB of weights = {s['matmul_gb_s']:.1f} GB/s "
+                  f"({100 * s['matmul_vs_bandwidth']:.0f}% of the read bandwidth, {s['read_bandwidth_gb_s']:.1f} GB/s "
+                  f"with {report['threads']} threads); over the whole step {s['step_gb_s']:.1f} GB/s "
+                  f"({100 * s['step_vs_bandwidth']:.0f}%)\n")
     la = report["load_average"]
     out.write(f"load average: start {la['start']}, end {la['end']}\n")

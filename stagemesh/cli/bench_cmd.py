@@ -10,7 +10,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|chaos"
+    p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|profile|prefix|kv|gateway|soak|chaos"
                                      "|collectives|handoff --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import chaos, collectives, gateway, memory_soak, step_handoff
+    from stagemesh.bench import chaos, collectives, gateway, memory_soak, step_handoff, step_profile
 
     # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
     for name, module, help_text in (
@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("chaos", chaos, "a DP2xPP2 mesh under load while stages are killed and stopped: 0 failed, 0 wrong"),
         ("collectives", collectives, "all-reduce/all-gather/all-to-all on one host: shared memory vs gloo"),
         ("handoff", step_handoff, "a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory"),
+        ("profile", step_profile, "where a decode step's time goes: matmuls, attention, glue ops, sampling, "
+                                  "scheduler, hand-offs, gateway"),
     ):
         sp = which.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
         module.add_arguments(sp)
