@@ -1,0 +1,119 @@
+"""The lean decode step: a dense Llama-family decoder layer in one native call per decode step
+(stagekit/kernels/fused_layer.c) instead of dozens of small torch ops and one packed-linear
+call per projection.
+
+``run`` is the layer-level switch. It takes a step only when every sequence adds one token,
+on the CPU, with the layer's four projections panel-packed (``--linear-kernel panel``, or
+``auto`` up to its panel crossover), fp32 activations and KV cache, no per-head q/k norm and
+a gated-SiLU MLP; it returns None otherwise and the layer runs its usual modules. With TP > 1
+the layer is two native calls, the attention half and the MLP half, with the group's
+all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from stagekit.kernels import fused_layer as fl
+from stagekit.kv.forward_batch import ForwardBatch
+from stagekit.layers.activation import SiluAndMul
+from stagekit.layers.mlp import GatedMLP
+
+ENV = "STAGEMESH_FUSED_LAYER"
+
+_scratch: dict[tuple[int, ...], fl.Scratch] = {}
+# the step the last call prepared: every layer of a step shares its DecodeStep
+_last: tuple[ForwardBatch | None, dict[tuple[int, ...], fl.DecodeStep]] = (None, {})
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+class _Plan:
+    """A layer's fused form, for the packed weights it was built from (``key``); ``weights`` is
+    None where the layer does not fit the kernel. ``max_rows``: the most tokens per step for
+    which its projections use panels at all (beyond, the usual path keeps oneDNN)."""
+
+    def __init__(self, key: object, weights: fl.FusedLayerWeights | None, max_rows: int = 0) -> None:
+        self.key, self.weights, self.max_rows = key, weights, max_rows
+
+
+def _build(layer: nn.Module) -> _Plan:
+    attn = layer.self_attn
+    mlp = getattr(layer, layer.mlp_name)
+    key = attn.qkv_proj.cpu_weight
+    if (not isinstance(mlp, GatedMLP) or not isinstance(mlp.act_fn, SiluAndMul) or not mlp.down_proj.reduce_results
+            or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None or attn.q_norm is not None
+            or layer.input_layernorm.eps != layer.post_attention_layernorm.eps or not fl.native_available()):
+        return _Plan(key, None)
+    projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    packed = [p.cpu_weight for p in projs]
+    if any(c is None or c.panels is None for c in packed):
+        return _Plan(key, None)
+    tp = attn.qkv_proj.group.world_size
+    rot = attn.rotary_emb
+    try:
+        weights = fl.FusedLayerWeights(
+            hidden=layer.input_layernorm.weight.numel(), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim, intermediate=mlp.down_proj.input_size_per_partition,
+            eps=layer.input_layernorm.eps, scale=attn.attn.scale, norm1=layer.input_layernorm.weight.data,
+            norm2=layer.post_attention_layernorm.weight.data, qkv=packed[0].panels,
+            qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data, o=packed[1].panels,
+            o_bias=None if attn.o_proj.bias is None or tp > 1 else attn.o_proj.bias.data, gate_up=packed[2].panels,
+            down=packed[3].panels, cos=rot.cos, sin=rot.sin)
+    except ValueError:
+        return _Plan(key, None)
+    return _Plan(key, weights, min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed))
+
+
+def _step(batch: ForwardBatch, weights: fl.FusedLayerWeights) -> fl.DecodeStep:
+    global _last
+    last_batch, steps = _last
+    if last_batch is not batch:
+        steps = {}
+        _last = (batch, steps)
+    dims = weights.dims()
+    step = steps.get(dims)
+    if step is None:
+        scratch = _scratch.setdefault(dims, fl.Scratch(dims))
+        step = fl.DecodeStep(batch.positions, batch.write_blocks, batch.write_rows, batch.decode_tables,
+                             batch.decode_lens, batch.kv_cache.block_size, scratch)
+        steps[dims] = step
+    return step
+
+
+def run(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+        batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's (hidden, residual) outputs for a decode step through the native kernel, or
+    None where it does not apply (the caller runs the layer's modules)."""
+    rows = hidden.shape[0]
+    if (batch.decode_rows is not None or batch.prefills or rows == 0 or rows != batch.num_decodes
+            or hidden.dtype != torch.float32 or hidden.device.type != "cpu" or not enabled()):
+        return None
+    attn = layer.self_attn
+    plan = layer.__dict__.get("_fused_plan")
+    if plan is None or plan.key is not attn.qkv_proj.cpu_weight:
+        plan = _build(layer)
+        layer.__dict__["_fused_plan"] = plan
+    weights = plan.weights
+    if weights is None or rows > plan.max_rows or batch.kv_cache.dtype != torch.float32:
+        return None
+    step = _step(batch, weights)
+    if not step.fits(weights):
+        return None
+    k_cache, v_cache = batch.kv_cache.layer(attn.attn.layer_idx)
+    hidden = hidden.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    group = attn.qkv_proj.group
+    if group.world_size == 1:
+        return fl.fused_layer(weights, step, k_cache, v_cache, hidden, residual)
+    o, residual = fl.fused_layer(weights, step, k_cache, v_cache, hidden, residual, fl.ATTENTION)
+    o = group.all_reduce(o)
+    if attn.o_proj.bias is not None:
+        o = o + attn.o_proj.bias
+    out, residual = fl.fused_layer(weights, step, k_cache, v_cache, o, residual, fl.MLP)
+    return group.all_reduce(out), residual
