@@ -138,8 +138,8 @@ class DecodeStep:
 
 
 def fused_layer(weights: FusedLayerWeights, step: DecodeStep, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                hidden: torch.Tensor, residual: torch.Tensor | None, phases: int = BOTH,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden: torch.Tensor, residual: torch.Tensor | None,
+                phases: int = BOTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``phases`` of one layer for the step's B rows: hidden, residual [B, H] fp32 (residual
     None on a stage's first layer) -> (out, residual') as fused_layer.c describes. k_cache and
     v_cache are the layer's contiguous fp32 [num_blocks, Hk, block_size, D] caches."""
@@ -153,8 +153,8 @@ def fused_layer(weights: FusedLayerWeights, step: DecodeStep, k_cache: torch.Ten
     if (k_cache.dtype != torch.float32 or not k_cache.is_contiguous() or not v_cache.is_contiguous()
             or k_cache.shape[1:] != (weights.num_kv_heads, step.block_size, weights.head_dim)):
         raise ValueError("fused layer: the KV cache must be contiguous fp32 [num_blocks, Hk, block_size, D]")
-    out = torch.empty(b, h) if out is None else out
-    res_out = torch.empty(b, h)
+    out = torch.empty(b, h, dtype=torch.float32)
+    res_out = torch.empty(b, h, dtype=torch.float32)
     with native_lock:
         rc = lib.fused_layer(ctypes.addressof(weights.struct), ctypes.addressof(step.struct), k_cache.data_ptr(),
                              v_cache.data_ptr(), hidden.data_ptr(), _ptr(residual), out.data_ptr(),

@@ -12,6 +12,7 @@ all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -22,8 +23,11 @@ from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.layers.activation import SiluAndMul
 from stagekit.layers.mlp import GatedMLP
 
+log = logging.getLogger(__name__)
+
 ENV = "STAGEMESH_FUSED_LAYER"
 
+_announced: list[bool] = []
 _scratch: dict[tuple[int, ...], fl.Scratch] = {}
 # the step the last call prepared: every layer of a step shares its DecodeStep
 _last: tuple[ForwardBatch | None, dict[tuple[int, ...], fl.DecodeStep]] = (None, {})
@@ -65,8 +69,12 @@ def _build(layer: nn.Module) -> _Plan:
             qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data, o=packed[1].panels,
             o_bias=None if attn.o_proj.bias is None or tp > 1 else attn.o_proj.bias.data, gate_up=packed[2].panels,
             down=packed[3].panels, cos=rot.cos, sin=rot.sin)
-    except ValueError:
+    except ValueError as e:
+        log.info("decoder layer keeps the unfused decode path: %s", e)
         return _Plan(key, None)
+    if not _announced:
+        _announced.append(True)
+        log.info("decode steps run the fused decoder layer (one native call per layer; %s=0 turns it off)", ENV)
     return _Plan(key, weights, min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed))
 
 
