@@ -164,21 +164,34 @@ static unsigned int enter_ftz(void) { return 0; }
 static void leave_ftz(unsigned int old) { (void)old; }
 #endif
 
-/* Token groups: M <= 6 is one group; more are split into ceil(M/6) groups of near-equal size. */
+static void run_group(const float *x, long ldx, const void *w, int dt, const float *bias, float *y, long ldy, int N,
+                      int K, int pa, int pb, int t0, int T) {
+#if PANEL_SIMD
+    if (dt == DT_F32) tiles_f32(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
+    else if (dt == DT_F16) tiles_f16(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
+    else tiles_bf16(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
+#else
+    tiles_scalar(x, ldx, w, dt, bias, y, ldy, N, K, pa, pb, t0, T);
+#endif
+}
+
+/* Token groups: M <= 6 is one group; more are split into ceil(M/6) groups of near-equal size,
+ * and every group runs over one panel before the next panel is read, so a panel (K * 64 bytes
+ * in fp32) is streamed from memory once and re-read from L2 by the other groups. */
 static void run_range(const float *x, long ldx, const void *w, int dt, const float *bias, float *y, long ldy, int M,
                       int N, int K, int pa, int pb) {
     const int groups = (M + MAX_T - 1) / MAX_T;
-    int t0 = 0;
-    for (int g = 0; g < groups; g++) {
-        const int T = (M - t0) / (groups - g) + ((M - t0) % (groups - g) ? 1 : 0);
-#if PANEL_SIMD
-        if (dt == DT_F32) tiles_f32(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
-        else if (dt == DT_F16) tiles_f16(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
-        else tiles_bf16(x, ldx, w, bias, y, ldy, N, K, pa, pb, t0, T);
-#else
-        tiles_scalar(x, ldx, w, dt, bias, y, ldy, N, K, pa, pb, t0, T);
-#endif
-        t0 += T;
+    if (groups == 1) {
+        run_group(x, ldx, w, dt, bias, y, ldy, N, K, pa, pb, 0, M);
+        return;
+    }
+    for (int p = pa; p < pb; p++) {
+        int t0 = 0;
+        for (int g = 0; g < groups; g++) {
+            const int T = (M - t0 + (groups - g) - 1) / (groups - g);
+            run_group(x, ldx, w, dt, bias, y, ldy, N, K, p, p + 1, t0, T);
+            t0 += T;
+        }
     }
 }
 
