@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not fl.native_available(), reason="no C compiler
 
 SOLO = ParallelGroups(tp=GroupCoordinator([0], 0))
 BLOCK = 8
-PROMPTS = (7, 8, 15, 3)  # decode steps then write rows 7..9 (crossing into block 2), 8.., 15.., 3..
+PROMPTS = (7, 8, 15, 3)  # decode positions 7..9 and 15..17 cross block boundaries (blocks of 8)
 ROOT = Path(__file__).resolve().parents[2]
 
 
