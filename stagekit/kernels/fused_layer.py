@@ -2,9 +2,9 @@
 
 ``FusedLayerWeights`` holds one layer's pointers (panels from panel_gemm.pack_panels, norms,
 biases, RoPE caches) and keeps the tensors alive; ``DecodeStep`` holds what every layer of a
-step shares (positions, KV slots, block tables) and the scratch buffers, which belong to a
-``Scratch`` reused from step to step (grown, never shrunk); ``fused_layer`` runs one layer, or
-one half of it (ATTENTION, MLP: a tensor-parallel caller all-reduces in between). Calls hold
+step shares (positions, KV slots, block tables, the KV pool) and the scratch buffers, which
+belong to a ``Scratch`` reused from step to step (grown, never shrunk); ``DecodeStep.run`` runs
+one layer, or one half of it (ATTENTION, MLP: a tensor-parallel caller all-reduces in between). Calls hold
 panel_gemm's lock: two OpenMP teams on the same cores would fight each other. ctypes releases
 the GIL for the call. Without a C compiler ``native_available()`` is False.
 """
@@ -84,9 +84,9 @@ class FusedLayerWeights:
         self.struct = _Layer(h, hq, hk, d, i, DTYPE_CODES[qkv.dtype], cos.shape[0], eps, scale, _ptr(norm1),
                              _ptr(norm2), _ptr(qkv), _ptr(qkv_bias), _ptr(o), _ptr(o_bias), _ptr(gate_up),
                              _ptr(down), _ptr(cos), _ptr(sin))
+        self.ref = ctypes.addressof(self.struct)
 
-    def dims(self) -> tuple[int, int, int, int, int]:
-        return self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate
+        self.dims = (h, hq, hk, d, i)
 
 
 class Scratch:
@@ -115,50 +115,62 @@ class Scratch:
 class DecodeStep:
     """What all layers of one decode step share: B rows, one per sequence, at ``positions``;
     each row's KV slot (``write_blocks``, ``write_rows``); the block tables and context lengths
-    (new token included) that attention reads; and a Scratch of the layers' shape. Invariant:
-    every position is below the layers' ``max_position`` (checked by ``fits``)."""
+    (new token included) that attention reads; the stage's KV pool ([layers, 2, num_blocks,
+    Hk, block_size, D] fp32, contiguous: checked here); and a Scratch of the layers' shape.
+    ``fits`` says whether a layer's weights match it (shapes, positions within its RoPE cache)."""
 
     def __init__(self, positions: torch.Tensor, write_blocks: torch.Tensor, write_rows: torch.Tensor,
-                 tables: torch.Tensor, lens: torch.Tensor, block_size: int, scratch: Scratch) -> None:
+                 tables: torch.Tensor, lens: torch.Tensor, kv_pool: torch.Tensor, scratch: Scratch) -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError("the fused layer kernel is not available here (no C compiler, or native kernels off)")
+        self.lib = lib
+        _, hq, hk, d, _ = scratch.dims
+        if (kv_pool.dim() != 6 or kv_pool.shape[1] != 2 or kv_pool.shape[3] != hk or kv_pool.shape[5] != d
+                or kv_pool.dtype != torch.float32 or not kv_pool.is_contiguous()):
+            raise ValueError(f"fused layer: the KV pool {tuple(kv_pool.shape)} {kv_pool.dtype} is not contiguous fp32 "
+                             f"[layers, 2, blocks, {hk}, block_size, {d}]")
         self.b = int(positions.numel())
         self._keep = (positions.to(torch.int64).contiguous(), write_blocks.to(torch.int64).contiguous(),
                       write_rows.to(torch.int64).contiguous(), tables.to(torch.int32).contiguous(),
-                      lens.to(torch.int32).contiguous())
+                      lens.to(torch.int32).contiguous(), kv_pool)
         self.max_position = int(positions.max()) if self.b else 0
-        self.block_size = block_size
+        self.block_size = kv_pool.shape[4]
+        self.num_layers = kv_pool.shape[0]
+        self._kv_base = kv_pool.data_ptr()
+        self._layer_bytes, self._v_bytes = kv_pool.stride(0) * 4, kv_pool.stride(1) * 4
         self.dims = scratch.dims
-        pos, wb, wr, tab, ln = self._keep
+        pos, wb, wr, tab, ln, _ = self._keep
         views = scratch.views(self.b)
         self._arena = scratch.arena  # kept: a later, larger step may replace the scratch's arena
-        self.struct = _Step(self.b, block_size, tab.shape[1], pos.data_ptr(), wb.data_ptr(), wr.data_ptr(),
+        self.struct = _Step(self.b, self.block_size, tab.shape[1], pos.data_ptr(), wb.data_ptr(), wr.data_ptr(),
                             tab.data_ptr(), ln.data_ptr(), *views)
+        self._ref = ctypes.addressof(self.struct)
 
     def fits(self, weights: FusedLayerWeights) -> bool:
-        return self.max_position < weights.max_position and self.block_size <= MAX_BLOCK and self.dims == weights.dims()
+        return (self.max_position < weights.max_position and self.block_size <= MAX_BLOCK and self.b > 0
+                and self.dims == weights.dims)
 
-
-def fused_layer(weights: FusedLayerWeights, step: DecodeStep, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                hidden: torch.Tensor, residual: torch.Tensor | None,
-                phases: int = BOTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``phases`` of one layer for the step's B rows: hidden, residual [B, H] fp32 (residual
-    None on a stage's first layer) -> (out, residual') as fused_layer.c describes. k_cache and
-    v_cache are the layer's contiguous fp32 [num_blocks, Hk, block_size, D] caches."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the fused layer kernel is not available here (no C compiler, or native kernels off)")
-    b, h = step.b, weights.hidden
-    for t in (hidden, residual):
-        if t is not None and (t.shape != (b, h) or t.dtype != torch.float32 or not t.is_contiguous()):
-            raise ValueError(f"fused layer: activations must be contiguous fp32 [{b}, {h}]")
-    if (k_cache.dtype != torch.float32 or not k_cache.is_contiguous() or not v_cache.is_contiguous()
-            or k_cache.shape[1:] != (weights.num_kv_heads, step.block_size, weights.head_dim)):
-        raise ValueError("fused layer: the KV cache must be contiguous fp32 [num_blocks, Hk, block_size, D]")
-    out = torch.empty(b, h, dtype=torch.float32)
-    res_out = torch.empty(b, h, dtype=torch.float32)
-    with native_lock:
-        rc = lib.fused_layer(ctypes.addressof(weights.struct), ctypes.addressof(step.struct), k_cache.data_ptr(),
-                             v_cache.data_ptr(), hidden.data_ptr(), _ptr(residual), out.data_ptr(),
-                             res_out.data_ptr(), phases, torch.get_num_threads())
-    if rc != 0:
-        raise ValueError("fused layer: shapes outside the kernel's bounds")
-    return out, res_out
+    def run(self, weights: FusedLayerWeights, layer: int, hidden: torch.Tensor, residual: torch.Tensor | None,
+            phases: int = BOTH) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``phases`` of the layer whose KV is the pool's ``layer`` for the step's B rows:
+        hidden, residual [B, H] fp32 (residual None on a stage's first layer) -> (out, residual')
+        as fused_layer.c describes. ``weights`` must fit the step (``fits``)."""
+        if not self.fits(weights):
+            raise ValueError(f"fused layer: weights of shape {weights.dims} do not fit this step")
+        b, h = self.b, weights.hidden
+        for t in (hidden, residual):
+            if t is not None and (t.shape != (b, h) or t.dtype != torch.float32 or not t.is_contiguous()):
+                raise ValueError(f"fused layer: activations must be contiguous fp32 [{b}, {h}]")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"fused layer: KV layer {layer} is outside the pool's {self.num_layers}")
+        out = torch.empty(b, h, dtype=torch.float32)
+        res_out = torch.empty(b, h, dtype=torch.float32)
+        k = self._kv_base + layer * self._layer_bytes
+        with native_lock:
+            rc = self.lib.fused_layer(weights.ref, self._ref, k, k + self._v_bytes, hidden.data_ptr(),
+                                      None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                      res_out.data_ptr(), phases, torch.get_num_threads())
+        if rc != 0:
+            raise ValueError("fused layer: shapes outside the kernel's bounds")
+        return out, res_out

@@ -38,26 +38,30 @@ def enabled() -> bool:
 
 
 class _Plan:
-    """A layer's fused form, for the packed weights it was built from (``key``); ``weights`` is
-    None where the layer does not fit the kernel. ``max_rows``: the most tokens per step for
-    which its projections use panels at all (beyond, the usual path keeps oneDNN)."""
+    """A layer's fused form, for the packed weights it was built from (``key``, the QKV
+    projection's CpuLinearWeight); ``weights`` is None where the layer does not fit the kernel.
+    ``max_rows``: the most tokens per step for which its projections use panels at all (beyond,
+    the usual path keeps oneDNN)."""
 
-    def __init__(self, key: object, weights: fl.FusedLayerWeights | None, max_rows: int = 0) -> None:
-        self.key, self.weights, self.max_rows = key, weights, max_rows
+    def __init__(self, layer: nn.Module, weights: fl.FusedLayerWeights | None = None, max_rows: int = 0) -> None:
+        attn = layer.self_attn
+        self.qkv = attn.qkv_proj
+        self.key = self.qkv.cpu_weight
+        self.weights, self.max_rows = weights, max_rows
+        self.group, self.kv_layer, self.o_bias = self.qkv.group, attn.attn.layer_idx, attn.o_proj.bias
 
 
 def _build(layer: nn.Module) -> _Plan:
     attn = layer.self_attn
     mlp = getattr(layer, layer.mlp_name)
-    key = attn.qkv_proj.cpu_weight
     if (not isinstance(mlp, GatedMLP) or not isinstance(mlp.act_fn, SiluAndMul) or not mlp.down_proj.reduce_results
             or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None or attn.q_norm is not None
             or layer.input_layernorm.eps != layer.post_attention_layernorm.eps or not fl.native_available()):
-        return _Plan(key, None)
+        return _Plan(layer)
     projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     packed = [p.cpu_weight for p in projs]
     if any(c is None or c.panels is None for c in packed):
-        return _Plan(key, None)
+        return _Plan(layer)
     tp = attn.qkv_proj.group.world_size
     rot = attn.rotary_emb
     try:
@@ -71,57 +75,65 @@ def _build(layer: nn.Module) -> _Plan:
             down=packed[3].panels, cos=rot.cos, sin=rot.sin)
     except ValueError as e:
         log.info("decoder layer keeps the unfused decode path: %s", e)
-        return _Plan(key, None)
+        return _Plan(layer)
     if not _announced:
         _announced.append(True)
         log.info("decode steps run the fused decoder layer (one native call per layer; %s=0 turns it off)", ENV)
-    return _Plan(key, weights, min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed))
+    return _Plan(layer, weights, min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed))
 
 
-def _step(batch: ForwardBatch, weights: fl.FusedLayerWeights) -> fl.DecodeStep:
-    global _last
-    last_batch, steps = _last
-    if last_batch is not batch:
-        steps = {}
-        _last = (batch, steps)
-    dims = weights.dims()
-    step = steps.get(dims)
-    if step is None:
-        scratch = _scratch.setdefault(dims, fl.Scratch(dims))
-        step = fl.DecodeStep(batch.positions, batch.write_blocks, batch.write_rows, batch.decode_tables,
-                             batch.decode_lens, batch.kv_cache.block_size, scratch)
-        steps[dims] = step
-    return step
+class _StepState:
+    """What the layers of one step share: whether the fused path is on for it (read once per
+    step) and its DecodeStep per layer shape."""
+
+    def __init__(self, batch: ForwardBatch) -> None:
+        kv = batch.kv_cache
+        self.batch = batch
+        self.on = (enabled() and batch.decode_rows is None and not batch.prefills and batch.num_decodes > 0
+                   and kv.dtype == torch.float32 and kv.device.type == "cpu" and fl.native_available())
+        self.steps: dict[tuple[int, ...], fl.DecodeStep] = {}
+
+    def step(self, weights: fl.FusedLayerWeights) -> fl.DecodeStep:
+        step = self.steps.get(weights.dims)
+        if step is None:
+            b = self.batch
+            scratch = _scratch.setdefault(weights.dims, fl.Scratch(weights.dims))
+            step = fl.DecodeStep(b.positions, b.write_blocks, b.write_rows, b.decode_tables, b.decode_lens,
+                                 b.kv_cache.kv, scratch)
+            self.steps[weights.dims] = step
+        return step
+
+
+_last: _StepState | None = None  # the step the last call prepared
 
 
 def run(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
         batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layer's (hidden, residual) outputs for a decode step through the native kernel, or
     None where it does not apply (the caller runs the layer's modules)."""
-    rows = hidden.shape[0]
-    if (batch.decode_rows is not None or batch.prefills or rows == 0 or rows != batch.num_decodes
-            or hidden.dtype != torch.float32 or hidden.device.type != "cpu" or not enabled()):
+    global _last
+    state = _last
+    if state is None or state.batch is not batch:
+        state = _last = _StepState(batch)
+    if not state.on or hidden.dtype != torch.float32 or hidden.shape[0] != batch.num_decodes:
         return None
-    attn = layer.self_attn
     plan = layer.__dict__.get("_fused_plan")
-    if plan is None or plan.key is not attn.qkv_proj.cpu_weight:
+    if plan is None or plan.key is not plan.qkv.cpu_weight:
         plan = _build(layer)
         layer.__dict__["_fused_plan"] = plan
     weights = plan.weights
-    if weights is None or rows > plan.max_rows or batch.kv_cache.dtype != torch.float32:
+    if weights is None or hidden.shape[0] > plan.max_rows:
         return None
-    step = _step(batch, weights)
+    step = state.step(weights)
     if not step.fits(weights):
         return None
-    k_cache, v_cache = batch.kv_cache.layer(attn.attn.layer_idx)
     hidden = hidden.contiguous()
     residual = None if residual is None else residual.contiguous()
-    group = attn.qkv_proj.group
-    if group.world_size == 1:
-        return fl.fused_layer(weights, step, k_cache, v_cache, hidden, residual)
-    o, residual = fl.fused_layer(weights, step, k_cache, v_cache, hidden, residual, fl.ATTENTION)
-    o = group.all_reduce(o)
-    if attn.o_proj.bias is not None:
-        o = o + attn.o_proj.bias
-    out, residual = fl.fused_layer(weights, step, k_cache, v_cache, o, residual, fl.MLP)
-    return group.all_reduce(out), residual
+    if plan.group.world_size == 1:
+        return step.run(weights, plan.kv_layer, hidden, residual)
+    o, residual = step.run(weights, plan.kv_layer, hidden, residual, fl.ATTENTION)
+    o = plan.group.all_reduce(o)
+    if plan.o_bias is not None:
+        o = o + plan.o_bias
+    out, residual = step.run(weights, plan.kv_layer, o, residual, fl.MLP)
+    return plan.group.all_reduce(out), residual

@@ -121,14 +121,17 @@ def test_attention_and_mlp_halves_equal_the_whole_layer() -> None:
     weights = layer.__dict__["_fused_plan"].weights
     batch = ForwardBatch.build(seqs, kv, torch.device("cpu"))
     step = fl.DecodeStep(batch.positions, batch.write_blocks, batch.write_rows, batch.decode_tables,
-                         batch.decode_lens, BLOCK, fl.Scratch(weights.dims()))
+                         batch.decode_lens, kv.kv, fl.Scratch(weights.dims))
     g = torch.Generator().manual_seed(5)
     hidden, residual = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
-    k, v = kv.layer(1)
-    whole = fl.fused_layer(weights, step, k, v, hidden, residual)
-    o, res = fl.fused_layer(weights, step, k, v, hidden, residual, fl.ATTENTION)
-    halves = fl.fused_layer(weights, step, k, v, o, res, fl.MLP)
+    whole = step.run(weights, 1, hidden, residual)
+    o, res = step.run(weights, 1, hidden, residual, fl.ATTENTION)
+    halves = step.run(weights, 1, o, res, fl.MLP)
     assert torch.equal(whole[0], halves[0]) and torch.equal(whole[1], halves[1])
+    with pytest.raises(ValueError, match="activations"):
+        step.run(weights, 1, hidden[:3], residual)
+    with pytest.raises(ValueError, match="KV layer"):
+        step.run(weights, 2, hidden, residual)
 
 
 def test_without_a_compiler_the_model_keeps_its_path(tmp_path: Path) -> None:
@@ -141,7 +144,8 @@ def test_without_a_compiler_the_model_keeps_its_path(tmp_path: Path) -> None:
         "m = _model(4, 2, True, None)\n"
         "kv = PagedKVCache(2, 2, 16, torch.float32, torch.device('cpu'), 16, BLOCK)\n"
         "out = _decode(m, kv, _prefill(m, kv), True, 0)\n"
-        "assert m.model.layers['0'].__dict__['_fused_plan'].weights is None\n"
+        "from stagekit.models import fused_decode\n"
+        "assert fused_decode._last is not None and not fused_decode._last.on\n"
         "assert out.hidden_states.shape == (4, 64) and torch.isfinite(out.hidden_states).all()\n"
         "print('fallback ok')\n"
     )
