@@ -36,16 +36,18 @@ PROMPTS = (7, 8, 15, 3)  # decode positions 7..9 and 15..17 cross block boundari
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _model(hq: int, hk: int, bias: bool, wdt: torch.dtype | None, start: int = 0, end: int = 2) -> StageModel:
+def _model(hq: int, hk: int, bias: bool, wdt: torch.dtype | None, start: int = 0, end: int = 2,
+           qk_norm: bool = False, kernel: str = "panel") -> StageModel:
     cfg = ModelConfig(path="", name="t", architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=80,
                       num_layers=3, num_heads=hq, num_kv_heads=hk, head_dim=16, vocab_size=50,
                       max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                      tie_word_embeddings=False, qkv_bias=bias, o_bias=bias, checkpoint_dtype="float32")
+                      tie_word_embeddings=False, qkv_bias=bias, o_bias=bias, checkpoint_dtype="float32",
+                      qk_norm=qk_norm)
     model = StageModel(cfg, StageLayout(start, end, 3, 1), SOLO, torch.float32)
     g = torch.Generator().manual_seed(hq * 10 + hk)
     for name, p in model.named_parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in name else 0.0))
-    pack_model_weights(model, CpuWeightPlan("panel", wdt))
+    pack_model_weights(model, CpuWeightPlan(kernel, wdt))
     return model
 
 
@@ -132,6 +134,16 @@ def test_attention_and_mlp_halves_equal_the_whole_layer() -> None:
         step.run(weights, 1, hidden[:3], residual)
     with pytest.raises(ValueError, match="KV layer"):
         step.run(weights, 2, hidden, residual)
+
+
+def test_layers_and_steps_it_does_not_fit_keep_their_path() -> None:
+    """Per-head q/k norms (Qwen3), oneDNN weights and prefill steps run the modules."""
+    for model in (_model(4, 2, False, None, qk_norm=True), _model(4, 2, False, None, kernel="onednn")):
+        kv = PagedKVCache(2, 2, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+        seqs = _prefill(model, kv)
+        assert not fused_decode._last.on  # a prefill step
+        _decode(model, kv, seqs, True, 0)
+        assert fused_decode._last.on and model.model.layers["0"].__dict__["_fused_plan"].weights is None
 
 
 def test_without_a_compiler_the_model_keeps_its_path(tmp_path: Path) -> None:
