@@ -8,9 +8,10 @@ import torch
 
 from stagekit.config.model_config import load_model_config
 from stagekit.engine.stage_spec import StageSpec
+from stagekit.errors import ConfigError
 from stagekit.kv.forward_batch import ForwardBatch
 from stagekit.kv.kv_cache import PagedKVCache, available_memory
-from stagekit.layers.cpu_packed import pack_model_weights
+from stagekit.layers.cpu_packed import WEIGHT_DTYPES, CpuWeightPlan, pack_model_weights
 from stagekit.layers.moe import FusedMoE
 from stagekit.loader.safetensors_loader import load_weights
 from stagekit.models.stage_model import StageModel
@@ -34,13 +35,17 @@ class ModelRunner:
         check_moe_parallel(spec.moe_parallel, self.cfg.num_experts, spec.tp_size * spec.dp_size, repr(self.cfg.name),
                            f"--dp-size {spec.dp_size} x --tp {spec.tp_size}" if spec.dp_size > 1 else "")
         self.in_dp_group = spec.dp_size > 1
-        self.dtype = self.cfg.torch_dtype(spec.dtype)
+        # half-precision weight storage computes in fp32 whatever the checkpoint holds
+        self.dtype = self.cfg.torch_dtype("float32" if spec.weight_dtype and spec.dtype == "auto" else spec.dtype)
         self.groups, self.device = groups, groups.device
+        if spec.weight_dtype and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ConfigError(f"--weight-dtype {spec.weight_dtype} is for the CPU with float32 activations "
+                              f"(here {self.device.type}, {str(self.dtype).removeprefix('torch.')})")
         tp = groups.tp
         self.model = StageModel(self.cfg, self.layout, groups, self.dtype)
         load_weights(self.model, show_progress=spec.show_progress and tp.is_first_rank)
-        if spec.linear_kernel == "auto":
-            pack_model_weights(self.model)
+        if spec.linear_kernel != "dense":
+            pack_model_weights(self.model, CpuWeightPlan(spec.linear_kernel, WEIGHT_DTYPES.get(spec.weight_dtype)))
         num_kv_heads = max(1, self.cfg.num_kv_heads // spec.tp_size)
         shape = (self.layout.num_local_layers, num_kv_heads, self.cfg.head_dim, self.dtype, spec.block_size)
         budget = spec.kv_cache_memory_bytes

@@ -19,8 +19,11 @@ class StageSpec:
     kv_cache_memory_fraction: float = 0.0  # > 0: this share of the memory free at start-up instead
     num_threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
     show_progress: bool = True
-    # "auto": oneDNN-prepacked fp32 weights on the CPU (stagekit/layers/cpu_packed.py); "dense": F.linear
+    # CPU fp32 linear weights (stagekit/layers/cpu_packed.py): "auto" (panel GEMM for small token counts,
+    # oneDNN above), "panel", "onednn" (packed once after loading) or "dense" (F.linear)
     linear_kernel: str = "auto"
+    # "float16"/"bfloat16": CPU linear weights stored in that dtype in the panels, fp32 activations; "" = as loaded
+    weight_dtype: str = ""
     # collectives of the TP group: "auto" (shared memory on the CPU, torch.distributed on GPUs), "shm", "gloo"
     collectives: str = "auto"
     # how a MoE stage parallelises its experts over the TP ranks: "tp" (each expert split) or "ep" (placed whole)

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,21 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def _source_bytes(src: Path, seen: frozenset[Path] = frozenset()) -> bytes:
+    """The source followed by every sibling file it #includes "quoted" (recursively), so the
+    cache key changes when a shared kernel a source compiles in changes."""
+    data = src.read_bytes()
+    out = [data]
+    for inc in _INCLUDE.findall(data):
+        dep = src.parent / inc.decode()
+        if dep.is_file() and dep not in seen:
+            out.append(_source_bytes(dep, seen | {src}))
+    return b"".join(out)
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from ``stagekit/kernels/<name>.c``, or None where it cannot be built."""
@@ -54,14 +70,14 @@ def load(name: str) -> ctypes.CDLL | None:
         log.info("no C compiler: native kernel %s unavailable, using the torch fallback", name)
         return None
     src = Path(__file__).with_name(f"{name}.c")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(_source_bytes(src) + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = _cache_dir() / f"{name}-{key}.so"
     if not out.exists():
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 part = Path(tmp) / out.name
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(part), "-lm"], check=True,
+                subprocess.run([cc, *FLAGS, f"-I{src.parent}", str(src), "-o", str(part), "-lm"], check=True,
                                capture_output=True, text=True, timeout=120)
                 os.replace(part, out)  # atomic: a process starting beside us sees all or nothing
             log.info("built native kernel %s (%s)", name, out)

@@ -28,16 +28,16 @@ static inline float load_bf16(const uint16_t *p, int i) {
 
 static inline float load_f16(const _Float16 *p, int i) { return (float)p[i]; }
 
-/* One kernel per cache element type T, reading elements with LOAD. */
+/* One kernel per cache element type T, reading elements with LOAD: NAME##_item does work
+ * item (sequence b, KV head g) and is what a fused layer calls from inside its own OpenMP
+ * region; NAME opens the region itself. */
 #define PAGED_DECODE(NAME, T, LOAD)                                                                 \
-    int NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *tables,             \
-             const int32_t *lens, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale, \
-             int num_threads, float *out) {                                                         \
+    static void NAME##_item(const float *q, const T *k_cache, const T *v_cache, const int32_t *tables, \
+                            const int32_t *lens, int Hq, int Hk, int D, int BS, int max_blocks,     \
+                            float scale, float *out, int b, int g) {                                \
         const int G = Hq / Hk;                                                                      \
-        if (G > MAX_GROUP || BS > MAX_BLOCK || D > MAX_DIM) return -1;                              \
-        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)")      \
-        for (int b = 0; b < B; b++) {                                                               \
-            for (int g = 0; g < Hk; g++) {                                                          \
+        {                                                                                           \
+            {                                                                                       \
                 float m[MAX_GROUP], l[MAX_GROUP], s[MAX_GROUP][MAX_BLOCK], row[MAX_DIM];            \
                 float *o = out + ((long)b * Hq + (long)g * G) * D; /* [G, D], accumulated here */   \
                 const float *qg = q + ((long)b * Hq + (long)g * G) * D;                             \
@@ -95,6 +95,15 @@ static inline float load_f16(const _Float16 *p, int i) { return (float)p[i]; }
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
+    }                                                                                               \
+    int NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *tables,             \
+             const int32_t *lens, int B, int Hq, int Hk, int D, int BS, int max_blocks, float scale, \
+             int num_threads, float *out) {                                                         \
+        if (Hq / Hk > MAX_GROUP || BS > MAX_BLOCK || D > MAX_DIM) return -1;                        \
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)")      \
+        for (int b = 0; b < B; b++)                                                                 \
+            for (int g = 0; g < Hk; g++)                                                            \
+                NAME##_item(q, k_cache, v_cache, tables, lens, Hq, Hk, D, BS, max_blocks, scale, out, b, g); \
         return 0;                                                                                   \
     }
 

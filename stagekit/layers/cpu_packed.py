@@ -1,20 +1,54 @@
-"""oneDNN-prepacked weights for fp32 linear layers on the CPU.
+"""Packed weights for linear layers on the CPU: 16-row panels for the native small-batch GEMM
+(stagekit/kernels/panel_gemm.c; fp32, fp16 or bf16 storage) and oneDNN's reordered layout.
 
 At the token counts of decode, MKL's small-M GEMM behind F.linear is far from the
-memory-bandwidth floor; oneDNN with a weight reordered once is not (the step's matmuls
-take about a third of F.linear's time at one token: docs/benchmarks.md, "Measurements
-behind design choices"). Results equal F.linear to ~1e-6. Once packed, the dense copy of
-the weight is released (the packed one is the only copy kept).
+memory-bandwidth floor; a weight packed once is not (docs/benchmarks.md, "Measurements behind
+design choices"). ``CpuWeightPlan`` says which packing a stage uses (``--linear-kernel``,
+``--weight-dtype``): ``panel`` runs the panel kernel at every token count, ``onednn`` oneDNN's
+packed matmul, ``auto`` the panel kernel up to ``PANEL_MAX_M`` tokens and oneDNN above it
+(fp32; half-precision panels have no oneDNN twin, so the panel kernel takes every count).
+Results equal F.linear to ~1e-6 in fp32. Once packed, the dense copy of the weight is released.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# batch-size hint for the reorder: measured to suit 1..128 tokens per step
+from stagekit.kernels import panel_gemm
+from stagekit.kernels.panel_gemm import PackStats
+
+log = logging.getLogger(__name__)
+
+# batch-size hint for the oneDNN reorder: measured to suit 1..128 tokens per step
 _PACK_HINT = 32
+# the most tokens per call for which ``auto`` picks the panel kernel over oneDNN in fp32
+# (the crossover measured with ``stagemesh bench gemm``: docs/benchmarks.md)
+PANEL_MAX_M = 8
+
+KERNELS = ("auto", "panel", "onednn", "dense")
+WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class CpuWeightPlan:
+    """How fp32 CPU linear weights are packed: ``kernel`` one of KERNELS and ``weight_dtype`` the
+    panels' storage dtype (None: fp32). Half-precision storage implies panels."""
+
+    kernel: str = "auto"
+    weight_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown linear kernel {self.kernel!r}; allowed: {', '.join(KERNELS)}")
+        if self.weight_dtype not in (None, *WEIGHT_DTYPES.values()):
+            raise ValueError(f"unsupported panel weight dtype {self.weight_dtype}")
+        if self.weight_dtype is not None and self.kernel in ("onednn", "dense"):
+            raise ValueError(f"half-precision weights need the panel kernel, not --linear-kernel {self.kernel}")
 
 
 def row_bucket(m: int) -> int:
@@ -54,28 +88,70 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return out if rows == m else out[:m]
 
 
+class CpuLinearWeight:
+    """One [out, in] fp32 weight packed per a CpuWeightPlan: panels (``panels``, for up to
+    ``panel_max_m`` tokens, or every count when there is no oneDNN copy) and/or oneDNN's layout
+    (``onednn``). Where the native kernel is unavailable, half-precision storage is emulated:
+    the weight is rounded to the half dtype and kept in fp32 for oneDNN (the same products)."""
+
+    def __init__(self, weight: torch.Tensor, plan: CpuWeightPlan) -> None:
+        self.out_features = weight.shape[0]
+        self.panels: torch.Tensor | None = None
+        self.onednn: torch.Tensor | None = None
+        self.panel_max_m = PANEL_MAX_M if plan.kernel == "auto" and plan.weight_dtype is None else 1 << 30
+        self.stats = PackStats()
+        native = panel_gemm.native_available()
+        if plan.kernel in ("auto", "panel") and native:
+            self.panels, self.stats = panel_gemm.pack_panels(weight, plan.weight_dtype or torch.float32)
+        if plan.kernel == "onednn" or (plan.kernel == "auto" and plan.weight_dtype is None) or not native:
+            if plan.weight_dtype is not None and not native:
+                weight, self.stats = panel_gemm.round_weight(weight, plan.weight_dtype)
+                weight = weight.float()
+            self.onednn = pack_linear_weight(weight)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.panels is not None and (self.onednn is None or x.shape[0] <= self.panel_max_m):
+            return panel_gemm.panel_gemm(x if x.stride(1) == 1 else x.contiguous(), self.panels,
+                                         self.out_features, bias)
+        assert self.onednn is not None
+        return packed_linear(x, self.onednn, bias)
+
+
 class PackedWeight(nn.Module):
     """Mixin for layers whose forward is ``x @ weight.T``: ``pack_weights`` swaps the dense
-    weight for a prepacked one; ``matmul`` uses whichever the layer holds."""
+    weight for a CpuLinearWeight; ``matmul`` uses whichever the layer holds."""
 
-    packed_weight: torch.Tensor | None = None
+    cpu_weight: CpuLinearWeight | None = None
 
-    def pack_weights(self) -> bool:
+    def pack_weights(self, plan: CpuWeightPlan = CpuWeightPlan()) -> PackStats | None:
+        """Pack per ``plan``; the rounding's stats, or None where nothing was packed."""
         weight = self.weight
-        if self.packed_weight is not None or not packing_supported(weight):
-            return False
-        self.packed_weight = pack_linear_weight(weight.data)
+        if self.cpu_weight is not None or plan.kernel == "dense" or not packing_supported(weight):
+            return None
+        self.cpu_weight = CpuLinearWeight(weight.data, plan)
         weight.data = torch.empty(0, dtype=weight.dtype)
-        return True
+        return self.cpu_weight.stats
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [T, in] -> [T, out]
-        if self.packed_weight is not None and x.dtype == torch.float32 and x.dim() == 2:
-            return packed_linear(x, self.packed_weight, bias)
+        if self.cpu_weight is not None and x.dtype == torch.float32 and x.dim() == 2:
+            return self.cpu_weight(x, bias)
         return F.linear(x, self.weight, bias)
 
 
-def pack_model_weights(model: nn.Module) -> int:
+def pack_model_weights(model: nn.Module, plan: CpuWeightPlan = CpuWeightPlan()) -> int:
     """Pack every layer of ``model`` that can (PackedWeight layers, and others such as the
-    MoE experts that define their own ``pack_weights``); returns how many were packed."""
-    return sum(1 for m in model.modules() if callable(getattr(m, "pack_weights", None)) and m.pack_weights())
+    MoE experts that define their own ``pack_weights``); returns how many were packed and
+    logs what rounding to a half dtype did (values saturated at its range, flushed to zero)."""
+    total, count = PackStats(), 0
+    for m in model.modules():
+        if callable(getattr(m, "pack_weights", None)):
+            stats = m.pack_weights(plan)
+            if stats is not None:
+                total, count = total + stats, count + 1
+    if plan.weight_dtype is not None:
+        level = logging.WARNING if total.overflowed or total.flushed else logging.INFO
+        log.log(level, "linear weights stored as %s in %d layers: %d values beyond its range (saturated), "
+                "%d nonzero values flushed to zero", str(plan.weight_dtype).removeprefix("torch."), count,
+                total.overflowed, total.flushed)
+    return count

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stagekit.layers.cpu_packed import pack_linear_weight, packed_linear, packing_supported
+from stagekit.kernels.panel_gemm import PackStats
+from stagekit.layers.cpu_packed import CpuLinearWeight, CpuWeightPlan, packing_supported
 from stagekit.layers.linear import divide
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
@@ -54,7 +55,7 @@ class ExpertWeights(nn.Module):
         slot_of[self.local_experts] = torch.arange(e)
         self.register_buffer("slot_of", slot_of.to(device), persistent=False)
         self.register_buffer("slot_bounds", torch.arange(e + 1, device=device), persistent=False)
-        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._packed: list[tuple[CpuLinearWeight, CpuLinearWeight]] | None = None
 
     def checkpoint_tensors(self, prefix: str) -> dict[str, tuple[str, tuple[int, str]]]:
         """Checkpoint tensor name -> (parameter name, shard id) for every local expert, with
@@ -78,23 +79,28 @@ class ExpertWeights(nn.Module):
         copy_checked(param.data[self.local_experts.index(expert)], src.narrow(1, rank * n, n),
                      f"expert {expert} down shard")
 
-    def pack_weights(self) -> bool:
-        """Reorder every local expert's two weights for oneDNN (fp32 CPU), like the dense
-        layers, and drop the dense stacks."""
-        if self._packed is not None or not self.local_experts or not packing_supported(self.w13_weight[0]):
-            return False
-        self._packed = [(pack_linear_weight(self.w13_weight.data[i]), pack_linear_weight(self.w2_weight.data[i]))
+    def pack_weights(self, plan: CpuWeightPlan = CpuWeightPlan()) -> PackStats | None:
+        """Pack every local expert's two weights like the dense layers (fp32 CPU; panels for
+        the few tokens an expert gets in a decode step) and drop the dense stacks; the
+        rounding's stats, or None where nothing was packed."""
+        if (self._packed is not None or plan.kernel == "dense" or not self.local_experts
+                or not packing_supported(self.w13_weight[0])):
+            return None
+        self._packed = [(CpuLinearWeight(self.w13_weight.data[i], plan), CpuLinearWeight(self.w2_weight.data[i], plan))
                         for i in range(len(self.local_experts))]
         self.w13_weight.data = torch.empty(0, dtype=self.w13_weight.dtype)
         self.w2_weight.data = torch.empty(0, dtype=self.w2_weight.dtype)
-        return True
+        stats = PackStats()
+        for w13, w2 in self._packed:
+            stats = stats + w13.stats + w2.stats
+        return stats
 
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         # x: [n, H] -> [n, H] (this rank's partial over its hidden-unit shard)
         if self._packed is not None and x.dtype == torch.float32:
             w13, w2 = self._packed[slot]
-            gate, up = packed_linear(x, w13).chunk(2, dim=-1)
-            return packed_linear(F.silu(gate) * up, w2)
+            gate, up = w13(x).chunk(2, dim=-1)
+            return w2(F.silu(gate) * up)
         gate, up = F.linear(x, self.w13_weight[slot]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2_weight[slot])
 

@@ -14,6 +14,7 @@ from stagekit.layers.linear import QKVParallelLinear, RowParallelLinear
 from stagekit.layers.mlp import GatedMLP
 from stagekit.layers.norm import RMSNorm
 from stagekit.layers.rotary import RotaryEmbedding
+from stagekit.models import fused_decode
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.parallel_groups import ParallelGroups
 
@@ -84,6 +85,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = fused_decode.run(self, hidden, residual, batch)  # a decode step in one native call, where it fits
+        if fused is not None:
+            return fused
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)

@@ -26,8 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per TP rank (0 = torch's default)")
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
-    p.add_argument("--linear-kernel", default="auto", choices=["auto", "dense"],
-                   help="auto: oneDNN-prepacked fp32 weights on CPU (faster); dense: plain F.linear")
+    p.add_argument("--linear-kernel", default="auto", choices=["auto", "panel", "onednn", "dense"],
+                   help="CPU fp32 linear layers: auto = the native panel GEMM for small token counts (decode, "
+                        "small prefill chunks) and oneDNN's packed matmul above; panel / onednn = that kernel "
+                        "at every count (weights packed once after loading); dense = plain F.linear")
+    p.add_argument("--weight-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="CPU: store the linear weights in this dtype (half the bytes a decode step reads), "
+                        "activations and accumulation in fp32; a bfloat16 checkpoint stays exact as bfloat16, "
+                        "float32 -> float16 rounds to nearest (values beyond its range are saturated and counted "
+                        "in the log); embeddings and norms are kept as loaded (default: weights as loaded)")
     p.add_argument("--collectives", default="auto", choices=["auto", "shm", "gloo"],
                    help="how the TP ranks exchange tensors: auto = shared memory on the CPU, NCCL/gloo on GPUs; "
                         "shm = shared memory; gloo = torch.distributed gloo (default: auto)")
@@ -143,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.step_timeout > 0:
             raise ConfigError(f"--step-timeout {args.step_timeout} must be a positive number of seconds")
         cfg.torch_dtype(args.dtype)
+        if args.weight_dtype and (args.dtype != "auto" and args.dtype != "float32"):
+            raise ConfigError(f"--weight-dtype {args.weight_dtype} computes in float32: it does not go with "
+                              f"--dtype {args.dtype}")
+        if args.weight_dtype and args.linear_kernel in ("onednn", "dense"):
+            raise ConfigError(f"--weight-dtype {args.weight_dtype} needs the panel kernel (--linear-kernel auto or "
+                              f"panel), not --linear-kernel {args.linear_kernel}")
         if args.collectives == "shm" and args.tp > 1:
             from stagekit.parallel.communicator_choice import shm_usable
 
@@ -158,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             model_path=args.model, start_layer=start, end_layer=end, tp_size=args.tp, dtype=args.dtype,
             model_name=args.model_name, **_kv_memory(args.kv_cache_memory),
             num_threads=args.threads, show_progress=not args.no_progress, linear_kernel=args.linear_kernel,
+            weight_dtype=args.weight_dtype or "",
             collectives=args.collectives, moe_parallel=moe_parallel, moe_dispatch=moe_dispatch,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             block_size=args.block_size, prefix_caching=not args.no_prefix_caching,

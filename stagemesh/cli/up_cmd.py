@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0 = torch's default)")
     p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--linear-kernel", default="auto", choices=["auto", "panel", "onednn", "dense"],
+                   help="CPU linear layers of every stage (see stagemesh stage --help; default: auto)")
+    p.add_argument("--weight-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="CPU: linear weights stored in this dtype, fp32 activations (see stagemesh stage --help)")
     p.add_argument("--kv-prefault", action="store_true",
                    help="stages touch their whole KV pool at start-up (see stagemesh stage --help)")
     p.add_argument("--log-dir", default=None, help="where process logs go (default: a temp dir)")
@@ -128,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
                          transport=args.transport,
                          extra_stage_args=(["--kv-prefault"] if args.kv_prefault else [])
-                         + ["--collectives", args.collectives]
+                         + ["--collectives", args.collectives, "--linear-kernel", args.linear_kernel]
+                         + (["--weight-dtype", args.weight_dtype] if args.weight_dtype else [])
                          + ([] if args.step_timeout is None else ["--step-timeout", str(args.step_timeout)])
                          + ([] if args.dp_attention else ["--moe-parallel", args.moe_parallel]),
                          dp_attention=args.dp_attention, collective_timeout=args.collective_timeout,
