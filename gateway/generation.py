@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from gateway.domain import FinishReason, GenerateChunk
-from gateway.errors import InternalError
+from gateway.errors import InternalError, ReplicaEvicted
 from gateway.pool import Lease, ReplicaPool
 from gateway.textstream import TextAssembler, TokenOutput
 from gateway.tokenizing import TokenizerLike
@@ -104,7 +104,7 @@ async def generate_choice(
                     yield delta
             return
         except (StageUnavailable, CapacityExceeded) as err:
-            if isinstance(err, StageUnavailable):
+            if isinstance(err, StageUnavailable) and not isinstance(err, ReplicaEvicted):
                 replica.mark_unhealthy(str(err))
             if (state.generated and not migrate) or not pool.has_other(tried):
                 raise

@@ -66,6 +66,7 @@ class Engine:
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
+        self.steps_completed = 0  # results back, since start (GetInfo: the gateway's stall watch)
         self._seq_ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
@@ -109,7 +110,7 @@ class Engine:
         sch = self.scheduler
         bm = sch.blocks
         return HeadStats(len(sch.running), len(sch.waiting), sch.num_preemptions, bm.num_blocks, bm.num_used,
-                         bm.num_cached, bm.prefix_caching, bm.query_tokens, bm.hit_tokens)
+                         bm.num_cached, bm.prefix_caching, bm.query_tokens, bm.hit_tokens, self.steps_completed)
 
     # KV transfers between replicas (services/stage/kv_port.py): blocks move outside of steps,
     # so the exporter pins its blocks and the importer reserves its own while they do.
@@ -291,6 +292,7 @@ class Engine:
             log.exception("step %d failed", header.step_id)
             self._fail(header, StageUnavailable(f"step failed: {e}"))
             return
+        self.steps_completed += 1
         self._publish(self.scheduler.postprocess(header, result))
 
     async def _run_step(self, header: StepHeader) -> StepResult:
