@@ -152,9 +152,11 @@ def test_add_remove_and_replace_a_stage_under_load(runtime: Runtime) -> None:
     *third, new_s1 = rt.spares_for((2, 0), (2, 1), (3, 1))
     old_s1 = rt.mesh.replicas[1][1]
     with Load(rt.url) as load:
+        r = rt.admin("POST", "/replicas", json={"stages": third[::-1]})  # layers 2:4 cannot lead
+        assert r.status_code == 400 and "refuse the pipeline" in r.json()["error"]["message"], r.text
         r = rt.admin("POST", "/replicas", json={"stages": third})
-        assert r.status_code == 202 and r.json()["id"] == "r2", r.text
-        wait_for(lambda: rt.state("r2") == "serving", timeout_s=60, interval_s=0.1)
+        assert r.status_code == 202 and r.json()["id"] == "r3", r.text  # r2 was the refused one: never reused
+        wait_for(lambda: rt.state("r3") == "serving", timeout_s=60, interval_s=0.1)
 
         assert rt.admin("POST", "/replicas/r0/drain").json()["state"] == "draining"
         assert httpx.get(f"{rt.url}/health", timeout=10).json()["replicas"][0]["state"] == "draining"
@@ -180,11 +182,12 @@ def test_add_remove_and_replace_a_stage_under_load(runtime: Runtime) -> None:
         wait_for(lambda: len(load.results) >= done + 6, timeout_s=120, interval_s=0.1)
     results = load.stop()
     _check(results, reference)
-    assert [(r["id"], r["state"]) for r in rt.replicas()] == [("r1", "serving"), ("r2", "serving")]
+    assert [(r["id"], r["state"]) for r in rt.replicas()] == [("r1", "serving"), ("r3", "serving")]
     metrics = httpx.get(f"{rt.url}/metrics", timeout=10).text
     for op in ("add", "drain", "resume", "remove", "replace_stage"):
         assert f'stagemesh_admin_operations_total{{op="{op}",outcome="ok"}} 1.0' in metrics
     assert 'stagemesh_admin_operations_total{op="replace_stage",outcome="409"} 1.0' in metrics
+    assert 'stagemesh_admin_operations_total{op="add",outcome="400"} 1.0' in metrics
 
 
 def test_a_stopped_stage_is_taken_out_and_serves_after_sigcont(runtime: Runtime) -> None:
