@@ -1,8 +1,8 @@
 """Replicas and stages changed at runtime, through a real gateway process over real demo stages
-while streams run: the admin API adds a replica, drains and removes one, and replaces a stage
-(a new process at a new port, then the old one killed); a SIGSTOPped stage's replica is taken
-out by the stall watch and serves again after SIGCONT. No stream fails, and every stream's text
-equals the undisturbed greedy run."""
+while streams run: the admin API adds a replica, drains and removes one, and replaces stages (a
+new process at a new port, then the old one killed: a last stage, then a head); a SIGSTOPped
+stage's replica is taken out by the stall watch and serves again after SIGCONT. No stream fails,
+and every stream's text equals the undisturbed greedy run."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def _check(results: list[tuple[str, bool, str]], reference: dict[str, str]) -> N
 def test_add_remove_and_replace_a_stage_under_load(runtime: Runtime) -> None:
     rt = runtime
     reference = _reference(rt.url)
-    *third, new_s1 = rt.spares_for((2, 0), (2, 1), (3, 1))
+    *third, new_s1, new_head = rt.spares_for((2, 0), (2, 1), (3, 1), (4, 0))
     old_s1 = rt.mesh.replicas[1][1]
     with Load(rt.url) as load:
         r = rt.admin("POST", "/replicas", json={"stages": third[::-1]})  # layers 2:4 cannot lead
@@ -178,14 +178,20 @@ def test_add_remove_and_replace_a_stage_under_load(runtime: Runtime) -> None:
         moved += r.json()["moved_requests"]
         assert moved >= 1  # streams were caught mid-way (and the check below says they still came out right)
         rt.proc_of(old_s1).kill()  # the old stage goes; nothing routes to it any more
+        # the head too: the new one's sequence and step ids never meet the old one's on stage 1
+        rt.wait_active("r3")
+        r = rt.admin("PUT", "/replicas/r3/stages/0", json={"address": new_head}, params={"timeout": 0})
+        assert r.status_code == 200 and r.json()["addresses"] == [new_head, third[1]], r.text
+        rt.proc_of(third[0]).kill()
         done = len(load.results)
         wait_for(lambda: len(load.results) >= done + 6, timeout_s=120, interval_s=0.1)
     results = load.stop()
     _check(results, reference)
     assert [(r["id"], r["state"]) for r in rt.replicas()] == [("r1", "serving"), ("r3", "serving")]
     metrics = httpx.get(f"{rt.url}/metrics", timeout=10).text
-    for op in ("add", "drain", "resume", "remove", "replace_stage"):
+    for op in ("add", "drain", "resume", "remove"):
         assert f'stagemesh_admin_operations_total{{op="{op}",outcome="ok"}} 1.0' in metrics
+    assert 'stagemesh_admin_operations_total{op="replace_stage",outcome="ok"} 2.0' in metrics
     assert 'stagemesh_admin_operations_total{op="replace_stage",outcome="409"} 1.0' in metrics
     assert 'stagemesh_admin_operations_total{op="add",outcome="400"} 1.0' in metrics
 
