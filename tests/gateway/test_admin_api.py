@@ -212,3 +212,23 @@ def test_a_stalled_replica_is_taken_out_and_rewired(pair: tuple[GatewayThread, l
     wait_for(lambda: wedged.wire_calls > wires and gw.state.pool.get(0).state == "serving", timeout_s=20)
     log = httpx.get(f"{gw.url}/metrics", timeout=10).text
     assert 'stagemesh_replica_stalls_total{replica="0"} 1.0' in log
+
+
+def test_a_request_moved_off_a_replica_may_come_back_to_it(pair: tuple[GatewayThread, list[list[str]]],
+                                                           stage_host: StageHost) -> None:
+    """Moved off r0 (a stage replaced), then off r1: it goes back to r0, serving again, and ends
+    as if undisturbed (a replica the gateway moved it off is not one that failed it)."""
+    gw, replicas = pair
+    for rep in replicas:
+        stage_host.stages[rep[0]].token_delay_s = 0.05
+    result: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: result.append(_complete(gw, 60)))
+    thread.start()
+    for replica in (0, 1):
+        wait_for(lambda r=replica: gw.state.pool.get(r).active_requests == 1, timeout_s=10)
+        r = _admin(gw, "PUT", f"/replicas/r{replica}/stages/1", json={"address": stage_host.start()},
+                   params={"timeout": 0})
+        assert r.status_code == 200 and r.json()["moved_requests"] == 1, r.text
+    thread.join(timeout=30)
+    assert result[0].status_code == 200, result[0].text
+    assert result[0].json()["choices"][0]["text"] == _expected(60)
