@@ -91,6 +91,12 @@ class GatewayConfig:
             raise ValueError("no replica: give --replica or a --replica-file that names one")
         if any(not r for r in (*self.replicas, *self.file_replicas)):
             raise ValueError("every replica needs at least one stage address")
+        seen: set[str] = set()
+        for address in (a for r in (*self.replicas, *self.file_replicas) for a in r):
+            if address in seen:  # two pipelines wiring one stage would take turns re-pointing its link
+                raise ValueError(f"stage {address} is named in two replicas (or twice in one): a stage belongs to "
+                                 "one pipeline")
+            seen.add(address)
         if self.stall_timeout_s < 0:
             raise ValueError("the stall timeout must be >= 0 (0: off)")
         if self.routing is not None and self.routing not in ROUTING_POLICIES:

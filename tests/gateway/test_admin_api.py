@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from stagekit.ports import free_port
 from tests.gateway.fake_stage import FakeStage, StageHost, script_ids, tokenizer
 from tests.gateway.harness import GatewayThread, wait_for
 
@@ -232,3 +233,14 @@ def test_a_request_moved_off_a_replica_may_come_back_to_it(pair: tuple[GatewayTh
     thread.join(timeout=30)
     assert result[0].status_code == 200, result[0].text
     assert result[0].json()["choices"][0]["text"] == _expected(60)
+
+
+def test_an_added_replica_joins_when_its_stages_answer(pair: tuple[GatewayThread, list[list[str]]],
+                                                        stage_host: StageHost) -> None:
+    gw, _ = pair
+    port = free_port()
+    r = _admin(gw, "POST", "/replicas", json={"stages": [f"127.0.0.1:{port}"]})
+    assert r.status_code == 202 and r.json()["state"] == "joining", r.text
+    assert "r2" in [x["id"] for x in httpx.get(f"{gw.url}/health", timeout=10).json()["replicas"]]
+    stage_host.start(port=port)
+    wait_for(lambda: gw.state.pool.get(2).state == "serving", timeout_s=20)  # wired by the health loop

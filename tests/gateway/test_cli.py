@@ -60,3 +60,22 @@ def test_main_fails_cleanly_without_stages() -> None:
     code = server.main(["--replica", "127.0.0.1:9", "--port", "0", "--startup-timeout", "0.3", "--log-level", "error"])
     assert code == 1
     assert time.monotonic() - start < 5
+
+
+def test_admin_and_replica_file_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    keys, replicas = tmp_path / "admin.keys", tmp_path / "replicas"
+    keys.write_text("# ops\nadm2\n")
+    replicas.write_text("h:3,h:4  # from the file\n")
+    config = cli.config_from_args(_parse("--replica", "h:1", "--replica-file", str(replicas), "--admin-api-key",
+                                         "adm1", "--admin-api-key-file", str(keys), "--stall-timeout", "12"))
+    assert (config.replicas, config.file_replicas) == ((("h:1",),), (("h:3", "h:4"),))
+    assert (config.admin_api_keys, config.api_keys, config.stall_timeout_s) == (("adm1", "adm2"), (), 12.0)
+    assert "adm1" not in repr(config)
+    config = cli.config_from_args(_parse("--replica-file", str(replicas)))  # the file alone is enough
+    assert config.replicas == () and config.admin_api_keys == ()
+    with pytest.raises(ValueError, match="stage h:3 is named in two replicas"):
+        cli.config_from_args(_parse("--replica", "h:3", "--replica-file", str(replicas)))
+    replicas.write_text("h:3\nh:x\n")
+    args = _parse("--replica-file", str(replicas))
+    assert cli.run(args) == 2  # a malformed file at start: a usage error, logged with its line
