@@ -199,6 +199,9 @@ def create_app(
             pool.probe_listeners.append(StallWatch(config.stall_timeout_s, metrics))
         grpc_server: GenerationServer | None = None
         replica_file: ReplicaFile | None = None
+        if config.replica_file is not None:  # before start-up: a SIGHUP meanwhile must not end the process
+            replica_file = ReplicaFile(config.replica_file, metrics)
+            replica_file.install_sighup()
         # at least two: one huge prompt being tokenized must not queue every other request behind it
         workers = ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 1)), thread_name_prefix="gateway-prepare")
         try:
@@ -211,10 +214,8 @@ def create_app(
             state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()), workers)
             state.admin = ReplicaAdmin(pool, config, head_info.model_name)
             app.state.gateway = state
-            if config.replica_file is not None:
-                replica_file = ReplicaFile(config.replica_file, state.admin, metrics)
-                replica_file.install_sighup()
-                app.state.replica_file = replica_file
+            if replica_file is not None:
+                replica_file.attach(state.admin)
             if config.grpc_port is not None:
                 grpc_server = GenerationServer(state, keys)
                 app.state.grpc_port = await grpc_server.start(config.grpc_host, config.grpc_port)

@@ -52,7 +52,8 @@ class ReplicaPool:
     each ``health_interval_s``: a replica that stops answering is taken out, one that answers
     again (re-wired if a stage restarted) comes back, and one missing at start joins.
     Replicas of a DP-attention group serve together or not at all (`DpGroups`, re-evaluated on
-    every probe and every health change once started).
+    every probe and every health change once started). Replicas join (`add`) and leave
+    (`remove`) while it serves (replica_admin.py); an index is never handed out twice.
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
     it is refused with `CapacityExceeded` (429) at once.

@@ -298,7 +298,8 @@ class ReplicaClient:
             # a cancelled call raises CancelledError in its reader; ours (not the task's) is an eviction
             reason = self._evicted.get(request_id)
             task = asyncio.current_task()
-            if reason is None or (task is not None and task.cancelling()):
+            # Task.cancelling is 3.11+; on 3.10 an eviction racing a cancellation reads as the eviction
+            if reason is None or (task is not None and getattr(task, "cancelling", lambda: 0)()):
                 raise
             raise ReplicaEvicted(f"replica {self.index}: {reason}") from None
         finally:

@@ -67,14 +67,15 @@ class ReplicaFile:
     """Keeps the file's replicas in the pool equal to what the file says, at each `reload`.
 
     Invariant: reloads run one at a time, in the order asked for; a reload that fails halfway
-    (a stage that does not fit) logs why and leaves what it had done so far.
+    (a stage that does not fit) logs why and leaves what it had done so far. A SIGHUP before the
+    gateway serves (``admin`` not attached yet) is applied once it does.
     """
 
-    def __init__(self, path: str, admin: ReplicaAdmin, metrics: GatewayMetrics | None = None,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str, metrics: GatewayMetrics | None = None, timeout_s: float = 30.0) -> None:
         self.path = path
-        self.admin = admin
+        self.admin: ReplicaAdmin | None = None
         self.metrics = metrics
+        self._pending = False
         self.timeout_s = timeout_s  # for in-flight requests of a removed replica or a replaced stage
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,7 +95,18 @@ class ReplicaFile:
         except (RuntimeError, ValueError, NotImplementedError):
             pass
 
+    def attach(self, admin: ReplicaAdmin) -> None:
+        """The gateway serves: reloads can change its pool now (one asked for meanwhile runs)."""
+        self.admin = admin
+        if self._pending:
+            self._pending = False
+            self.reload_soon()
+
     def reload_soon(self) -> None:
+        if self.admin is None:
+            logger.info("SIGHUP during start-up: %s is read again once the gateway serves", self.path)
+            self._pending = True
+            return
         task = asyncio.get_running_loop().create_task(self.reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -124,6 +136,7 @@ class ReplicaFile:
 
     async def _apply(self, wanted: list[Pipeline]) -> None:
         admin = self.admin
+        assert admin is not None  # reloads start only once attached
         ours = [r for r in admin.pool.replicas if r.origin == "file"]
         kept = {r.addresses for r in ours}
         gone = [r for r in ours if r.addresses not in set(wanted)]
