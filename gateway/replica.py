@@ -79,6 +79,7 @@ class ReplicaClient:
         self.busy: str | None = None  # the admin operation under way on it (none run at once)
         self.needs_rewire = False  # wire at the next probe even if every stage says it is wired (a stall)
         self.stalled = False  # taken out by the stall watch; cleared once healthy again
+        self.out_until = 0.0  # monotonic time before which probes leave it out (repeated stalls: stall.py)
         self.last_progress = time.monotonic()
         self.closed = False
         self._calls: dict[str, grpc.aio.UnaryStreamCall] = {}
@@ -205,7 +206,7 @@ class ReplicaClient:
 
     async def probe(self) -> bool:
         """Ask every stage for its info; re-wire when one forgot its pipeline (a restart)."""
-        if self.closed:
+        if self.closed or time.monotonic() < self.out_until:
             return False
         try:
             await self.refresh()
