@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from gateway.auth import API_KEYS_ENV, load_api_keys
+from gateway.auth import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_api_keys
 from gateway.cli_security import add_security_arguments, tls_settings
 from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
 from stagekit.errors import ConfigError, InvalidRequest
@@ -53,7 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1 and gRPC"
     )
     auth.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
-    admin = parser.add_argument_group("admin API", "/admin on the REST port (README, 'Admin API'); off without a key")
+    admin = parser.add_argument_group(
+        "admin API",
+        f"/admin on the REST port (README, 'Replicas and stages at runtime'); off without a key; keys also come "
+        f"from ${ADMIN_API_KEYS_ENV} (comma separated)",
+    )
     admin.add_argument("--admin-api-key", action="append", default=[],
                        help="require 'Authorization: Bearer KEY' on /admin (a key of its own, not a --api-key)")
     admin.add_argument("--admin-api-key-file", action="append", default=[], help="file with one admin key per line")
@@ -131,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         replicas=tuple(tuple(r) for r in parse_replicas(args.replica)),
         replica_file=args.replica_file,
         file_replicas=tuple(file_replicas),
-        admin_api_keys=load_api_keys(args.admin_api_key, args.admin_api_key_file, use_env=False),
+        admin_api_keys=load_api_keys(args.admin_api_key, args.admin_api_key_file, env=ADMIN_API_KEYS_ENV),
         stall_timeout_s=args.stall_timeout,
         model_name_override=args.model_name,
         api_keys=load_api_keys(args.api_key, args.api_key_file),

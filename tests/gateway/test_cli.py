@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway import cli, server
-from gateway.auth import API_KEYS_ENV
+from gateway.auth import ADMIN_API_KEYS_ENV, API_KEYS_ENV
 
 
 def test_parse_replicas() -> None:
@@ -74,8 +74,22 @@ def test_admin_and_replica_file_arguments(tmp_path: Path, monkeypatch: pytest.Mo
     assert "adm1" not in repr(config)
     config = cli.config_from_args(_parse("--replica-file", str(replicas)))  # the file alone is enough
     assert config.replicas == () and config.admin_api_keys == ()
+    monkeypatch.setenv(ADMIN_API_KEYS_ENV, "adm3, adm4")
+    assert cli.config_from_args(_parse("--replica-file", str(replicas))).admin_api_keys == ("adm3", "adm4")
     with pytest.raises(ValueError, match="stage h:3 is named in two replicas"):
         cli.config_from_args(_parse("--replica", "h:3", "--replica-file", str(replicas)))
     replicas.write_text("h:3\nh:x\n")
     args = _parse("--replica-file", str(replicas))
     assert cli.run(args) == 2  # a malformed file at start: a usage error, logged with its line
+
+
+def test_up_hands_admin_keys_to_the_gateway_through_its_environment() -> None:
+    from stagemesh.cli import up_cmd
+
+    parser = argparse.ArgumentParser()
+    up_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["up", "--admin-api-key", "a1", "--admin-api-key", "a2", "--admin-api-key-file", "f",
+                              "--no-grpc"])
+    gw_args, env, _ = up_cmd._gateway_options(args)
+    assert env == {ADMIN_API_KEYS_ENV: "a1,a2"} and "a1" not in " ".join(gw_args)
+    assert gw_args[-2:] == ["--admin-api-key-file", "f"]
