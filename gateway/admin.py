@@ -9,6 +9,7 @@ and renders. Routes stay out of the OpenAPI document, which describes the client
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,11 @@ async def _counted(state: GatewayState, op: str, work: Awaitable[Any]) -> Any:
 
 
 def _field(body: Any, name: str) -> Any:
+    if isinstance(body, (bytes, str)):  # FastAPI leaves a body not sent as JSON (curl -d: form-encoded) raw
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequest(f"the body must be a JSON object with {name!r}") from None
     if not isinstance(body, dict) or name not in body:
         raise InvalidRequest(f"the body must be a JSON object with {name!r}")
     return body[name]

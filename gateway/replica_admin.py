@@ -184,7 +184,7 @@ class ReplicaAdmin:
         try:
             info = await stage_info_at(address, self.config.stage_credentials, self.config.rpc_timeout_s)
         except StagemeshError as err:
-            raise Conflict(f"stage {address} did not answer: {err}") from None
+            raise Conflict(f"the new stage did not answer: {err}") from None
         old = replica.stage_infos[index] if len(replica.stage_infos) == len(replica.addresses) else None
         if old is None:
             return  # never wired: Wire checks the pipeline

@@ -244,3 +244,15 @@ def test_an_added_replica_joins_when_its_stages_answer(pair: tuple[GatewayThread
     assert "r2" in [x["id"] for x in httpx.get(f"{gw.url}/health", timeout=10).json()["replicas"]]
     stage_host.start(port=port)
     wait_for(lambda: gw.state.pool.get(2).state == "serving", timeout_s=20)  # wired by the health loop
+
+
+def test_a_body_sent_the_way_curl_d_sends_it(pair: tuple[GatewayThread, list[list[str]]],
+                                             stage_host: StageHost) -> None:
+    """``curl -d '{...}'`` labels JSON as a form: the README's examples work as written."""
+    gw, _ = pair
+    form = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    stages = stage_host.start_replica(1)
+    r = httpx.post(f"{gw.url}/admin/replicas", content=f'{{"stages": ["{stages[0]}"]}}', headers=form, timeout=10)
+    assert r.status_code == 202, r.text
+    r = httpx.post(f"{gw.url}/admin/replicas", content="stages=h:1", headers=form, timeout=10)
+    assert r.status_code == 400 and "JSON object with 'stages'" in r.json()["error"]["message"]
