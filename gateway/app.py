@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admin import admin_router
 from gateway.auth import ApiKeys
 from gateway.bodylimit import BodyLimitMiddleware
 from gateway.chat import create_chat_completion
@@ -26,10 +27,13 @@ from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import install_openapi
 from gateway.pool import ReplicaPool
 from gateway.replica import ReplicaClient
+from gateway.replica_admin import ReplicaAdmin
+from gateway.replica_file import ReplicaFile
 from gateway.request_run import ClientDisconnected, check_model
 from gateway.routing import PrefixIndex, Router, make_router
 from gateway.rpc.server import GenerationServer
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.stall import StallWatch
 from gateway.state import GatewayState, get_state
 from gateway.tokenizing import TokenizerFactory, load_tokenizer
 from stagekit.errors import StagemeshError
@@ -146,6 +150,7 @@ def _ops_router() -> APIRouter:
     async def metrics(state: GatewayState = Depends(get_state)) -> Response:
         for r in state.pool.replicas:
             state.metrics.observe_replica(r.index, healthy=r.serving, running=r.gate.running, waiting=r.gate.waiting)
+        state.metrics.observe_states([r.state for r in state.pool.replicas])
         payload, content_type = state.metrics.render()
         return Response(payload, media_type=content_type)
 
@@ -177,8 +182,10 @@ def create_app(
         replicas = [
             ReplicaClient(i, addrs, transport=config.transport, rpc_timeout_s=config.rpc_timeout_s,
                           creds=config.stage_credentials)
-            for i, addrs in enumerate(config.replicas)
+            for i, addrs in enumerate((*config.replicas, *config.file_replicas))
         ]
+        for r in replicas[len(config.replicas):]:
+            r.origin = "file"
         index = PrefixIndex()
         pool = ReplicaPool(
             replicas,
@@ -188,7 +195,13 @@ def create_app(
             prefix_index=index,
             metrics=metrics,
         )
+        if config.stall_timeout_s > 0:
+            pool.probe_listeners.append(StallWatch(config.stall_timeout_s, metrics))
         grpc_server: GenerationServer | None = None
+        replica_file: ReplicaFile | None = None
+        if config.replica_file is not None:  # before start-up: a SIGHUP meanwhile must not end the process
+            replica_file = ReplicaFile(config.replica_file, metrics)
+            replica_file.install_sighup()
         # at least two: one huge prompt being tokenized must not queue every other request behind it
         workers = ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 1)), thread_name_prefix="gateway-prepare")
         try:
@@ -199,7 +212,10 @@ def create_app(
             tokenizer = (tokenizer_factory or load_tokenizer)(await pool.tokenizer_files())
             model_name = config.model_name_override or head_info.model_name or "stagemesh"
             state = GatewayState(config, pool, tokenizer, head_info, model_name, metrics, int(time.time()), workers)
+            state.admin = ReplicaAdmin(pool, config, head_info.model_name)
             app.state.gateway = state
+            if replica_file is not None:
+                replica_file.attach(state.admin)
             if config.grpc_port is not None:
                 grpc_server = GenerationServer(state, keys)
                 app.state.grpc_port = await grpc_server.start(config.grpc_host, config.grpc_port)
@@ -215,6 +231,8 @@ def create_app(
             )
             yield
         finally:
+            if replica_file is not None:
+                replica_file.uninstall_sighup()
             if grpc_server is not None:
                 await grpc_server.stop()
             await pool.close()
@@ -224,6 +242,8 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(_v1_router(keys))
     app.include_router(_ops_router())
+    if config.admin_api_keys:
+        app.include_router(admin_router(ApiKeys(config.admin_api_keys)))
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_openapi(app, auth=keys.enabled)

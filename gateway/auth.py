@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 API_KEYS_ENV = "STAGEMESH_API_KEYS"
+ADMIN_API_KEYS_ENV = "STAGEMESH_ADMIN_API_KEYS"  # the admin API's (gateway/admin.py), never the same set
 
 
 class ApiKeys:
@@ -41,9 +42,10 @@ class ApiKeys:
         return found
 
 
-def load_api_keys(keys: Sequence[str] = (), files: Sequence[str] = (), *, use_env: bool = True) -> tuple[str, ...]:
+def load_api_keys(keys: Sequence[str] = (), files: Sequence[str] = (), *, use_env: bool = True,
+                  env: str = API_KEYS_ENV) -> tuple[str, ...]:
     """Keys from ``--api-key`` values, ``--api-key-file`` files (one key per line, ``#``
-    comments) and the comma-separated ``STAGEMESH_API_KEYS`` environment variable."""
+    comments) and the comma-separated environment variable ``env`` (``STAGEMESH_API_KEYS``)."""
     out = [k.strip() for k in keys if k.strip()]
     for name in files:
         for line in Path(name).read_text().splitlines():
@@ -51,5 +53,5 @@ def load_api_keys(keys: Sequence[str] = (), files: Sequence[str] = (), *, use_en
             if line and not line.startswith("#"):
                 out.append(line)
     if use_env:
-        out.extend(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
+        out.extend(k.strip() for k in os.environ.get(env, "").split(",") if k.strip())
     return tuple(dict.fromkeys(out))

@@ -6,14 +6,15 @@ import argparse
 import asyncio
 import logging
 
-from gateway.auth import API_KEYS_ENV, load_api_keys
+from gateway.auth import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_api_keys
 from gateway.cli_security import add_security_arguments, tls_settings
 from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
-from stagekit.errors import ConfigError
+from stagekit.errors import ConfigError, InvalidRequest
 
 DESCRIPTION = (
     "OpenAI-compatible HTTP gateway (and gRPC Generation API) in front of one or more replicas. "
-    "Each --replica is one pipeline: its stage addresses (host:port) in layer order, comma separated."
+    "Each --replica is one pipeline: its stage addresses (host:port) in layer order, comma separated; "
+    "--replica-file names more (or all) of them in a file reloaded on SIGHUP."
 )
 logger = logging.getLogger("stagemesh.gateway")
 _ADMISSION, _LIMITS = AdmissionLimits(), RequestLimits()
@@ -23,9 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica",
         action="append",
-        required=True,
+        default=[],
         metavar="ADDR[,ADDR...]",
         help="stage addresses of one replica in layer order; repeat for data parallelism",
+    )
+    parser.add_argument(
+        "--replica-file",
+        default=None,
+        metavar="PATH",
+        help="replicas from a file, one a line (addresses comma separated, '#' comments); on SIGHUP it is read "
+        "again: new lines are added, missing ones drained and removed, changed ones re-wired; a malformed file is "
+        "logged and ignored. Combines with --replica, whose replicas reloads leave alone",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
@@ -44,6 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1 and gRPC"
     )
     auth.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
+    admin = parser.add_argument_group(
+        "admin API",
+        f"/admin on the REST port (README, 'Replicas and stages at runtime'); off without a key; keys also come "
+        f"from ${ADMIN_API_KEYS_ENV} (comma separated)",
+    )
+    admin.add_argument("--admin-api-key", action="append", default=[],
+                       help="require 'Authorization: Bearer KEY' on /admin (a key of its own, not a --api-key)")
+    admin.add_argument("--admin-api-key-file", action="append", default=[], help="file with one admin key per line")
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="a replica with requests in flight that completes no step for this long is taken out, its requests "
+        "moved and its stages re-wired (0: off; default: %(default)s)",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
     limits.add_argument("--max-tokens", type=int, default=None, help="refuse larger max_tokens (400)")
@@ -103,9 +127,16 @@ def parse_replicas(values: list[str]) -> list[list[str]]:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    """The gateway config the arguments describe; raises ValueError/OSError on bad ones."""
+    """The gateway config the arguments describe; raises ValueError/OSError/InvalidRequest on bad ones."""
+    from gateway.replica_file import parse_replica_file  # the CLI's --help stays light
+
+    file_replicas = parse_replica_file(args.replica_file) if args.replica_file else []
     return GatewayConfig(
         replicas=tuple(tuple(r) for r in parse_replicas(args.replica)),
+        replica_file=args.replica_file,
+        file_replicas=tuple(file_replicas),
+        admin_api_keys=load_api_keys(args.admin_api_key, args.admin_api_key_file, env=ADMIN_API_KEYS_ENV),
+        stall_timeout_s=args.stall_timeout,
         model_name_override=args.model_name,
         api_keys=load_api_keys(args.api_key, args.api_key_file),
         routing=args.routing,
@@ -127,11 +158,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except (ValueError, OSError, ConfigError) as err:
+    except (ValueError, OSError, ConfigError, InvalidRequest) as err:
         logger.error("%s", err)
         return 2
     if config.api_keys:
         logger.info("API keys required on /v1 (%d key(s))", len(config.api_keys))
+    if config.admin_api_keys:
+        logger.info("admin API on /admin (%d key(s))", len(config.admin_api_keys))
     try:
         asyncio.run(serve(config, args.host, args.port, log_level=args.log_level, access_log=args.access_log))
     except GatewayStartupError as err:

@@ -59,7 +59,9 @@ class RequestLimits:
 class GatewayConfig:
     """The replicas (each an ordered list of stage addresses, head first) and gateway knobs.
 
-    ``api_keys`` are kept out of ``repr`` so that logging a config never shows a key.
+    ``replicas`` come from ``--replica``, ``file_replicas`` from ``replica_file`` (read at start,
+    reloaded on SIGHUP); at least one of them is given. ``api_keys`` and ``admin_api_keys`` are
+    kept out of ``repr`` so that logging a config never shows a key; no admin key, no admin API.
     """
 
     replicas: tuple[tuple[str, ...], ...]
@@ -79,13 +81,27 @@ class GatewayConfig:
     startup_timeout_s: float = 300.0
     health_interval_s: float = 5.0
     rpc_timeout_s: float = 5.0
+    admin_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    replica_file: str | None = None
+    file_replicas: tuple[tuple[str, ...], ...] = ()
+    stall_timeout_s: float = 30.0  # 0: off
 
     def __post_init__(self) -> None:
-        if not self.replicas or any(not r for r in self.replicas):
+        if not self.replicas and not self.file_replicas:
+            raise ValueError("no replica: give --replica or a --replica-file that names one")
+        if any(not r for r in (*self.replicas, *self.file_replicas)):
             raise ValueError("every replica needs at least one stage address")
+        seen: set[str] = set()
+        for address in (a for r in (*self.replicas, *self.file_replicas) for a in r):
+            if address in seen:  # two pipelines wiring one stage would take turns re-pointing its link
+                raise ValueError(f"stage {address} is named in two replicas (or twice in one): a stage belongs to "
+                                 "one pipeline")
+            seen.add(address)
+        if self.stall_timeout_s < 0:
+            raise ValueError("the stall timeout must be >= 0 (0: off)")
         if self.routing is not None and self.routing not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
-        if any(not key for key in self.api_keys):
+        if any(not key for key in (*self.api_keys, *self.admin_api_keys)):
             raise ValueError("API keys must not be empty")

@@ -73,3 +73,4 @@ class StageInfo:
     dp_size: int = 0
     dp_state: str = ""
     dp_detail: str = ""
+    steps_completed: int = 0  # head only: steps whose results came back, since start

@@ -42,6 +42,16 @@ class ModelNotFound(NotFound):
     """The request names a model this gateway does not serve."""
 
 
+class ReplicaEvicted(StageUnavailable):
+    """The gateway itself moved the request off its replica (drained, removed, re-wired or
+    stalled): the replica is not to blame, and the request continues elsewhere."""
+
+
+class Conflict(StagemeshError):
+    """The admin request cannot be done in the pool's current state (e.g. a stage that does not
+    fit the pipeline, a member of a DP-attention group, an operation already under way)."""
+
+
 class InternalError(StagemeshError):
     """Something failed that the caller cannot fix: a stage's unexpected status, a broken stream."""
 
@@ -67,6 +77,7 @@ FACES: dict[type[StagemeshError], ErrorFace] = {
     Unauthorized: ErrorFace(401, _REQUEST, "invalid_api_key", grpc.StatusCode.UNAUTHENTICATED,
                             {"WWW-Authenticate": "Bearer"}),
     NotFound: ErrorFace(404, _REQUEST, "not_found", grpc.StatusCode.NOT_FOUND),
+    Conflict: ErrorFace(409, _REQUEST, "conflict", grpc.StatusCode.FAILED_PRECONDITION),
     ModelNotFound: ErrorFace(404, _REQUEST, "model_not_found", grpc.StatusCode.NOT_FOUND),
     CapacityExceeded: ErrorFace(429, "rate_limit_error", "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 {"Retry-After": "1"}),

@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from gateway.domain import FinishReason, GenerateChunk
-from gateway.errors import InternalError
+from gateway.errors import InternalError, ReplicaEvicted
 from gateway.pool import Lease, ReplicaPool
 from gateway.textstream import TextAssembler, TokenOutput
 from gateway.tokenizing import TokenizerLike
@@ -93,18 +93,25 @@ async def generate_choice(
 ) -> AsyncIterator[ChoiceDelta]:
     state = _ChoiceState(tokenizer, job)
     tried: set[int] = set()
+    visits: dict[int, int] = {}  # attempts per replica: a choice the gateway moved off one may come back
     while True:
         prompt, sampling = state.next_request()
         lease = await pool.acquire(prompt, sampling.max_tokens, exclude=frozenset(tried))
         replica = lease.replica
         tried.add(replica.index)
+        visits[replica.index] = visits.get(replica.index, 0) + 1
+        # back on a replica: an id of its own, which the late Abort of the earlier attempt cannot hit
+        request_id = job.request_id if visits[replica.index] == 1 else f"{job.request_id}.{visits[replica.index]}"
         try:
-            async with aclosing(_attempt(pool, lease, state, prompt, sampling)) as deltas:
+            async with aclosing(_attempt(pool, lease, state, request_id, prompt, sampling)) as deltas:
                 async for delta in deltas:
                     yield delta
             return
         except (StageUnavailable, CapacityExceeded) as err:
-            if isinstance(err, StageUnavailable):
+            if isinstance(err, ReplicaEvicted):
+                # the gateway moved it: the replica may serve it again once back (routing skips it till then)
+                tried.discard(replica.index)
+            elif isinstance(err, StageUnavailable):
                 replica.mark_unhealthy(str(err))
             if (state.generated and not migrate) or not pool.has_other(tried):
                 raise
@@ -124,12 +131,13 @@ async def generate_choice(
 
 
 async def _attempt(
-    pool: ReplicaPool, lease: Lease, state: _ChoiceState, prompt: tuple[int, ...], sampling: SamplingParams
+    pool: ReplicaPool, lease: Lease, state: _ChoiceState, request_id: str, prompt: tuple[int, ...],
+    sampling: SamplingParams,
 ) -> AsyncIterator[ChoiceDelta]:
     job, replica = state.job, lease.replica
     done = False
     try:
-        stream = replica.generate(job.request_id, prompt, sampling)
+        stream = replica.generate(request_id, prompt, sampling)
         async with aclosing(stream):
             async for chunk in stream:
                 lease.consume(len(chunk.token_ids))
@@ -150,7 +158,7 @@ async def _attempt(
                 if delta or tokens:
                     yield ChoiceDelta(job.index, delta, tokens)
         done = True
-        raise InternalError(f"replica {replica.index} ended {job.request_id} without a finish reason")
+        raise InternalError(f"replica {replica.index} ended {request_id} without a finish reason")
     finally:
         if not done:
-            pool.spawn(replica.abort(job.request_id))
+            pool.spawn(replica.abort(request_id))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter as Tally
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -15,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _KNOWN_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+REPLICA_STATES = ("serving", "draining", "held", "down", "joining")
 
 
 class GatewayMetrics:
@@ -113,6 +117,28 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.replicas = Gauge(
+            "stagemesh_replicas", "Replicas known to the gateway, by state (see /health).", ["state"], registry=r
+        )
+        self.admin_operations = Counter(
+            "stagemesh_admin_operations",
+            "Admin API and replica-file operations, by operation and outcome (ok or the HTTP status of the refusal).",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.replica_stalls = Counter(
+            "stagemesh_replica_stalls",
+            "Times a replica with requests in flight completed no step for --stall-timeout and was taken out.",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_file_reloads = Counter(
+            "stagemesh_replica_file_reloads",
+            "Reloads of --replica-file (SIGHUP), by outcome (ok, invalid, failed).",
+            ["outcome"],
+            registry=r,
+        )
+
     def record_route(self, policy: str, replica: int, prompt_tokens: int, matched_tokens: int) -> None:
         self.routing_decisions.labels(policy=policy, replica=str(replica)).inc()
         self.routed_prompt_tokens.labels(policy=policy).inc(prompt_tokens)
@@ -125,6 +151,20 @@ class GatewayMetrics:
         self.replica_healthy.labels(replica=label).set(1 if healthy else 0)
         self.replica_running.labels(replica=label).set(running)
         self.replica_waiting.labels(replica=label).set(waiting)
+
+    def observe_states(self, states: list[str]) -> None:
+        counts = Tally(states)
+        for state in REPLICA_STATES:
+            self.replicas.labels(state=state).set(counts.get(state, 0))
+
+    def forget_replica(self, index: int) -> None:
+        """Drop a removed replica's per-replica series (its counters' history goes with it)."""
+        for metric in (self.replica_running, self.replica_waiting, self.replica_healthy, self.replica_stalls):
+            with contextlib.suppress(KeyError):
+                metric.remove(str(index))
+        for policy in ("round_robin", "least_loaded", "prefix"):
+            with contextlib.suppress(KeyError):
+                self.routing_decisions.remove(policy, str(index))
 
     def observe_dp_group(self, group: str, *, up: bool) -> None:
         self.dp_group_up.labels(group=group).set(1 if up else 0)
@@ -147,6 +187,8 @@ class MetricsMiddleware:
             return
         path = scope.get("path", "")
         endpoint = path if path in _KNOWN_PATHS or path.startswith("/v1/models/") else "other"
+        if path.startswith("/admin/"):
+            endpoint = "/admin"
         status = 500
 
         async def counting_send(message: Message) -> None:

@@ -52,7 +52,8 @@ class ReplicaPool:
     each ``health_interval_s``: a replica that stops answering is taken out, one that answers
     again (re-wired if a stage restarted) comes back, and one missing at start joins.
     Replicas of a DP-attention group serve together or not at all (`DpGroups`, re-evaluated on
-    every probe and every health change once started).
+    every probe and every health change once started). Replicas join (`add`) and leave
+    (`remove`) while it serves (replica_admin.py); an index is never handed out twice.
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
     it is refused with `CapacityExceeded` (429) at once.
@@ -80,10 +81,41 @@ class ReplicaPool:
         self.probe_listeners: list[Callable[[ReplicaPool], None]] = []
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._issued = 0  # replica indices handed out: never reused, so an admin id names one replica for good
         for r in self.replicas:
-            r.gate.max_running = self.admission.max_running_per_replica
-            r.gate.max_waiting = self.admission.max_waiting_per_replica
-            r.health_listeners.append(self._on_health_change)
+            self._adopt(r)
+
+    def _adopt(self, r: ReplicaClient) -> None:
+        r.gate.max_running = self.admission.max_running_per_replica
+        r.gate.max_waiting = self.admission.max_waiting_per_replica
+        r.health_listeners.append(self._on_health_change)
+        self._issued = max(self._issued, r.index + 1)
+
+    def next_index(self) -> int:
+        """An index no replica of this pool ever had."""
+        self._issued += 1
+        return self._issued - 1
+
+    def get(self, index: int) -> ReplicaClient | None:
+        return next((r for r in self.replicas if r.index == index), None)
+
+    def add(self, replica: ReplicaClient) -> None:
+        """Serve ``replica`` too once it is healthy (the caller or the health loop wires it)."""
+        if self.get(replica.index) is not None:
+            raise ValueError(f"replica {replica.index} is already in the pool")
+        self._adopt(replica)
+        self.replicas.append(replica)
+
+    async def remove(self, replica: ReplicaClient) -> None:
+        """Forget ``replica`` and close its channels; the caller drained it and moved its requests."""
+        self.replicas.remove(replica)
+        replica.gate.fail_waiters(StageUnavailable(f"replica {replica.index} was removed"))
+        self.prefix_index.forget(replica.index)
+        if self.metrics is not None:
+            self.metrics.forget_replica(replica.index)
+        if self._health_task is not None:
+            self.dp_groups.update(self.replicas)
+        await replica.close()
 
     @property
     def any_serving(self) -> bool:
@@ -194,6 +226,7 @@ class ReplicaPool:
             group = self.dp_groups.group_of(r.index)
             out.append(
                 {
+                    "id": r.id,
                     "index": r.index,
                     "addresses": list(r.addresses),
                     "healthy": r.serving,  # what routing sees: a member of a down DP group is out too
@@ -208,6 +241,8 @@ class ReplicaPool:
                     "last_error": r.last_error or r.hold_reason,
                     "dp_group": group.name if group else None,
                     "dp_rank": group.members[r.index] if group else None,
+                    "origin": r.origin,
+                    "active_requests": r.active_requests,
                     "moe": r.moe_summary(),
                 }
             )
@@ -222,7 +257,8 @@ class ReplicaPool:
             listener(self)
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(r.probe() for r in self.replicas))
+        # a replica under an admin operation is the operation's to wire and mark
+        await asyncio.gather(*(r.probe() for r in list(self.replicas) if r.busy is None))
         self.dp_groups.update(self.replicas)
         for listener in self.probe_listeners:
             listener(self)

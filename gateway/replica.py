@@ -13,7 +13,7 @@ from gateway import stage_proto
 from gateway.admission import ReplicaGate
 from gateway.domain import GenerateChunk, StageInfo
 from gateway.dp_groups import forming_reason
-from gateway.errors import from_rpc_error
+from gateway.errors import ReplicaEvicted, from_rpc_error
 from stagekit.errors import InvalidRequest, StagemeshError, StageUnavailable
 from stagekit.rpc.channels import stage_channel
 from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
@@ -40,9 +40,12 @@ class ReplicaClient:
 
     Invariant: ``healthy`` is True only after every stage accepted Wire and answered the last
     probe, none of them reporting its DP group forming; the router only hands out ``serving``
-    replicas: healthy and not held out by their DP group (`hold`). Channels are opened lazily,
-    inside the event loop that uses them. ``gate`` bounds what the gateway sends it (admission
-    control); listeners hear every change of ``healthy``.
+    replicas: healthy, not held out by their DP group (`hold`) and not draining (admin API).
+    Channels are opened lazily, inside the event loop that uses them, and never again once
+    ``close``d. ``gate`` bounds what the gateway sends it (admission control); listeners hear every
+    change of ``healthy``. Every Generate call in flight is known (``active_requests``), so that
+    `evict_all` can move them elsewhere; ``last_progress`` is when one of them last got a token
+    (or the head reported a completed step), read by the stall watch (stall.py).
     """
 
     def __init__(
@@ -71,6 +74,16 @@ class ReplicaClient:
         self.head_info: StageInfo | None = None
         self.stage_infos: list[StageInfo] = []  # every stage's, from the last probe
         self.health_listeners: list[Callable[[ReplicaClient], None]] = []
+        self.draining = False  # admin API: no new requests; those in flight finish
+        self.origin = "flag"  # where it came from: "flag" (--replica), "file" (--replica-file) or "admin"
+        self.busy: str | None = None  # the admin operation under way on it (none run at once)
+        self.needs_rewire = False  # wire at the next probe even if every stage says it is wired (a stall)
+        self.stalled = False  # taken out by the stall watch; cleared once healthy again
+        self.out_until = 0.0  # monotonic time before which probes leave it out (repeated stalls: stall.py)
+        self.last_progress = time.monotonic()
+        self.closed = False
+        self._calls: dict[str, grpc.aio.UnaryStreamCall] = {}
+        self._evicted: dict[str, str] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[stage_pb2_grpc.StageStub] = []
 
@@ -78,12 +91,24 @@ class ReplicaClient:
         return f"ReplicaClient({self.index}, {list(self.addresses)})"
 
     @property
+    def id(self) -> str:
+        """The admin API's name for it: ``r<index>`` (indices are never reused)."""
+        return f"r{self.index}"
+
+    @property
     def serving(self) -> bool:
-        return self.healthy and self.hold_reason is None
+        return self.healthy and self.hold_reason is None and not self.draining
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._calls)
 
     @property
     def state(self) -> str:
-        """For /health: serving, held (by its DP group), down (after serving) or joining (never ready yet)."""
+        """For /health: serving, draining (admin API), held (by its DP group), down (after serving)
+        or joining (never ready yet)."""
+        if self.draining:
+            return "draining"
         if self.serving:
             return "serving"
         if self.healthy:
@@ -99,6 +124,8 @@ class ReplicaClient:
         return self.gate.outstanding_tokens
 
     def _stub(self, stage: int) -> stage_pb2_grpc.StageStub:
+        if self.closed:
+            raise StageUnavailable(f"replica {self.index} was removed")
         if not self._stubs:
             for address in self.addresses:
                 channel = stage_channel(address, self.creds, _CHANNEL_OPTIONS)
@@ -127,8 +154,9 @@ class ReplicaClient:
         """Fetch every stage's info, wiring the replica if a stage forgot its pipeline (a restart);
         raises `StageUnavailable` while a stage's DP group is forming. Returns the head's info."""
         infos = await asyncio.gather(*(self.stage_info(i) for i in range(len(self.addresses))))
-        if not self.wired or not all(info.wired for info in infos):
+        if not self.wired or self.needs_rewire or not all(info.wired for info in infos):
             await self.wire()
+            self.needs_rewire = False
         else:
             self.head_info, self.stage_infos = infos[0], list(infos)
         reason = forming_reason(self.stage_infos)
@@ -178,6 +206,8 @@ class ReplicaClient:
 
     async def probe(self) -> bool:
         """Ask every stage for its info; re-wire when one forgot its pipeline (a restart)."""
+        if self.closed or time.monotonic() < self.out_until:
+            return False
         try:
             await self.refresh()
         except StagemeshError as err:
@@ -201,7 +231,7 @@ class ReplicaClient:
 
     def mark_healthy(self) -> None:
         changed = not self.healthy
-        self.healthy, self.joined, self.last_error = True, True, None
+        self.healthy, self.joined, self.last_error, self.stalled = True, True, None, False
         if changed:
             logger.info("replica %d is healthy", self.index)
             self._notify()
@@ -222,6 +252,30 @@ class ReplicaClient:
             self.gate.fail_waiters(StageUnavailable(f"replica {self.index} taken out: {reason}"))
         self.hold_reason = reason
 
+    def drain(self, on: bool = True) -> None:
+        """Stop (or, with False, resume) routing new requests here; those in flight go on, and
+        whoever waits for a slot here retries elsewhere."""
+        if on and not self.draining:
+            self.gate.fail_waiters(StageUnavailable(f"replica {self.index} is draining"))
+        self.draining = on
+
+    def evict_all(self, reason: str) -> int:
+        """End every Generate call in flight with `ReplicaEvicted` (``reason``): the gateway
+        continues each of them on another replica (migration). Returns how many."""
+        for request_id, call in list(self._calls.items()):
+            self._evicted[request_id] = reason
+            call.cancel()
+        return len(self._calls)
+
+    async def replace_addresses(self, addresses: Sequence[str]) -> None:
+        """Point the client at another pipeline (a stage replaced): closes the old channels; the
+        caller wires it. Only while nothing runs here (`evict_all`, then wait)."""
+        old = self._channels
+        self._channels, self._stubs = [], []
+        self.addresses = tuple(addresses)
+        self.wired = False
+        await asyncio.gather(*(channel.close() for channel in old), return_exceptions=True)
+
     def _notify(self) -> None:
         for listener in self.health_listeners:
             listener(self)
@@ -229,17 +283,34 @@ class ReplicaClient:
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
     ) -> AsyncIterator[GenerateChunk]:
-        """Stream one request from the head; closing the iterator cancels the call."""
+        """Stream one request from the head; closing the iterator cancels the call. `evict_all`
+        ends it with `ReplicaEvicted`."""
         call = self._stub(0).Generate(stage_proto.generate_request(request_id, prompt_token_ids, sampling))
+        if not self._calls:
+            self.last_progress = time.monotonic()  # the stall clock starts with the first request
+        self._calls[request_id] = call
         try:
             async for reply in call:
+                self.last_progress = time.monotonic()
                 yield stage_proto.chunk_from_proto(reply)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, where=self._where(0)) from err
+        except asyncio.CancelledError:
+            # a cancelled call raises CancelledError in its reader; ours (not the task's) is an eviction
+            reason = self._evicted.get(request_id)
+            task = asyncio.current_task()
+            # Task.cancelling is 3.11+; on 3.10 an eviction racing a cancellation reads as the eviction
+            if reason is None or (task is not None and getattr(task, "cancelling", lambda: 0)()):
+                raise
+            raise ReplicaEvicted(f"replica {self.index}: {reason}") from None
         finally:
             call.cancel()
+            self._calls.pop(request_id, None)
+            self._evicted.pop(request_id, None)
 
     async def abort(self, request_id: str) -> bool:
+        if self.closed:
+            return False
         try:
             reply = await self._stub(0).Abort(stage_proto.abort_request(request_id), timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -248,6 +319,19 @@ class ReplicaClient:
         return reply.found
 
     async def close(self) -> None:
+        self.closed = True
         await asyncio.gather(*(channel.close() for channel in self._channels), return_exceptions=True)
         self._channels.clear()
         self._stubs.clear()
+
+
+async def stage_info_at(address: str, creds: MeshCredentials, timeout_s: float) -> StageInfo:
+    """One stage's info over a channel of its own (a stage no replica uses yet)."""
+    channel = stage_channel(address, creds, _CHANNEL_OPTIONS)
+    try:
+        reply = await stage_pb2_grpc.StageStub(channel).GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err, where=f"stage {address}") from err
+    finally:
+        await channel.close()
+    return stage_proto.info_from_proto(reply)

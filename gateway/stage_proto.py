@@ -94,6 +94,7 @@ def info_from_proto(msg: stage_pb2.StageInfo) -> StageInfo:
         dp_size=msg.dp_size,
         dp_state=msg.dp_state,
         dp_detail=msg.dp_detail,
+        steps_completed=msg.steps_completed,
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 
@@ -15,6 +15,9 @@ from gateway.domain import StageInfo
 from gateway.metrics import GatewayMetrics
 from gateway.pool import ReplicaPool
 from gateway.tokenizing import TokenizerLike
+
+if TYPE_CHECKING:
+    from gateway.replica_admin import ReplicaAdmin
 
 T = TypeVar("T")
 
@@ -33,6 +36,7 @@ class GatewayState:
     metrics: GatewayMetrics
     created: int
     workers: ThreadPoolExecutor
+    admin: ReplicaAdmin | None = None  # replicas changed at runtime (admin API, replica file)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the worker pool; its exceptions are raised here."""

@@ -50,6 +50,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             info.num_running, info.num_waiting = head.num_running, head.num_waiting
             info.prefix_query_tokens, info.prefix_hit_tokens = head.prefix_query_tokens, head.prefix_hit_tokens
             info.num_preemptions = head.num_preemptions
+            info.steps_completed = head.steps_completed
         return info
 
     @unary_errors

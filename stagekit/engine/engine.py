@@ -60,17 +60,20 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.max_model_len = cfg.max_model_len
         kv, spec = runtime.kv_cache, runtime.executor.spec
+        # Sequence and step ids are unique to this head process (they start at its start time in µs):
+        # the stages downstream may still hold tables, and have steps in flight, of another head
+        # process that sat where this one does (restarted, or replaced through the gateway's admin
+        # API); a reused id would extend a stale block table or take a stale step's result.
+        first_id = time.time_ns() // 1000
         self.scheduler = Scheduler(kv.num_blocks, self.max_model_len, cfg.eos_token_ids, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, block_size=kv.block_size,
-                                   prefix_caching=spec.prefix_caching)
+                                   prefix_caching=spec.prefix_caching, first_step_id=first_id)
         self.kv_imports = KvImports()  # blocks reserved for KV arriving from another replica
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
-        # unique across restarts of this head: the stages after a head that died keep the block tables of
-        # the sequences it had in flight (no free reaches them), and a new sequence under an old id would
-        # extend that stale table and read and write blocks other sequences now own (found by the chaos soak)
-        self._seq_ids = itertools.count(time.time_ns())
+        self.steps_completed = 0  # results back, since start (GetInfo: the gateway's stall watch)
+        self._seq_ids = itertools.count(first_id)
         self._wake = asyncio.Event()
         self._pending: dict[int, asyncio.Future[StepResult]] = {}
         self._tasks: list[asyncio.Task] = []
@@ -113,7 +116,7 @@ class Engine:
         sch = self.scheduler
         bm = sch.blocks
         return HeadStats(len(sch.running), len(sch.waiting), sch.num_preemptions, bm.num_blocks, bm.num_used,
-                         bm.num_cached, bm.prefix_caching, bm.query_tokens, bm.hit_tokens)
+                         bm.num_cached, bm.prefix_caching, bm.query_tokens, bm.hit_tokens, self.steps_completed)
 
     # KV transfers between replicas (services/stage/kv_port.py): blocks move outside of steps,
     # so the exporter pins its blocks and the importer reserves its own while they do.
@@ -295,6 +298,7 @@ class Engine:
             log.exception("step %d failed", header.step_id)
             self._fail(header, StageUnavailable(f"step failed: {e}"))
             return
+        self.steps_completed += 1
         self._publish(self.scheduler.postprocess(header, result))
 
     async def _run_step(self, header: StepHeader) -> StepResult:

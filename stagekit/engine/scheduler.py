@@ -46,7 +46,7 @@ class Scheduler:
 
     def __init__(self, num_blocks: int, max_model_len: int, eos_token_ids: list[int],
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, block_size: int = BLOCK_SIZE,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, first_step_id: int = 1) -> None:
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.max_num_seqs = max_num_seqs
@@ -58,7 +58,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._to_free: list[int] = []
         self._to_preempt: list[int] = []
-        self._step_id = 0
+        self._step_id = first_step_id - 1
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -48,3 +48,4 @@ class HeadStats:
     prefix_caching: bool
     prefix_query_tokens: int
     prefix_hit_tokens: int
+    steps_completed: int = 0

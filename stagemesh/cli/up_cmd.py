@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--api-key", action="append", default=[],
                     help="require 'Authorization: Bearer KEY' on /v1 and gRPC (repeatable)")
     gw.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
+    gw.add_argument("--admin-api-key", action="append", default=[],
+                    help="turn the gateway's admin API (/admin) on with this key (repeatable; see README)")
+    gw.add_argument("--admin-api-key-file", action="append", default=[], help="file with one admin key per line")
     sec = p.add_argument_group("TLS and mesh token", "see README, 'TLS and mesh token'")
     sec.add_argument("--tls-cert", default=None, metavar="PEM", help="the gateway serves REST and gRPC over TLS")
     sec.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
@@ -84,7 +87,11 @@ def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str
         gw_args += ["--grpc-port", str(grpc_port)]
     for name in args.api_key_file:
         gw_args += ["--api-key-file", name]
+    for name in args.admin_api_key_file:
+        gw_args += ["--admin-api-key-file", name]
     env = {"STAGEMESH_API_KEYS": ",".join(args.api_key)} if args.api_key else {}
+    if args.admin_api_key:
+        env["STAGEMESH_ADMIN_API_KEYS"] = ",".join(args.admin_api_key)
     return gw_args, env, grpc_port
 
 

@@ -62,6 +62,7 @@ class FakeStage(stage_pb2_grpc.StageServicer):
     generate_calls: list[stage_pb2.GenerateRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    wire_calls: int = 0
 
     def __post_init__(self) -> None:
         tok = Tokenizer.from_files(self.files)
@@ -98,6 +99,7 @@ class FakeStage(stage_pb2_grpc.StageServicer):
 
     async def Wire(self, request: stage_pb2.WireRequest, context: grpc.aio.ServicerContext) -> Any:
         self.pipeline, self.index = list(request.pipeline), request.index
+        self.wire_calls += 1
         return stage_pb2.WireResponse(info=self._info())
 
     async def Abort(self, request: stage_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> Any:
