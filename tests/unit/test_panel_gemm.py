@@ -21,7 +21,7 @@ from stagekit.kernels.panel_gemm import PackStats, native_available, pack_panels
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler: the kernel is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MS = [*range(1, 17), 31, 32, 33, 63, 64]
+MS = [*range(1, 17), 31, 32, 33, 63, 64, 100]
 NK = [(1, 1), (15, 3), (17, 7), (33, 8), (257, 576), (48, 768)]
 
 
