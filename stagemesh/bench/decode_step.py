@@ -17,16 +17,12 @@ import argparse
 import json
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from stagekit.config.model_config import load_model_config
-from stagekit.engine.model_runner import ModelRunner
-from stagekit.engine.stage_spec import StageSpec
-from stagekit.kv.kv_cache import PagedKVCache
-from stagekit.parallel.parallel_groups import ParallelGroups
-from stagekit.parallel.parallel_world import ParallelWorld
-from stagekit.types.step import SeqSlice, StepHeader, StepInputs
+if TYPE_CHECKING:
+    from stagekit.engine.model_runner import ModelRunner
 
 # name -> (--linear-kernel, --weight-dtype)
 CONFIGS = {"onednn": ("onednn", ""), "dense": ("dense", ""), "panel": ("panel", ""), "auto": ("auto", ""),
@@ -47,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _decode(runners: dict[str, ModelRunner], batch: int, prompt_len: int, steps: int, first_id: int
             ) -> dict[str, float]:
+    from stagekit.types.step import SeqSlice, StepHeader, StepInputs
+
     seq_ids = list(range(first_id, first_id + batch))
     blocks_per_seq = -(-(prompt_len + steps) // BLOCK)
     tables = {s: tuple(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i, s in enumerate(seq_ids)}
@@ -70,6 +68,14 @@ def _decode(runners: dict[str, ModelRunner], batch: int, prompt_len: int, steps:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the model stack is imported here, not when the CLI builds its parser
+    from stagekit.config.model_config import load_model_config
+    from stagekit.engine.model_runner import ModelRunner
+    from stagekit.engine.stage_spec import StageSpec
+    from stagekit.kv.kv_cache import PagedKVCache
+    from stagekit.parallel.parallel_groups import ParallelGroups
+    from stagekit.parallel.parallel_world import ParallelWorld
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     names = [c for c in args.configs.split(",") if c]
