@@ -221,6 +221,8 @@ void panel_gemm_part(const float *x, long ldx, const void *w, int dt, const floa
     leave_ftz(old);
 }
 
+#define SMALL_WORK (1L << 17) /* multiply-adds */
+
 /* The whole product on num_threads threads of the OpenMP runtime (torch's). Returns 0, or -1
  * for a dtype or shape it does not take. */
 int panel_gemm(const float *x, long ldx, const void *w, int dt, const float *bias, float *y, long ldy, int M, int N,
@@ -229,6 +231,9 @@ int panel_gemm(const float *x, long ldx, const void *w, int dt, const float *bia
     const int P = (N + 15) / 16;
     int nth = num_threads < 1 ? 1 : num_threads;
     if (nth > P) nth = P;
+    /* waking a team costs more than it saves on a few microseconds of work (the split never
+     * changes a result, so this is free to choose) */
+    if ((long)M * P * 16 * K < SMALL_WORK) nth = 1;
     if (nth == 1) {
         panel_gemm_part(x, ldx, w, dt, bias, y, ldy, M, N, K, 0, 1);
         return 0;
