@@ -7,8 +7,10 @@ import asyncio
 import logging
 
 from gateway.auth import API_KEYS_ENV, load_api_keys
+from gateway.cli_roles import add_pd_arguments, replicas_with_roles
 from gateway.cli_security import add_security_arguments, tls_settings
 from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
+from gateway.roles import PdSettings
 from stagekit.errors import ConfigError
 
 DESCRIPTION = (
@@ -23,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica",
         action="append",
-        required=True,
+        default=[],
         metavar="ADDR[,ADDR...]",
         help="stage addresses of one replica in layer order; repeat for data parallelism",
     )
+    add_pd_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC Generation API on this port")
@@ -104,8 +107,11 @@ def parse_replicas(values: list[str]) -> list[list[str]]:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The gateway config the arguments describe; raises ValueError/OSError on bad ones."""
+    replicas, roles = replicas_with_roles(args)
     return GatewayConfig(
-        replicas=tuple(tuple(r) for r in parse_replicas(args.replica)),
+        replicas=replicas,
+        roles=roles,
+        pd=PdSettings(args.pd_min_prefill_tokens, args.pd_lease),
         model_name_override=args.model_name,
         api_keys=load_api_keys(args.api_key, args.api_key_file),
         routing=args.routing,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.roles import BOTH, PREFILL, PdSettings, check_roles
 from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 
 ROUTING_POLICIES = ("round_robin", "least_loaded", "prefix")
@@ -79,13 +80,27 @@ class GatewayConfig:
     startup_timeout_s: float = 300.0
     health_interval_s: float = 5.0
     rpc_timeout_s: float = 5.0
+    # prefill/decode disaggregation: each replica's role ("prefill", "decode", "both"; empty: all both)
+    roles: tuple[str, ...] = ()
+    pd: PdSettings = PdSettings()
 
     def __post_init__(self) -> None:
         if not self.replicas or any(not r for r in self.replicas):
             raise ValueError("every replica needs at least one stage address")
+        if self.roles and len(self.roles) != len(self.replicas):
+            raise ValueError(f"{len(self.roles)} roles for {len(self.replicas)} replicas")
+        check_roles(self.roles)
         if self.routing is not None and self.routing not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if any(not key for key in self.api_keys):
             raise ValueError("API keys must not be empty")
+
+    def role_of(self, replica: int) -> str:
+        return self.roles[replica] if self.roles else BOTH
+
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill replicas hand requests to decode replicas (gateway/pd.py)."""
+        return PREFILL in self.roles

@@ -73,3 +73,6 @@ class StageInfo:
     dp_size: int = 0
     dp_state: str = ""
     dp_detail: str = ""
+    kv_block_size: int = 0
+    kv_blocks_referenced: int = 0  # head: blocks held by sequences, exports, hand-off holds, import reservations
+    kv_holds: int = 0  # head: prefill/decode hand-offs whose prompt blocks it holds

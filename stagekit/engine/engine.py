@@ -129,11 +129,17 @@ class Engine:
     def unpin(self, blocks: list[int]) -> None:
         self.scheduler.blocks.release(blocks)
 
-    def reserve_kv_import(self, hashes: list[int], block_size: int) -> tuple[str, int, list[int]]:
+    def reserve_kv_import(self, hashes: list[int], block_size: int,
+                          ttl_s: float | None = None) -> tuple[str, int, list[int]]:
         """Blocks for KV arriving from another replica under ``hashes`` beyond the leading ones
-        cached here already: (import id, how many are present, the reserved blocks)."""
+        cached here already: (import id, how many are present, the reserved blocks). Unless
+        committed, the reservation is released after ``ttl_s`` (None: the default), by a timer:
+        an exporter that died must not leave the blocks referenced until the next import."""
         sch = self.scheduler
-        return self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks)
+        reply = self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks, ttl_s=ttl_s)
+        ttl = self.kv_imports.ttl_s if ttl_s is None else ttl_s
+        asyncio.get_running_loop().call_later(ttl + 0.05, self.kv_imports.expire, sch.blocks)
+        return reply
 
     def commit_kv_import(self, import_id: str, ok: bool) -> None:
         """Name the reserved blocks by their hashes (``ok``: every stage holds them), or release them."""

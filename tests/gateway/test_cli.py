@@ -27,8 +27,8 @@ def test_arguments() -> None:
     assert args.replica == ["h:1,h:2", "h:3"]
     assert (args.host, args.port, args.api_key, args.model_name) == ("127.0.0.1", 9000, ["k"], None)
     assert args.routing is None  # not chosen: round_robin, or least_loaded for a DP group (decided at start)
-    with pytest.raises(SystemExit):
-        _parse()  # --replica is required
+    with pytest.raises(ValueError, match="no replica"):
+        cli.config_from_args(_parse())  # a replica is required (--replica, or prefill and decode ones)
     with pytest.raises(SystemExit):
         _parse("--replica", "h:1", "--routing", "random")
 
