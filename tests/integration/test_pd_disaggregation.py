@@ -12,8 +12,12 @@ replicas serve again afterwards. Over UCX (default run) and gRPC (the faults mar
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,19 +28,25 @@ from gateway.roles import PdSettings
 from stagekit.client import GenerationClient, RetryPolicy
 from stagekit.config.model_config import load_model_config
 from stagekit.demo import write_demo_model
+from stagekit.errors import StagemeshError
 from stagekit.ports import free_port
 from stagemesh.launcher import Mesh, MeshSpec
 from tests.gateway.harness import GatewayThread, wait_for
+from tests.gateway.live import kill_stage, restart_stage
 from tests.helpers.stage_client import generate, stage_info, tokens_of
-from tests.transport.conftest import needs_ucx
+from tests.transport.conftest import needs_ucx, ucx_importable
 
 LEASE_S = 5.0
 MIN_PREFILL = 4
 PLANES = [pytest.param("ucx", marks=needs_ucx), pytest.param("grpc")]
+# the faults run on one data plane (UCX where it imports, its shared-memory path being the one
+# whose failure detection differs); the token-exact tests run on both
+FAULT_PLANE = "ucx" if ucx_importable() else "grpc"
 
 
 @dataclass
 class Pair:
+    plane: str
     mesh: Mesh
     prefill: list[str]
     decode: list[str]
@@ -58,7 +68,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                            pd=PdSettings(min_prefill_tokens=MIN_PREFILL, lease_s=LEASE_S), startup_timeout_s=60,
                            health_interval_s=0.5)
         gw.start(timeout_s=90)
-        yield Pair(mesh, prefill, decode, gw)
+        yield Pair(request.param, mesh, prefill, decode, gw)
     finally:
         if gw is not None:
             gw.stop()
@@ -71,6 +81,7 @@ def _prompt(length: int, salt: int) -> list[int]:
 
 def _colocated(p: Pair, prompt: list[int], seed: int, **sampling: object) -> list[int]:
     """What one replica gives for the whole request (the prefill replica, asked directly)."""
+    sampling.setdefault("temperature", 0.0)
     return tokens_of(generate(p.prefill[0], prompt, request_id=f"ref-{seed}", max_tokens=12, ignore_eos=True,
                               seed=seed, **sampling))
 
@@ -94,6 +105,7 @@ def _settled(p: Pair, timeout_s: float = 3 * LEASE_S) -> None:
 
 def _disaggregated(p: Pair, prompt: list[int], seed: int, **sampling: object) -> list[int]:
     """The tokens the gateway streams for the request (its gRPC Generation API gives the ids)."""
+    sampling.setdefault("temperature", 0.0)
     with GenerationClient(p.gw.grpc_target, timeout_s=120, retry=RetryPolicy(max_attempts=1)) as client:
         return [t for chunk in client.generate(prompt, max_tokens=12, ignore_eos=True, seed=seed, **sampling)
                 for t in chunk.token_ids]
@@ -119,4 +131,130 @@ def test_a_handoff_gives_the_colocated_tokens(pair: Pair, length: int, sampling:
     if full:
         assert _metric(pair, "stagemesh_pd_handoffs_total", outcome="transferred") == moved + 1
     assert got == _colocated(pair, prompt, seed, **params)
+    _settled(pair)
+
+
+def test_a_prompt_the_decode_replica_caches_goes_straight_to_it(pair: Pair) -> None:
+    prompt = _prompt(48, salt=9)
+    _disaggregated(pair, prompt, 7)   # a hand-off: the decode replica now caches the prompt's blocks
+    longer = prompt + [11, 12, 13]    # that prompt and a tail of 3 tokens (<= MIN_PREFILL)
+    seen = stage_info(pair.prefill[0]).prefix_query_tokens
+    direct = _metric(pair, "stagemesh_pd_handoffs_total", outcome="direct")
+    got = _disaggregated(pair, longer, 8)
+    assert stage_info(pair.prefill[0]).prefix_query_tokens == seen   # the prefill replica saw nothing
+    assert _metric(pair, "stagemesh_pd_handoffs_total", outcome="direct") == direct + 1
+    assert got == _colocated(pair, longer, 8)
+
+
+# --- faults in the middle of a transfer ---------------------------------------------------------
+
+
+def _proc(p: Pair, replica: int, stage: int) -> int:
+    return next(proc.pid for name, proc in p.mesh.procs if name == f"stage-r{replica}-s{stage}" and proc.poll() is None)
+
+
+def _signal(p: Pair, replica: int, stage: int, sig: int) -> None:
+    os.killpg(_proc(p, replica, stage), sig)
+
+
+@contextmanager
+def _at_handoff(p: Pair, before: Callable[[], None], during: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Around the next hand-off's export (the gateway's call to the prefill head): ``before`` it
+    starts, then ``during`` it, each on a thread so that the gateway's loop keeps running."""
+    replica = p.gw.state.pool.replicas[0]
+    original = replica.export_kv
+
+    async def export_kv(*args: object, **kwargs: object) -> object:
+        await asyncio.to_thread(before)
+        call = asyncio.ensure_future(original(*args, **kwargs))
+        await asyncio.to_thread(during)
+        return await call
+
+    replica.export_kv = export_kv
+    try:
+        yield
+    finally:
+        del replica.export_kv
+
+
+def _reserved_on_decode(p: Pair) -> None:
+    """Wait until the decode head reserved the hand-off's blocks: the transfer is under way."""
+    wait_for(lambda: _referenced(p.decode[0])[0] > 0, 30, 0.02)
+
+
+def _serving_again(p: Pair, replica: int) -> None:
+    for stage in range(2):
+        if not any(name == f"stage-r{replica}-s{stage}" and proc.poll() is None for name, proc in p.mesh.procs):
+            restart_stage(p.mesh, replica, stage)
+    wait_for(lambda: p.gw.state.pool.replicas[replica].serving, 60, 0.1)
+    prompt = _prompt(40, salt=100 + replica)
+    moved = _metric(p, "stagemesh_pd_handoffs_total", outcome="transferred")
+    assert _disaggregated(p, prompt, 5) == _colocated(p, prompt, 5)
+    assert _metric(p, "stagemesh_pd_handoffs_total", outcome="transferred") == moved + 1
+
+
+def _fault_plane(p: Pair) -> None:
+    if p.plane != FAULT_PLANE:
+        pytest.skip(f"the faults run on one data plane per run ({FAULT_PLANE} here)")
+
+
+def test_prefill_killed_mid_transfer_decode_prefills_itself(pair: Pair) -> None:
+    """The prefill replica's second stage is frozen, so the export waits on it with the decode
+    head's blocks reserved; then the prefill replica is killed. The decode replica prefills the
+    prompt itself (counted), the client gets the colocated tokens, the reservation lapses."""
+    _fault_plane(pair)
+    prompt, seed = _prompt(64, salt=21), 21
+    expected = _colocated(pair, prompt, seed)
+    failed = _metric(pair, "stagemesh_pd_fallbacks_total", reason="transfer_failed")
+
+    def kill_prefill() -> None:
+        _reserved_on_decode(pair)
+        kill_stage(pair.mesh, 0, 0)
+        kill_stage(pair.mesh, 0, 1)
+
+    with _at_handoff(pair, lambda: _signal(pair, 0, 1, signal.SIGSTOP), kill_prefill):
+        assert _disaggregated(pair, prompt, seed) == expected
+    assert _metric(pair, "stagemesh_pd_fallbacks_total", reason="transfer_failed") == failed + 1
+    wait_for(lambda: _referenced(pair.decode[0]) == (0, 0), 3 * LEASE_S, 0.1)   # the reservation lapsed
+    _serving_again(pair, 0)
+    _settled(pair)
+
+
+def test_decode_killed_mid_transfer_fails_clearly_and_frees_the_prefill_blocks(pair: Pair) -> None:
+    """The decode replica's second stage is frozen mid-transfer, then the decode replica is
+    killed: with no other decode replica the request fails with a clear error; the prefill
+    replica's held and pinned blocks are freed; both serve once the decode replica is back."""
+    _fault_plane(pair)
+    prompt = _prompt(64, salt=22)
+
+    def kill_decode() -> None:
+        _reserved_on_decode(pair)
+        kill_stage(pair.mesh, 1, 0)
+        kill_stage(pair.mesh, 1, 1)
+
+    with _at_handoff(pair, lambda: _signal(pair, 1, 1, signal.SIGSTOP), kill_decode):
+        with pytest.raises(StagemeshError, match="decode replica 1 failed during the hand-off"):
+            _disaggregated(pair, prompt, 22)
+    assert _metric(pair, "stagemesh_pd_fallbacks_total", reason="decode_down") >= 1
+    wait_for(lambda: _referenced(pair.prefill[0]) == (0, 0), 3 * LEASE_S, 0.1)
+    _serving_again(pair, 1)
+    _settled(pair)
+
+
+def test_a_stalled_decode_stage_ends_the_handoff_at_its_lease(pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """A decode stage frozen (SIGSTOP) for good: the export ends at its lease, the reservation
+    and the prefill replica's blocks are released, the request fails with a clear error, and
+    once the stage runs again both replicas serve."""
+    _fault_plane(pair)
+    prompt = _prompt(64, salt=23)
+    try:
+        with _at_handoff(pair, lambda: _signal(pair, 1, 1, signal.SIGSTOP)):
+            with pytest.raises(StagemeshError, match="decode replica 1 failed during the hand-off"):
+                _disaggregated(pair, prompt, 23)
+        assert "within its lease" in caplog.text   # the gateway logged why the hand-off fell back
+        wait_for(lambda: _referenced(pair.prefill[0]) == (0, 0) and _referenced(pair.decode[0]) == (0, 0),
+                 3 * LEASE_S, 0.1)
+    finally:
+        _signal(pair, 1, 1, signal.SIGCONT)
+    _serving_again(pair, 1)
     _settled(pair)
