@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -124,3 +125,16 @@ def test_a_failed_transfer_falls_back_to_the_decode_replica_prefilling(
         assert re.search(r'stagemesh_pd_fallbacks_total\{reason="transfer_failed"\} 1\.0', metrics)
         assert re.search(r'stagemesh_pd_handoffs_total\{outcome="fallback"\} 1\.0', metrics)
         wait_for(lambda: "hand-off fell back (transfer_failed" in caplog.text)
+
+
+def test_the_compose_profile_names_a_prefill_and_a_decode_replica() -> None:
+    """docker-compose.pd.yml's gateway command (its ${VAR:-default}s at their defaults) is a
+    valid disaggregated gateway configuration: replica 0 prefills, replica 1 decodes."""
+    yaml = pytest.importorskip("yaml")
+    root = Path(__file__).resolve().parents[2]
+    command = yaml.safe_load((root / "docker-compose.pd.yml").read_text())["services"]["gateway"]["command"]
+    argv = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", command).split()
+    assert argv[0] == "gateway"
+    config = _parse(*argv[1:])
+    assert config.roles == ("prefill", "decode")
+    assert config.replicas == (("stage-r0-s0:50051", "stage-r0-s1:50051"), ("stage-r1-s0:50051", "stage-r1-s1:50051"))
