@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class _Hold:
     blocks: list[int]
     timer: asyncio.TimerHandle
+    generation: int   # the engine's pool the blocks belong to
 
 
 class KvHolds:
@@ -44,7 +45,7 @@ class KvHolds:
         self.release(hold_id)
         _, blocks = self.engine.pin_cached_prefix(token_ids)
         timer = asyncio.get_running_loop().call_later(lease_s, self._expire, hold_id)
-        self._holds[hold_id] = _Hold(blocks, timer)
+        self._holds[hold_id] = _Hold(blocks, timer, self.engine.kv_pool_generation)
         return len(blocks)
 
     def release(self, hold_id: str) -> bool:
@@ -53,7 +54,8 @@ class KvHolds:
         if held is None:
             return False
         held.timer.cancel()
-        self.engine.unpin(held.blocks)
+        if held.generation == self.engine.kv_pool_generation:   # else the pool they pinned is gone
+            self.engine.unpin(held.blocks)
         return True
 
     def _expire(self, hold_id: str) -> None:

@@ -63,6 +63,7 @@ class Engine:
                                    max_num_batched_tokens=max_num_batched_tokens, block_size=kv.block_size,
                                    prefix_caching=spec.prefix_caching)
         self.kv_imports = KvImports()  # blocks reserved for KV arriving from another replica
+        self.kv_pool_generation = 0   # bumped whenever the block pool is replaced (configure_kv)
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
@@ -103,6 +104,7 @@ class Engine:
                 seq.outputs.put_nowait(TokenOutput([], [], error=err))
         if num_blocks != self.scheduler.blocks.num_blocks:
             self.kv_imports.forget()
+            self.kv_pool_generation += 1   # pins taken on the old pool must not be released on the new one
         self.scheduler.reset_blocks(num_blocks, prefix_caching)
 
     def head_stats(self) -> HeadStats:
