@@ -166,7 +166,9 @@ class Handoff:
             try:
                 lease = await self.pool.acquire(prompt, 1, exclude=frozenset(tried), roles=PREFILLS)
             except (StageUnavailable, CapacityExceeded) as err:
-                self._fallback("prefill_failed" if tried else "no_prefill_replica", err, decode.index)
+                reason = "prefill_failed" if tried else (
+                    "prefill_busy" if isinstance(err, CapacityExceeded) else "no_prefill_replica")
+                self._fallback(reason, err, decode.index)
                 return
             tried.add(lease.replica.index)
             try:

@@ -50,16 +50,19 @@ class TokenClock:
     """Times one choice's outputs into the per-role TTFT / ITL histograms."""
 
     def __init__(self, metrics: PdMetrics | None, started: float) -> None:
-        self.metrics, self._last, self._first = metrics, started, True
+        self.metrics, self._last = metrics, started
+        self._role: str | None = None   # who produced the previous output (None: nothing yet)
 
     def tick(self, role: str, num_tokens: int, now: float) -> None:
         if self.metrics is None or num_tokens <= 0:
             return
         gap = now - self._last
-        if self._first:
+        if self._role is None:
             self.metrics.time_to_first_token.labels(role=role).observe(gap)
         else:
+            # the first gap after the prefill replica's token holds the KV transfer: its own label
+            label = role if role == self._role else "handoff"
             per_token = gap / num_tokens
             for _ in range(num_tokens):
-                self.metrics.inter_token_latency.labels(role=role).observe(per_token)
-        self._first, self._last = False, now
+                self.metrics.inter_token_latency.labels(role=label).observe(per_token)
+        self._role, self._last = role, now

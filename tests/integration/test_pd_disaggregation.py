@@ -130,6 +130,12 @@ def test_a_handoff_gives_the_colocated_tokens(pair: Pair, length: int, sampling:
     assert _metric(pair, "stagemesh_pd_handoffs_total", outcome=outcome) >= 1
     if full:
         assert _metric(pair, "stagemesh_pd_handoffs_total", outcome="transferred") == moved + 1
+        assert _metric(pair, "stagemesh_pd_transfer_bytes_total") > 0
+        assert _metric(pair, "stagemesh_pd_transfer_seconds_count") >= 1
+    # TTFT and ITL by the role of the replica that produced the token (the gap between the two: handoff)
+    assert _metric(pair, "stagemesh_pd_time_to_first_token_seconds_count", role="prefill") >= 1
+    for role in ("handoff", "decode"):
+        assert _metric(pair, "stagemesh_pd_inter_token_latency_seconds_count", role=role) >= 1
     assert got == _colocated(pair, prompt, seed, **params)
     _settled(pair)
 
