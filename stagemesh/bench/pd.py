@@ -20,9 +20,12 @@ import random
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
-from stagemesh.bench.load import RequestTiming, _quantile
 from stagemesh.bench.serving import _model_dir
+
+if TYPE_CHECKING:
+    from stagemesh.bench.load import RequestTiming
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _workload(base_url: str, model: str, args: argparse.Namespace, vocab: int) -> dict:
-    import httpx
+    import httpx  # only to run it: the CLI's parser imports this module without the test extras
 
-    from stagemesh.bench.load import _one
+    from stagemesh.bench.load import _one, _quantile
 
     rng = random.Random(args.seed)
     shorts = [[rng.randrange(10, vocab) for _ in range(args.short_len)] for _ in range(args.streams)]
