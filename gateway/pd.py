@@ -172,12 +172,16 @@ class Handoff:
                 return
             tried.add(lease.replica.index)
             try:
-                async with aclosing(self._prefill(lease, prompt, movable)) as deltas:
+                # a request of one token ends on the prefill replica: nothing to hold for
+                hold = movable and self.state.job.sampling.max_tokens > 1
+                async with aclosing(self._prefill(lease, prompt, hold)) as deltas:
                     async for delta in deltas:
                         self.tick(lease.replica.role, delta)
                         yield delta
                 if self.finished:
                     self.pd.count("prefill_only")
+                    if hold:   # a stop string ended it: the prefill replica may hold blocks for nothing
+                        self.pool.spawn(lease.replica.abort(_prefill_id(self.state.job.request_id)))
                     return
                 self.decode_lease.consume(1)
                 if not movable:

@@ -92,8 +92,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         if request.kv_hold_ms < 0:
             raise InvalidRequest(f"kv_hold_ms must be >= 0, got {request.kv_hold_ms}")
         async for out in engine.generate(request.request_id, prompt, params):
-            if out.finish_reason not in (None, "abort") and request.kv_hold_ms and self.kv.holds is not None:
-                # a prefill/decode hand-off: keep the prompt's blocks for its export (kv_holds.py)
+            if out.finish_reason == "length" and request.kv_hold_ms and self.kv.holds is not None:
+                # a prefill/decode hand-off that goes on elsewhere: keep the prompt's blocks for its export
+                # (kv_holds.py; a request that stopped here has nothing to hand over)
                 self.kv.holds.hold(request.request_id, prompt, request.kv_hold_ms / 1000)
             yield stage_pb2.GenerateResponse(
                 request_id=request.request_id, token_ids=out.token_ids, logprobs=out.logprobs,
@@ -105,7 +106,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @unary_errors
     async def Abort(self, request: stage_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> stage_pb2.AbortResponse:
-        return stage_pb2.AbortResponse(found=self._engine().abort(request.request_id))
+        found = self._engine().abort(request.request_id)
+        held = self.kv.holds is not None and self.kv.holds.release(request.request_id)  # a hand-off given up
+        return stage_pb2.AbortResponse(found=found or held)
 
     @unary_errors
     async def ExportKv(self, request: stage_pb2.ExportKvRequest,

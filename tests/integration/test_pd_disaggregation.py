@@ -152,6 +152,18 @@ def test_a_prompt_the_decode_replica_caches_goes_straight_to_it(pair: Pair) -> N
     assert got == _colocated(pair, longer, 8)
 
 
+def test_a_request_of_one_token_ends_on_the_prefill_replica(pair: Pair) -> None:
+    prompt = _prompt(40, salt=31)
+    seen = stage_info(pair.decode[0]).prefix_query_tokens
+    ended = _metric(pair, "stagemesh_pd_handoffs_total", outcome="prefill_only")
+    with GenerationClient(pair.gw.grpc_target, timeout_s=120, retry=RetryPolicy(max_attempts=1)) as client:
+        got = [t for c in client.generate(prompt, max_tokens=1, temperature=0.0) for t in c.token_ids]
+    assert stage_info(pair.decode[0]).prefix_query_tokens == seen   # the decode replica saw nothing
+    assert _referenced(pair.prefill[0]) == (0, 0)   # and the prefill replica holds nothing for it
+    assert _metric(pair, "stagemesh_pd_handoffs_total", outcome="prefill_only") == ended + 1
+    assert got == tokens_of(generate(pair.prefill[0], prompt, request_id="ref-one", max_tokens=1))
+
+
 # --- faults in the middle of a transfer ---------------------------------------------------------
 
 
