@@ -57,7 +57,9 @@ class ReplicaPool:
     every probe and every health change once started).
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
-    it is refused with `CapacityExceeded` (429) at once.
+    it is refused with `CapacityExceeded` (429) at once. Routing picks among the replicas of
+    the roles asked for: those that decode (``decode``, ``both``) unless a prefill/decode
+    hand-off (``pd``, gateway/pd.py) asks for a prefill replica.
     """
 
     def __init__(
