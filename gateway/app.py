@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import Unauthorized, error_body, face_of, gateway_error_body
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.openapi import install_openapi
+from gateway.pd import install_pd
 from gateway.pool import ReplicaPool
 from gateway.replica import ReplicaClient
 from gateway.replica_admin import ReplicaAdmin
@@ -144,6 +145,8 @@ def _ops_router() -> APIRouter:
             "replicas": replicas,
             "dp_groups": state.pool.dp_groups.snapshot(),
         }
+        if state.pool.pd is not None:
+            body["disaggregation"] = state.pool.pd.snapshot()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -181,15 +184,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         replicas = [
             ReplicaClient(i, addrs, transport=config.transport, rpc_timeout_s=config.rpc_timeout_s,
-                          creds=config.stage_credentials)
+                          creds=config.stage_credentials, role=config.role_of(i))
             for i, addrs in enumerate((*config.replicas, *config.file_replicas))
         ]
         for r in replicas[len(config.replicas):]:
             r.origin = "file"
         index = PrefixIndex()
+        # disaggregated, the decode replica is chosen prefix-aware (with load) unless told otherwise
+        policy = config.routing or ("prefix" if config.disaggregated else "round_robin")
         pool = ReplicaPool(
             replicas,
-            router=router or make_router(config.routing or "round_robin", index),
+            router=router or make_router(policy, index),
             health_interval_s=config.health_interval_s,
             admission=config.admission,
             prefix_index=index,
@@ -206,6 +211,8 @@ def create_app(
         workers = ThreadPoolExecutor(min(8, max(2, os.cpu_count() or 1)), thread_name_prefix="gateway-prepare")
         try:
             head_info = await pool.start(config.startup_timeout_s)
+            if config.disaggregated:
+                install_pd(pool, config.pd, metrics)
             if router is None and config.routing is None:
                 _route_groups_least_loaded(pool)
                 pool.probe_listeners.append(_route_groups_least_loaded)  # a group may appear after start

@@ -7,8 +7,10 @@ import asyncio
 import logging
 
 from gateway.auth import ADMIN_API_KEYS_ENV, API_KEYS_ENV, load_api_keys
+from gateway.cli_roles import add_pd_arguments, replicas_with_roles
 from gateway.cli_security import add_security_arguments, tls_settings
 from gateway.config import PROMPT_CHARS_PER_TOKEN, ROUTING_POLICIES, AdmissionLimits, GatewayConfig, RequestLimits
+from gateway.roles import PdSettings
 from stagekit.errors import ConfigError, InvalidRequest
 
 DESCRIPTION = (
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "again: new lines are added, missing ones drained and removed, changed ones re-wired; a malformed file is "
         "logged and ignored. Combines with --replica, whose replicas reloads leave alone",
     )
+    add_pd_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=None, help="serve the gRPC Generation API on this port")
@@ -131,8 +134,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     from gateway.replica_file import parse_replica_file  # the CLI's --help stays light
 
     file_replicas = parse_replica_file(args.replica_file) if args.replica_file else []
+    replicas, roles = replicas_with_roles(args)
     return GatewayConfig(
-        replicas=tuple(tuple(r) for r in parse_replicas(args.replica)),
+        replicas=replicas,
+        roles=roles,
+        pd=PdSettings(args.pd_min_prefill_tokens, args.pd_lease),
         replica_file=args.replica_file,
         file_replicas=tuple(file_replicas),
         admin_api_keys=load_api_keys(args.admin_api_key, args.admin_api_key_file, env=ADMIN_API_KEYS_ENV),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.roles import BOTH, PREFILL, PdSettings, check_roles
 from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 
 ROUTING_POLICIES = ("round_robin", "least_loaded", "prefix")
@@ -85,10 +86,14 @@ class GatewayConfig:
     replica_file: str | None = None
     file_replicas: tuple[tuple[str, ...], ...] = ()
     stall_timeout_s: float = 30.0  # 0: off
+    # prefill/decode disaggregation: each replica's role ("prefill", "decode", "both"; empty: all both)
+    roles: tuple[str, ...] = ()
+    pd: PdSettings = PdSettings()
 
     def __post_init__(self) -> None:
         if not self.replicas and not self.file_replicas:
-            raise ValueError("no replica: give --replica or a --replica-file that names one")
+            raise ValueError("no replica: give --replica (or --prefill-replica and --decode-replica) or a "
+                             "--replica-file that names one")
         if any(not r for r in (*self.replicas, *self.file_replicas)):
             raise ValueError("every replica needs at least one stage address")
         seen: set[str] = set()
@@ -99,9 +104,21 @@ class GatewayConfig:
             seen.add(address)
         if self.stall_timeout_s < 0:
             raise ValueError("the stall timeout must be >= 0 (0: off)")
+        if self.roles and len(self.roles) != len(self.replicas):
+            raise ValueError(f"{len(self.roles)} roles for {len(self.replicas)} replicas")
+        check_roles(self.roles)
         if self.routing is not None and self.routing not in ROUTING_POLICIES:
             raise ValueError(f"unknown routing policy {self.routing!r} (choose from {', '.join(ROUTING_POLICIES)})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         if any(not key for key in (*self.api_keys, *self.admin_api_keys)):
             raise ValueError("API keys must not be empty")
+
+    def role_of(self, replica: int) -> str:
+        # replicas past the flags' (from --replica-file or the admin API) serve both roles
+        return self.roles[replica] if replica < len(self.roles) else BOTH
+
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill replicas hand requests to decode replicas (gateway/pd.py)."""
+        return PREFILL in self.roles

@@ -74,3 +74,6 @@ class StageInfo:
     dp_state: str = ""
     dp_detail: str = ""
     steps_completed: int = 0  # head only: steps whose results came back, since start
+    kv_block_size: int = 0
+    kv_blocks_referenced: int = 0  # head: blocks held by sequences, exports, hand-off holds, import reservations
+    kv_holds: int = 0  # head: prefill/decode hand-offs whose prompt blocks it holds

@@ -94,9 +94,21 @@ async def generate_choice(
     state = _ChoiceState(tokenizer, job)
     tried: set[int] = set()
     visits: dict[int, int] = {}  # attempts per replica: a choice the gateway moved off one may come back
+    # prefill/decode disaggregation (gateway/pd.py): the first token from a prefill replica, the
+    # rest from the decode replica the prompt's KV moved to (its lease is `first`)
+    handoff = pool.pd.handoff(pool, state) if pool.pd is not None else None
+    first: Lease | None = None
+    if handoff is not None:
+        async with aclosing(handoff.run()) as deltas:
+            async for delta in deltas:
+                yield delta
+        if handoff.finished:
+            return
+        first, tried = handoff.decode_lease, set(handoff.excluded)
     while True:
         prompt, sampling = state.next_request()
-        lease = await pool.acquire(prompt, sampling.max_tokens, exclude=frozenset(tried))
+        lease = first or await pool.acquire(prompt, sampling.max_tokens, exclude=frozenset(tried))
+        first = None
         replica = lease.replica
         tried.add(replica.index)
         visits[replica.index] = visits.get(replica.index, 0) + 1
@@ -105,6 +117,8 @@ async def generate_choice(
         try:
             async with aclosing(_attempt(pool, lease, state, request_id, prompt, sampling)) as deltas:
                 async for delta in deltas:
+                    if handoff is not None:
+                        handoff.tick(replica.role, delta)
                     yield delta
             return
         except (StageUnavailable, CapacityExceeded) as err:

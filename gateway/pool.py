@@ -13,6 +13,7 @@ from gateway.domain import StageInfo
 from gateway.dp_groups import DpGroups
 from gateway.metrics import GatewayMetrics
 from gateway.replica import ReplicaClient
+from gateway.roles import DECODES, role_label
 from gateway.routing import PrefixIndex, RoundRobinRouter, Router
 from stagekit.errors import CapacityExceeded, StageUnavailable
 
@@ -26,8 +27,9 @@ class StartupError(RuntimeError):
 class Lease:
     """One request's slot on a replica; ``release`` (exactly once) gives it back."""
 
-    def __init__(self, replica: ReplicaClient, tokens: int) -> None:
+    def __init__(self, replica: ReplicaClient, tokens: int, matched_tokens: int = 0) -> None:
         self.replica = replica
+        self.matched_tokens = matched_tokens  # prompt tokens the replica served before (PrefixIndex)
         self._tokens = tokens
         self._released = False
 
@@ -56,7 +58,9 @@ class ReplicaPool:
     (`remove`) while it serves (replica_admin.py); an index is never handed out twice.
     Admission: a request runs on a replica with a free slot if any has one, else waits in the
     line of one whose line is not full (and while the total waiting is under its limit), else
-    it is refused with `CapacityExceeded` (429) at once.
+    it is refused with `CapacityExceeded` (429) at once. Routing picks among the replicas of
+    the roles asked for: those that decode (``decode``, ``both``) unless a prefill/decode
+    hand-off (``pd``, gateway/pd.py) asks for a prefill replica.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ReplicaPool:
         self.metrics = metrics
         self.dp_groups = DpGroups(metrics)
         self.probe_listeners: list[Callable[[ReplicaPool], None]] = []
+        self.pd: Any = None  # prefill/decode disaggregation (gateway/pd.py), when replicas have those roles
         self._health_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._issued = 0  # replica indices handed out: never reused, so an admin id names one replica for good
@@ -162,15 +167,20 @@ class ReplicaPool:
         replica = next((r for r in self.replicas if r.healthy), self.replicas[0])
         return await replica.tokenizer_files()
 
-    def has_other(self, exclude: set[int]) -> bool:
-        return any(r.serving and r.index not in exclude for r in self.replicas)
+    def has_other(self, exclude: set[int], roles: frozenset[str] = DECODES) -> bool:
+        return any(r.serving and r.index not in exclude and r.role in roles for r in self.replicas)
 
-    def choose(self, prompt_token_ids: Sequence[int], exclude: frozenset[int] = frozenset()) -> ReplicaClient:
-        """Route a request (no slot taken): raises `StageUnavailable` or `CapacityExceeded`."""
-        healthy = [r for r in self.replicas if r.serving and r.index not in exclude]
+    def choose(
+        self, prompt_token_ids: Sequence[int], exclude: frozenset[int] = frozenset(), roles: frozenset[str] = DECODES
+    ) -> tuple[ReplicaClient, int]:
+        """Route a request to a replica of one of ``roles`` (no slot taken): the replica and the
+        prompt tokens it served before; raises `StageUnavailable` or `CapacityExceeded`."""
+        mine = [r for r in self.replicas if r.role in roles]
+        healthy = [r for r in mine if r.serving and r.index not in exclude]
         if not healthy:
-            held = sorted({r.hold_reason for r in self.replicas if r.hold_reason and r.index not in exclude})
-            raise StageUnavailable("no healthy replica is available" + "".join(f" ({reason})" for reason in held))
+            held = sorted({why for r in mine if r.index not in exclude for why in (r.hold_reason, r.role_error) if why})
+            raise StageUnavailable(f"no healthy {role_label(roles)}replica is available"
+                                   + "".join(f" ({reason})" for reason in held))
         candidates = [r for r in healthy if r.gate.can_run_now]
         if not candidates and self.num_waiting < self.admission.max_waiting_total:
             candidates = [r for r in healthy if r.gate.can_queue]
@@ -181,18 +191,21 @@ class ReplicaPool:
             )
         replica = self.router.pick(candidates, prompt_token_ids)
         assert isinstance(replica, ReplicaClient)
-        self._record(replica, prompt_token_ids)
-        return replica
+        return replica, self._record(replica, prompt_token_ids)
 
     async def acquire(
-        self, prompt_token_ids: Sequence[int], max_tokens: int, exclude: frozenset[int] = frozenset()
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        exclude: frozenset[int] = frozenset(),
+        roles: frozenset[str] = DECODES,
     ) -> Lease:
-        """A slot on a routed replica, waiting in its line if needed; a replica that goes
-        down while the request waits is left for another one."""
+        """A slot on a routed replica of one of ``roles``, waiting in its line if needed; a
+        replica that goes down while the request waits is left for another one."""
         skip = set(exclude)
         tokens = len(prompt_token_ids) + max_tokens
         while True:
-            replica = self.choose(prompt_token_ids, frozenset(skip))
+            replica, matched = self.choose(prompt_token_ids, frozenset(skip), roles)
             replica.gate.outstanding_tokens += tokens
             try:
                 await replica.gate.acquire()
@@ -203,15 +216,17 @@ class ReplicaPool:
             except BaseException:
                 replica.gate.outstanding_tokens -= tokens
                 raise
-            return Lease(replica, tokens)
+            return Lease(replica, tokens, matched)
 
-    def _record(self, replica: ReplicaClient, prompt_token_ids: Sequence[int]) -> None:
-        """Index the prompt under the chosen replica; count the decision and any prefix hit."""
+    def _record(self, replica: ReplicaClient, prompt_token_ids: Sequence[int]) -> int:
+        """Index the prompt under the chosen replica; count the decision and any prefix hit.
+        Returns the prompt tokens the index matched on the replica before."""
         hashes = self.prefix_index.block_hashes(prompt_token_ids)
         matched = self.prefix_index.matched_tokens(replica.index, hashes)
         self.prefix_index.insert(replica.index, hashes)
         if self.metrics is not None:
             self.metrics.record_route(self.router.policy, replica.index, len(prompt_token_ids), matched)
+        return matched
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` detached (e.g. an Abort while the caller is being cancelled)."""
@@ -229,6 +244,7 @@ class ReplicaPool:
                     "id": r.id,
                     "index": r.index,
                     "addresses": list(r.addresses),
+                    "role": r.role,
                     "healthy": r.serving,  # what routing sees: a member of a down DP group is out too
                     "state": r.state,
                     "running": r.gate.running,
@@ -238,7 +254,7 @@ class ReplicaPool:
                     "stage_num_waiting": info.num_waiting if info else None,
                     "stage_prefix_hit_tokens": info.prefix_hit_tokens if info else None,
                     "stage_prefix_query_tokens": info.prefix_query_tokens if info else None,
-                    "last_error": r.last_error or r.hold_reason,
+                    "last_error": r.last_error or r.hold_reason or r.role_error,
                     "dp_group": group.name if group else None,
                     "dp_rank": group.members[r.index] if group else None,
                     "origin": r.origin,

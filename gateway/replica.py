@@ -57,6 +57,7 @@ class ReplicaClient:
         rpc_timeout_s: float = 5.0,
         gate: ReplicaGate | None = None,
         creds: MeshCredentials = PLAINTEXT,
+        role: str = "both",
     ) -> None:
         if not addresses:
             raise ValueError(f"replica {index} has no stage addresses")
@@ -65,6 +66,8 @@ class ReplicaClient:
         self.transport = transport
         self.rpc_timeout_s = rpc_timeout_s
         self.creds = creds  # TLS and mesh token toward the stages
+        self.role = role  # "prefill", "decode" or "both" (gateway/roles.py)
+        self.role_error: str | None = None  # why prefill/decode disaggregation refuses it (its layout)
         self.healthy = False
         self.joined = False  # healthy at least once: a replica never seen ready is still joining
         self.wired = False
@@ -97,7 +100,7 @@ class ReplicaClient:
 
     @property
     def serving(self) -> bool:
-        return self.healthy and self.hold_reason is None and not self.draining
+        return self.healthy and self.hold_reason is None and not self.draining and self.role_error is None
 
     @property
     def active_requests(self) -> int:
@@ -112,7 +115,7 @@ class ReplicaClient:
         if self.serving:
             return "serving"
         if self.healthy:
-            return "held"
+            return "refused" if self.role_error is not None else "held"
         return "down" if self.joined else "joining"
 
     @property
@@ -281,11 +284,14 @@ class ReplicaClient:
             listener(self)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+        self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams, kv_hold_ms: int = 0
     ) -> AsyncIterator[GenerateChunk]:
         """Stream one request from the head; closing the iterator cancels the call. `evict_all`
-        ends it with `ReplicaEvicted`."""
-        call = self._stub(0).Generate(stage_proto.generate_request(request_id, prompt_token_ids, sampling))
+        ends it with `ReplicaEvicted`. ``kv_hold_ms``: the head keeps the prompt's blocks that long
+        for a hand-off's export (gateway/pd.py)."""
+        call = self._stub(0).Generate(
+            stage_proto.generate_request(request_id, prompt_token_ids, sampling, kv_hold_ms)
+        )
         if not self._calls:
             self.last_progress = time.monotonic()  # the stall clock starts with the first request
         self._calls[request_id] = call
@@ -307,6 +313,19 @@ class ReplicaClient:
             call.cancel()
             self._calls.pop(request_id, None)
             self._evicted.pop(request_id, None)
+
+    async def export_kv(
+        self, token_ids: Sequence[int], destination: Sequence[str], hold_id: str, lease_s: float
+    ) -> tuple[int, int, str]:
+        """Move the KV of ``token_ids``' cached full blocks to the replica whose stages are
+        ``destination`` (within ``lease_s``, releasing the hold ``hold_id``): (tokens, bytes, path)."""
+        request = stage_proto.export_kv_request(token_ids, destination, hold_id, lease_s)
+        try:
+            # a little beyond the lease: the head's own deadline answers first, with its reason
+            reply = await self._stub(0).ExportKv(request, timeout=lease_s + max(self.rpc_timeout_s, 2.0))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, where=self._where(0)) from err
+        return reply.num_tokens, reply.bytes_sent, reply.transport
 
     async def abort(self, request_id: str) -> bool:
         if self.closed:

@@ -34,12 +34,21 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def generate_request(
-    request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+    request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams, kv_hold_ms: int = 0
 ) -> stage_pb2.GenerateRequest:
     return stage_pb2.GenerateRequest(
         request_id=request_id,
         prompt_token_ids=list(prompt_token_ids),
         sampling=sampling_to_proto(sampling),
+        kv_hold_ms=kv_hold_ms,
+    )
+
+
+def export_kv_request(
+    token_ids: Sequence[int], destination: Sequence[str], hold_id: str, lease_s: float
+) -> stage_pb2.ExportKvRequest:
+    return stage_pb2.ExportKvRequest(
+        token_ids=list(token_ids), destination=list(destination), hold_id=hold_id, lease_ms=int(lease_s * 1000)
     )
 
 
@@ -95,6 +104,9 @@ def info_from_proto(msg: stage_pb2.StageInfo) -> StageInfo:
         dp_state=msg.dp_state,
         dp_detail=msg.dp_detail,
         steps_completed=msg.steps_completed,
+        kv_block_size=msg.kv_block_size,
+        kv_blocks_referenced=msg.kv_blocks_referenced,
+        kv_holds=msg.kv_holds,
     )
 
 

@@ -71,6 +71,8 @@ class MeshSpec:
     stage_tls_cert: str | None = None
     stage_tls_key: str | None = None
     mesh_token_file: str | None = None
+    # prefill/decode disaggregation: each of the dp replicas' role ("prefill", "decode", "both"); empty: all both
+    roles: list[str] = field(default_factory=list)
 
     def stage_security_args(self, prefix: str) -> list[str]:
         """The stage-facing TLS and token options, as a stage (``prefix`` "") or the gateway ("stage-") takes them."""
@@ -177,8 +179,10 @@ class Mesh:
                     *s.stage_security_args("stage-")]
             if s.tls_cert and s.tls_key:
                 args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key]
-            for rep in self.replicas:
-                args += ["--replica", ",".join(rep)]
+            flags = {"prefill": "--prefill-replica", "decode": "--decode-replica"}
+            for r, rep in enumerate(self.replicas):
+                role = s.roles[r] if s.roles else "both"
+                args += [flags.get(role, "--replica"), ",".join(rep)]
             self._spawn("gateway", args, s.gateway_env)
             self.wait_http(f"{self.url}/health", deadline)
 

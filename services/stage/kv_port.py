@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 from services.stage import kv_push_grpc
 from services.stage.kv_blocks import KvBlocks
+from services.stage.kv_holds import KvHolds
 from services.stage.stage_channels import StageChannels
 from stagekit.engine.engine import Engine
-from stagekit.errors import InvalidRequest, NotFound, StageUnavailable
+from stagekit.errors import DeadlineExceeded, InvalidRequest, NotFound, StageUnavailable
 from stagekit.rpc.mesh_credentials import PLAINTEXT, MeshCredentials
 from stagekit.rpc.pb import stage_pb2
 from stagekit.transport.base import Transport
@@ -48,6 +49,7 @@ class KvPort:
                  creds: MeshCredentials = PLAINTEXT) -> None:
         self.blocks, self.transport, self.engine = blocks, transport, engine
         self.channels = StageChannels(creds)   # to other stages, for the transfers' control calls
+        self.holds = KvHolds(engine) if engine is not None else None   # prompt blocks awaiting their hand-off
         # destinations: gRPC address -> (data plane, published address), asked once
         self._planes: dict[str, tuple[str, bytes]] = {}
         self._ucx = _ucx_transport(transport)
@@ -66,10 +68,29 @@ class KvPort:
                                  "started and reserved on the replica head (the stage holding layer 0)")
         return self.engine
 
-    async def export(self, token_ids: list[int], destination: list[str],
-                     pipeline: list[str]) -> stage_pb2.ExportKvResponse:
+    async def export(self, token_ids: list[int], destination: list[str], pipeline: list[str],
+                     hold_id: str = "", lease_s: float = 0.0) -> stage_pb2.ExportKvResponse:
         """Send the KV of the cached full blocks of ``token_ids`` from this replica (its stages
-        ``pipeline``) to the replica whose stages are ``destination``, position by position."""
+        ``pipeline``) to the replica whose stages are ``destination``, position by position.
+        With ``lease_s``, the whole export ends within it (DEADLINE_EXCEEDED past it, everything
+        released) and the destination's reservation expires after it; the hold ``hold_id`` (a
+        prefill/decode hand-off's prompt blocks) is released when the export ends, however."""
+        self._head()
+        try:
+            if lease_s <= 0:
+                return await self._export(token_ids, destination, pipeline, 0.0)
+            try:
+                async with asyncio.timeout(lease_s):
+                    return await self._export(token_ids, destination, pipeline, lease_s)
+            except TimeoutError:
+                raise DeadlineExceeded(f"KV export to {destination[0] if destination else '?'} did not finish "
+                                       f"within its lease of {lease_s:g}s") from None
+        finally:
+            if hold_id and self.holds is not None:
+                self.holds.release(hold_id)
+
+    async def _export(self, token_ids: list[int], destination: list[str], pipeline: list[str],
+                      lease_s: float) -> stage_pb2.ExportKvResponse:
         engine = self._head()
         pipeline = pipeline or [""]  # a one-stage replica needs no wiring
         if len(destination) != len(pipeline):
@@ -83,7 +104,7 @@ class KvPort:
                 raise NotFound(f"no cached KV for the first {block_size} of these {len(token_ids)} tokens on "
                                "this replica: run them as a prompt first")
             reply = await self.channels.call(destination[0], "ReserveKvBlocks", stage_pb2.ReserveKvBlocksRequest(
-                hashes=hashes[:len(blocks)], block_size=block_size))
+                hashes=hashes[:len(blocks)], block_size=block_size, lease_ms=int(lease_s * 1000)))
             src = blocks[reply.num_present:]
             sent, paths = 0, set()
             try:
@@ -116,9 +137,11 @@ class KvPort:
         except Exception as e:  # the reservation expires on its own
             log.warning("could not release KV import %s on %s: %s", import_id, head, e)
 
-    def reserve(self, hashes: list[int], block_size: int) -> stage_pb2.ReserveKvBlocksResponse:
-        """Blocks for an import into this replica (its head), beyond those cached already."""
-        import_id, present, blocks = self._head().reserve_kv_import(hashes, block_size)
+    def reserve(self, hashes: list[int], block_size: int, lease_ms: int = 0) -> stage_pb2.ReserveKvBlocksResponse:
+        """Blocks for an import into this replica (its head), beyond those cached already; the
+        reservation lapses after ``lease_ms`` (0: the default) unless committed."""
+        ttl_s = lease_ms / 1000 if lease_ms > 0 else None
+        import_id, present, blocks = self._head().reserve_kv_import(hashes, block_size, ttl_s)
         return stage_pb2.ReserveKvBlocksResponse(import_id=import_id, num_present=present, blocks=blocks)
 
     def commit(self, import_id: str, ok: bool) -> None:

@@ -52,6 +52,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             info.prefix_query_tokens, info.prefix_hit_tokens = head.prefix_query_tokens, head.prefix_hit_tokens
             info.num_preemptions = head.num_preemptions
             info.steps_completed = head.steps_completed
+            info.kv_blocks_referenced = head.kv_blocks_used
+            info.kv_holds = len(self.kv.holds) if self.kv.holds is not None else 0
         return info
 
     @unary_errors
@@ -88,7 +90,14 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[stage_pb2.GenerateResponse]:
         engine = self._engine()
         params = stage_proto.sampling_from_proto(request.sampling)
-        async for out in engine.generate(request.request_id, list(request.prompt_token_ids), params):
+        prompt = list(request.prompt_token_ids)
+        if request.kv_hold_ms < 0:
+            raise InvalidRequest(f"kv_hold_ms must be >= 0, got {request.kv_hold_ms}")
+        async for out in engine.generate(request.request_id, prompt, params):
+            if out.finish_reason == "length" and request.kv_hold_ms and self.kv.holds is not None:
+                # a prefill/decode hand-off that goes on elsewhere: keep the prompt's blocks for its export
+                # (kv_holds.py; a request that stopped here has nothing to hand over)
+                self.kv.holds.hold(request.request_id, prompt, request.kv_hold_ms / 1000)
             yield stage_pb2.GenerateResponse(
                 request_id=request.request_id, token_ids=out.token_ids, logprobs=out.logprobs,
                 top_logprobs=stage_proto.tops_to_proto(out.top_logprobs),
@@ -99,17 +108,22 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     @unary_errors
     async def Abort(self, request: stage_pb2.AbortRequest,
                     context: grpc.aio.ServicerContext) -> stage_pb2.AbortResponse:
-        return stage_pb2.AbortResponse(found=self._engine().abort(request.request_id))
+        found = self._engine().abort(request.request_id)
+        held = self.kv.holds is not None and self.kv.holds.release(request.request_id)  # a hand-off given up
+        return stage_pb2.AbortResponse(found=found or held)
 
     @unary_errors
     async def ExportKv(self, request: stage_pb2.ExportKvRequest,
                        context: grpc.aio.ServicerContext) -> stage_pb2.ExportKvResponse:
-        return await self.kv.export(list(request.token_ids), list(request.destination), self.node.pipeline)
+        if request.lease_ms < 0:
+            raise InvalidRequest(f"lease_ms must be >= 0, got {request.lease_ms}")
+        return await self.kv.export(list(request.token_ids), list(request.destination), self.node.pipeline,
+                                    request.hold_id, request.lease_ms / 1000)
 
     @unary_errors
     async def ReserveKvBlocks(self, request: stage_pb2.ReserveKvBlocksRequest,
                               context: grpc.aio.ServicerContext) -> stage_pb2.ReserveKvBlocksResponse:
-        return self.kv.reserve(list(request.hashes), request.block_size)
+        return self.kv.reserve(list(request.hashes), request.block_size, max(0, request.lease_ms))
 
     @unary_errors
     async def CommitKvBlocks(self, request: stage_pb2.CommitKvBlocksRequest,

@@ -69,6 +69,7 @@ class Engine:
                                    max_num_batched_tokens=max_num_batched_tokens, block_size=kv.block_size,
                                    prefix_caching=spec.prefix_caching, first_step_id=first_id)
         self.kv_imports = KvImports()  # blocks reserved for KV arriving from another replica
+        self.kv_pool_generation = 0   # bumped whenever the block pool is replaced (configure_kv)
         self.pipeline_wired = runtime.layout.is_last  # a one-stage pipeline needs no wiring
         # steps in flight at once: one per stage keeps every stage busy (set by wiring)
         self.pipeline_depth = 1
@@ -110,6 +111,7 @@ class Engine:
                 seq.outputs.put_nowait(TokenOutput([], [], error=err))
         if num_blocks != self.scheduler.blocks.num_blocks:
             self.kv_imports.forget()
+            self.kv_pool_generation += 1   # pins taken on the old pool must not be released on the new one
         self.scheduler.reset_blocks(num_blocks, prefix_caching)
 
     def head_stats(self) -> HeadStats:
@@ -136,11 +138,17 @@ class Engine:
     def unpin(self, blocks: list[int]) -> None:
         self.scheduler.blocks.release(blocks)
 
-    def reserve_kv_import(self, hashes: list[int], block_size: int) -> tuple[str, int, list[int]]:
+    def reserve_kv_import(self, hashes: list[int], block_size: int,
+                          ttl_s: float | None = None) -> tuple[str, int, list[int]]:
         """Blocks for KV arriving from another replica under ``hashes`` beyond the leading ones
-        cached here already: (import id, how many are present, the reserved blocks)."""
+        cached here already: (import id, how many are present, the reserved blocks). Unless
+        committed, the reservation is released after ``ttl_s`` (None: the default), by a timer:
+        an exporter that died must not leave the blocks referenced until the next import."""
         sch = self.scheduler
-        return self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks)
+        reply = self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks, ttl_s=ttl_s)
+        ttl = self.kv_imports.ttl_s if ttl_s is None else ttl_s
+        asyncio.get_running_loop().call_later(ttl + 0.05, self.kv_imports.expire, sch.blocks)
+        return reply
 
     def commit_kv_import(self, import_id: str, ok: bool) -> None:
         """Name the reserved blocks by their hashes (``ok``: every stage holds them), or release them."""

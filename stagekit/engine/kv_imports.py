@@ -34,8 +34,9 @@ class KvImports:
         self.imported_blocks = 0
 
     def reserve(self, bm: BlockManager, hashes: list[int], block_size: int,
-                headroom: int = 0) -> tuple[str, int, list[int]]:
-        """Blocks for ``hashes`` beyond the leading ones already cached: (id, present, blocks)."""
+                headroom: int = 0, ttl_s: float | None = None) -> tuple[str, int, list[int]]:
+        """Blocks for ``hashes`` beyond the leading ones already cached: (id, present, blocks);
+        the reservation expires after ``ttl_s`` (None: ``self.ttl_s``)."""
         self.expire(bm)
         if block_size != bm.block_size:
             raise InvalidRequest(f"KV blocks of {block_size} tokens cannot be imported into blocks of "
@@ -48,7 +49,8 @@ class KvImports:
             raise CapacityExceeded(f"{need} KV blocks needed for the import, {max(0, bm.num_free - headroom)} free")
         blocks = bm.allocate(need)
         import_id = f"kv-import-{next(self._ids)}"
-        self._pending[import_id] = Reservation(hashes[present:], blocks, time.monotonic() + self.ttl_s)
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        self._pending[import_id] = Reservation(hashes[present:], blocks, time.monotonic() + ttl)
         return import_id, present, blocks
 
     def commit(self, bm: BlockManager, import_id: str, ok: bool) -> None:

@@ -11,7 +11,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|profile|prefix|kv|gateway|soak|chaos"
-                                     "|collectives|handoff|gemm|decode|layer --help)")
+                                     "|collectives|handoff|gemm|decode|layer|pd --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import (chaos, collectives, decode_step, gateway, gemm, layer, memory_soak, step_handoff,
+    from stagemesh.bench import (chaos, collectives, decode_step, gateway, gemm, layer, memory_soak, pd, step_handoff,
                                  step_profile)
 
     # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("decode", decode_step, "decode steps of a model per linear kernel: oneDNN vs panel fp32/fp16/bf16"),
         ("gemm", gemm, "a decode step's linear kernels: oneDNN vs the panel GEMM (fp32, fp16, bf16) per token count"),
         ("layer", layer, "a CPU decode step: the fused decoder layer (one native call per layer) vs the unfused"),
+        ("pd", pd, "prefill/decode disaggregation vs colocated replicas: decode ITL, TTFT, throughput"),
     ):
         sp = which.add_parser(name, help=help_text, description=module.__doc__.split("\n\n")[0])
         module.add_arguments(sp)

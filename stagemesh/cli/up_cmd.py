@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="prefill/decode disaggregation: N prefill replicas (with --decode M; instead of --dp)")
+    p.add_argument("--decode", type=int, default=0, metavar="M",
+                   help="M decode replicas, continuing the requests the prefill replicas computed the prompts of")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -58,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--routing", default=None, choices=["round_robin", "least_loaded", "prefix"],
                     help="how the gateway spreads requests over the --dp replicas (default: the gateway's: "
                          "round_robin, least_loaded for a --dp-attention group)")
+    gw.add_argument("--pd-min-prefill-tokens", type=int, default=16,
+                    help="with --prefill/--decode: see stagemesh gateway --help (default: %(default)s)")
+    gw.add_argument("--pd-lease", type=float, default=30.0,
+                    help="with --prefill/--decode: see stagemesh gateway --help (default: %(default)s)")
     gw.add_argument("--api-key", action="append", default=[],
                     help="require 'Authorization: Bearer KEY' on /v1 and gRPC (repeatable)")
     gw.add_argument("--api-key-file", action="append", default=[], help="file with one API key per line")
@@ -83,6 +91,8 @@ def _gateway_options(args: argparse.Namespace) -> tuple[list[str], dict[str, str
     """Gateway arguments, its environment (keys travel there, never on a command line) and the gRPC port."""
     grpc_port = None if args.no_grpc else (args.port + 1 if args.grpc_port is None else args.grpc_port)
     gw_args = ["--routing", args.routing] if args.routing else []
+    if args.prefill:
+        gw_args += ["--pd-min-prefill-tokens", str(args.pd_min_prefill_tokens), "--pd-lease", str(args.pd_lease)]
     if grpc_port is not None:
         gw_args += ["--grpc-port", str(grpc_port)]
     for name in args.api_key_file:
@@ -128,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
                                f"--dp {args.dp} x --tp {args.tp}")
         else:
             check_moe_parallel(args.moe_parallel, cfg.num_experts, args.tp, repr(cfg.name))
+        roles = pd_roles(args)
     except ConfigError as e:
         print(f"stagemesh up: error: {e}", file=sys.stderr)
         return 2
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="stagemesh-up-")
     gateway_args, gateway_env, grpc_port = _gateway_options(args)
-    mesh = Mesh(MeshSpec(model=model, layer_splits=splits, tp=args.tp, dp=args.dp, host=args.host,
+    dp = len(roles) or args.dp
+    mesh = Mesh(MeshSpec(model=model, layer_splits=splits, tp=args.tp, dp=dp, host=args.host, roles=roles,
                          port=args.port, dtype=args.dtype, threads=args.threads,
                          kv_cache_memory=args.kv_cache_memory, extra_gateway_args=gateway_args,
                          gateway_env=gateway_env, stage_metrics=args.stage_metrics,
@@ -156,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        print(f"starting {args.dp} replica(s) x {args.pp} stage(s) x tp {args.tp} of {cfg.name}; logs in {log_dir}",
+        kinds = f" ({args.prefill} prefill, {args.decode} decode)" if roles else ""
+        print(f"starting {dp} replica(s){kinds} x {args.pp} stage(s) x tp {args.tp} of {cfg.name}; logs in {log_dir}",
               file=sys.stderr, flush=True)
         mesh.start()
         grpc_note = f", gRPC{'+TLS' if args.tls_cert else ''} {args.host}:{grpc_port}" if grpc_port else ""
@@ -174,3 +187,18 @@ def run(args: argparse.Namespace) -> int:
         mesh.stop()
         print("stagemesh stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def pd_roles(args: argparse.Namespace) -> list[str]:
+    """The replicas' roles for ``--prefill N --decode M`` (prefill ones first); [] without them.
+    ConfigError when they cannot serve: one without the other, negative, or beside --dp."""
+    from stagekit.errors import ConfigError
+
+    if not args.prefill and not args.decode:
+        return []
+    if args.prefill < 1 or args.decode < 1:
+        raise ConfigError(f"--prefill {args.prefill} --decode {args.decode}: prefill/decode disaggregation needs at "
+                          "least one of each (a prefill replica hands each request to a decode replica)")
+    if args.dp != 1 or args.dp_attention:
+        raise ConfigError("--prefill/--decode choose the replicas themselves: leave out --dp and --dp-attention")
+    return ["prefill"] * args.prefill + ["decode"] * args.decode

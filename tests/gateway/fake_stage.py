@@ -59,6 +59,7 @@ class FakeStage(stage_pb2_grpc.StageServicer):
     dp_size: int = 0
     dp_state: str = ""
     dp_detail: str = ""
+    layers: tuple[int, int] = (0, 0)  # the layer range it reports (start, end)
     generate_calls: list[stage_pb2.GenerateRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -75,6 +76,8 @@ class FakeStage(stage_pb2_grpc.StageServicer):
             model_name=MODEL_NAME,
             architecture="FakeForCausalLM",
             num_layers=2,
+            start_layer=self.layers[0],
+            end_layer=self.layers[1],
             tp_size=1,
             vocab_size=self.vocab_size,
             max_model_len=MAX_MODEL_LEN,

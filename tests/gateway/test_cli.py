@@ -28,7 +28,7 @@ def test_arguments() -> None:
     assert (args.host, args.port, args.api_key, args.model_name) == ("127.0.0.1", 9000, ["k"], None)
     assert args.routing is None  # not chosen: round_robin, or least_loaded for a DP group (decided at start)
     with pytest.raises(ValueError, match="no replica"):
-        cli.config_from_args(_parse())  # --replica or --replica-file is required
+        cli.config_from_args(_parse())  # a replica is required (--replica, prefill and decode ones, or a file)
     with pytest.raises(SystemExit):
         _parse("--replica", "h:1", "--routing", "random")
 
