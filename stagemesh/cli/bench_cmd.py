@@ -56,8 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import (chaos, collectives, decode_step, gateway, gemm, layer, memory_soak, pd, step_handoff,
-                                 step_profile)
+    from stagemesh.bench import (
+        chaos,
+        collectives,
+        decode_step,
+        gateway,
+        gemm,
+        layer,
+        memory_soak,
+        pd,
+        step_handoff,
+        step_profile,
+    )
 
     # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
     for name, module, help_text in (
