@@ -136,6 +136,12 @@ class Load:
         self.stop()
 
 
+def _routed(url: str, index: int) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = f'stagemesh_routing_decisions_total{{policy="round_robin",replica="{index}"}} '
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
 def _reference(url: str) -> dict[str, str]:
     out = {}
     for prompt in PROMPTS:
@@ -218,8 +224,10 @@ def test_a_stopped_stage_is_taken_out_and_serves_after_sigcont(runtime: Runtime)
         finally:
             os.kill(victim.pid, signal.SIGCONT)
         wait_for(lambda: rt.state(victim_replica["id"]) == "serving", timeout_s=60, interval_s=0.1)
+        routed = _routed(rt.url, victim_replica["index"])
         done = len(load.results)
         wait_for(lambda: len(load.results) >= done + 4, timeout_s=120, interval_s=0.1)
+        assert _routed(rt.url, victim_replica["index"]) > routed  # it serves again (and stalls no more: below)
     _check(load.stop(), reference)
     metrics = httpx.get(f"{rt.url}/metrics", timeout=10).text
     index = victim_replica["index"]
