@@ -80,9 +80,15 @@ class ReplicaClient:
         self.draining = False  # admin API: no new requests; those in flight finish
         self.origin = "flag"  # where it came from: "flag" (--replica), "file" (--replica-file) or "admin"
         self.busy: str | None = None  # the admin operation under way on it (none run at once)
-        self.needs_rewire = False  # wire at the next probe even if every stage says it is wired (a stall)
-        self.stalled = False  # taken out by the stall watch; cleared once healthy again
-        self.out_until = 0.0  # monotonic time before which probes leave it out (repeated stalls: stall.py)
+        self.needs_rewire = False  # wire at the next probe even if every stage says it is wired
+        # the stall watch (stall.py): taken out (cleared once healthy again), the head's completed steps
+        # then, since when its stages answer again without one, how long that may last before a
+        # re-wire, and before when probes leave it out altogether (repeated stalls)
+        self.stalled = False
+        self.stall_steps = 0
+        self.answering_since: float | None = None
+        self.rewire_after_s = 0.0
+        self.out_until = 0.0
         self.last_progress = time.monotonic()
         self.closed = False
         self._calls: dict[str, grpc.aio.UnaryStreamCall] = {}
@@ -213,10 +219,31 @@ class ReplicaClient:
             return False
         try:
             await self.refresh()
+            if self.stalled and not await self._stall_over():
+                return False
         except StagemeshError as err:
+            self.answering_since = None
             self.mark_unhealthy(str(err))
             return False
         self.mark_healthy()
+        return True
+
+    async def _stall_over(self) -> bool:
+        """A stalled replica serves again once its head completed a step (a stopped stage went on:
+        its steps in flight came back), or, if its stages answer for ``rewire_after_s`` without one
+        (a wedged link), once it is re-wired. Not re-wired at once: a re-wire while the steps of a
+        stage that just continued are in flight could lose them, leaving the head to wait out its
+        step timeout."""
+        steps = self.head_info.steps_completed if self.head_info is not None else 0
+        if steps != self.stall_steps:
+            return True
+        now = time.monotonic()
+        self.answering_since = self.answering_since or now
+        if now - self.answering_since < self.rewire_after_s:
+            return False
+        logger.info("replica %s answers but completed no step for %.0fs: re-wiring it", self.id,
+                    now - self.answering_since)
+        await self.wire()
         return True
 
     def moe_summary(self) -> dict | None:
@@ -234,7 +261,7 @@ class ReplicaClient:
 
     def mark_healthy(self) -> None:
         changed = not self.healthy
-        self.healthy, self.joined, self.last_error, self.stalled = True, True, None, False
+        self.healthy, self.joined, self.last_error, self.stalled, self.answering_since = True, True, None, False, None
         if changed:
             logger.info("replica %d is healthy", self.index)
             self._notify()

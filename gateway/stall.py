@@ -7,7 +7,10 @@ token arriving on any request of the replica (`ReplicaClient.last_progress`) or 
 more completed steps than at the last probe (a long prefill emits no token but completes steps).
 A replica with requests in flight and no progress for ``timeout_s`` is stalled: it is marked
 down (out of routing), its requests are moved to other replicas (`evict_all`, then migration),
-and its next successful probe re-wires every stage before it serves again. A replica that
+and it serves again once a probe sees its head complete a step (a stopped stage continued), or,
+if its stages answer for ``timeout_s`` without one (a wedged link), after a re-wire of every
+stage (not at once: a re-wire can lose the steps in flight of a stage that just continued, and
+the head would wait out its step timeout for them). A replica that
 stalls again within ``REPEAT_WINDOW_S`` (a link that a re-wire does not mend, while its stages
 answer probes) is kept out longer each time: ``timeout_s`` doubling per repeat, at most
 ``MAX_HOLD_S``, so it costs the requests routed to it a stall now and then, not every time.
@@ -66,12 +69,14 @@ class StallWatch:
         self._stalls[r.index] = recent
         hold = min(self.timeout_s * 2 ** (len(recent) - 2), MAX_HOLD_S) if len(recent) > 1 else 0.0
         r.stalled = True
-        r.needs_rewire = True
+        r.stall_steps = r.head_info.steps_completed if r.head_info is not None else 0
+        r.answering_since, r.rewire_after_s = None, self.timeout_s
         r.out_until = now + hold
         r.mark_unhealthy(reason)
         moved = r.evict_all(reason)
         again = f" after {hold:.0f}s (stall {len(recent)} within {REPEAT_WINDOW_S:.0f}s)" if hold else ""
-        logger.warning("replica %s %s: moving %d request(s) to other replicas; it is re-wired once it answers%s",
-                       r.id, reason, moved, again)
+        logger.warning("replica %s %s: moving %d request(s) to other replicas; it serves again once its head "
+                       "completes a step, or is re-wired if its stages answer for %gs without one%s",
+                       r.id, reason, moved, self.timeout_s, again)
         if self.metrics is not None:
             self.metrics.replica_stalls.labels(replica=str(r.index)).inc()

@@ -60,7 +60,7 @@ def test_a_stalled_replica_is_taken_out_once_then_longer_each_time() -> None:
     watch = StallWatch(5.0, metrics)
     calls = _run_requests(replica, 2, idle_s=6)
     watch(pool)
-    assert not replica.healthy and replica.stalled and replica.needs_rewire
+    assert not replica.healthy and replica.stalled and replica.stall_steps == 10
     assert all(c.cancelled for c in calls) and "stalled: 2 request(s) in flight" in (replica.last_error or "")
     assert replica.out_until <= time.monotonic()  # the first time: back at its next good probe
     watch(pool)  # still the same outage: counted once
