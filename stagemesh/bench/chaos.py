@@ -102,6 +102,10 @@ def _calm_references(up: UpProcess, grpc_target: str, model: str, args: argparse
 
 def run(args: argparse.Namespace) -> int:
     log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    if args.dp < 2 or args.pp < 1 or args.concurrency < 1 or args.gap[0] > args.gap[1]:
+        print("stagemesh bench chaos: error: needs --dp 2 or more (one replica serves while another is "
+              "disturbed), --pp and --concurrency of 1 or more, and --gap MIN <= MAX", file=sys.stderr)
+        return 2
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="stagemesh-chaos-"))
     grpc_port = free_port()
     up = UpProcess(_up_args(args, grpc_port), log_dir, free_port())

@@ -20,7 +20,7 @@ from tests.gateway.harness import GatewayThread
 from tests.helpers.stage_client import wire
 
 API_KEY = "fuzz-key"
-EXAMPLES = int(os.environ.get("STAGEMESH_FUZZ_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("STAGEMESH_FUZZ_EXAMPLES", "6"))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ INT32 = (0, 1, -1, 2, 7, 2**31 - 1, -(2**31))
 INT64 = (*INT32, 2**63 - 1, -(2**63), 2**40)
 FLOATS = (0.0, -0.0, 1.0, 0.5, -1.0, math.nan, math.inf, -math.inf, 1e-45, 3.4e38, -3.4e38, 1e-8, 100.0, 100.5)
 STRINGS = ("", "x", " ", "\x00", "é" * 3, "a" * 4097, "127.0.0.1:1", "[::1]:0", "localhost:", ":::", "\u202e")
-HUGE = 100_000  # elements of a "huge" repeated field: a few hundred KB, under gRPC's 4 MB message limit
+HUGE = 100_000  # elements of a "huge" repeated field (see _huge): under gRPC's 4 MB message limit
 
 _INTS = {FieldDescriptor.TYPE_INT32: (INT32, 32), FieldDescriptor.TYPE_SINT32: (INT32, 32),
          FieldDescriptor.TYPE_INT64: (INT64, 64), FieldDescriptor.TYPE_SINT64: (INT64, 64),
@@ -59,7 +59,15 @@ def _repeated(field: FieldDescriptor, hints: Mapping[str, Sequence[Any]], depth:
     one = _value(field, hints, depth)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return st.lists(one, max_size=3)
-    return st.one_of(st.lists(one, max_size=8), one.map(lambda v: [v] * HUGE))
+    return st.one_of(st.lists(one, max_size=8), one.map(lambda v: [v] * _huge(v)))
+
+
+def _huge(value: Any) -> int:
+    """How many copies make a "huge" repeated field: ``HUGE``, fewer of long strings and bytes so that the
+    message stays under ~2 MB (a bigger one the client refuses to send, and the server never sees it)."""
+    if isinstance(value, str | bytes):
+        return max(1, min(HUGE, 2_000_000 // max(1, len(value))))
+    return HUGE
 
 
 def messages(descriptor: Descriptor, hints: Mapping[str, Sequence[Any]] | None = None,
