@@ -19,8 +19,8 @@ class StageSpec:
     kv_cache_memory_fraction: float = 0.0  # > 0: this share of the memory free at start-up instead
     num_threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
     show_progress: bool = True
-    # CPU fp32 linear weights (stagekit/layers/cpu_packed.py): "auto" (panel GEMM for small token counts,
-    # oneDNN above), "panel", "onednn" (packed once after loading) or "dense" (F.linear)
+    # CPU fp32 linear weights (stagekit/layers/cpu_packed.py): "auto" (the panel GEMM, or oneDNN without a
+    # C compiler), "panel", "onednn" (packed once after loading) or "dense" (F.linear)
     linear_kernel: str = "auto"
     # "float16"/"bfloat16": CPU linear weights stored in that dtype in the panels, fp32 activations; "" = as loaded
     weight_dtype: str = ""

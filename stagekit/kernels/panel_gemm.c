@@ -24,7 +24,7 @@
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 
-#define MAX_T 6 /* tokens per tile */
+#define MAX_T 3 /* tokens per group: 6x1, 3x2 and 2x3 tiles keep several panel streams per thread */
 
 #if PANEL_SIMD
 static inline __attribute__((always_inline)) void load16_f32(const void *p, long i, __m256 *lo, __m256 *hi) {
@@ -92,6 +92,7 @@ static inline __attribute__((always_inline)) void load16_bf16(const void *p, lon
 #define TILES(SUF, LOAD)                                                                                     \
     TILE(tile6x1_##SUF, LOAD, 6, 1)                                                                          \
     TILE(tile3x2_##SUF, LOAD, 3, 2)                                                                          \
+    TILE(tile2x3_##SUF, LOAD, 2, 3)                                                                          \
     TILE(tile1x1_##SUF, LOAD, 1, 1)                                                                          \
     TILE(tile1x2_##SUF, LOAD, 1, 2)                                                                          \
     TILE(tile1x3_##SUF, LOAD, 1, 3)                                                                          \
@@ -106,6 +107,8 @@ static inline __attribute__((always_inline)) void load16_bf16(const void *p, lon
             for (; p + 6 <= pb; p += 6) tile6x1_##SUF(x, ldx, w, bias, y, ldy, N, K, p, t0);                 \
         if (T == 2)                                                                                          \
             for (; p + 3 <= pb; p += 3) tile3x2_##SUF(x, ldx, w, bias, y, ldy, N, K, p, t0);                 \
+        if (T == 3)                                                                                          \
+            for (; p + 2 <= pb; p += 2) tile2x3_##SUF(x, ldx, w, bias, y, ldy, N, K, p, t0);                 \
         for (; p < pb; p++) {                                                                                \
             switch (T) {                                                                                     \
             case 1: tile1x1_##SUF(x, ldx, w, bias, y, ldy, N, K, p, t0); break;                              \
@@ -175,9 +178,9 @@ static void run_group(const float *x, long ldx, const void *w, int dt, const flo
 #endif
 }
 
-/* Token groups: M <= 6 is one group; more are split into ceil(M/6) groups of near-equal size,
- * and every group runs over one panel before the next panel is read, so a panel (K * 64 bytes
- * in fp32) is streamed from memory once and re-read from L2 by the other groups. */
+/* Token groups: M <= MAX_T is one group; more are split into ceil(M/MAX_T) groups of
+ * near-equal size, and every group runs over a chunk of panels before the next chunk is read,
+ * so a panel is streamed from memory once and re-read from L2 by the other groups. */
 static void run_range(const float *x, long ldx, const void *w, int dt, const float *bias, float *y, long ldy, int M,
                       int N, int K, int pa, int pb) {
     const int groups = (M + MAX_T - 1) / MAX_T;
@@ -185,11 +188,16 @@ static void run_range(const float *x, long ldx, const void *w, int dt, const flo
         run_group(x, ldx, w, dt, bias, y, ldy, N, K, pa, pb, 0, M);
         return;
     }
-    for (int p = pa; p < pb; p++) {
+    /* panels in chunks of 6 (what the 6x1, 3x2 and 2x3 tiles divide) when 6 fit in ~320 KiB of
+     * L2 beside x's block, else 2 */
+    const long panel_bytes = (long)K * 16 * (dt == DT_F32 ? 4 : 2);
+    const int chunk = 6 * panel_bytes <= 320 * 1024 ? 6 : 2;
+    for (int p = pa; p < pb; p += chunk) {
+        const int pe = p + chunk < pb ? p + chunk : pb;
         int t0 = 0;
         for (int g = 0; g < groups; g++) {
             const int T = (M - t0 + (groups - g) - 1) / (groups - g);
-            run_group(x, ldx, w, dt, bias, y, ldy, N, K, p, p + 1, t0, T);
+            run_group(x, ldx, w, dt, bias, y, ldy, N, K, p, pe, t0, T);
             t0 += T;
         }
     }

@@ -4,10 +4,11 @@
 At the token counts of decode, MKL's small-M GEMM behind F.linear is far from the
 memory-bandwidth floor; a weight packed once is not (docs/benchmarks.md, "Measurements behind
 design choices"). ``CpuWeightPlan`` says which packing a stage uses (``--linear-kernel``,
-``--weight-dtype``): ``panel`` runs the panel kernel at every token count, ``onednn`` oneDNN's
-packed matmul, ``auto`` the panel kernel up to ``PANEL_MAX_M`` tokens and oneDNN above it
-(fp32; half-precision panels have no oneDNN twin, so the panel kernel takes every count).
-Results equal F.linear to ~1e-6 in fp32. Once packed, the dense copy of the weight is released.
+``--weight-dtype``): ``onednn`` oneDNN's packed matmul; ``panel`` and ``auto`` the panel kernel
+at every token count, or oneDNN where the kernel cannot be built. One layout per weight: at
+prefill sizes oneDNN was only ~5-10% faster than the panel kernel ("CPU linear kernels" in
+docs/benchmarks.md), less than a second copy of every weight is worth. Results equal F.linear
+to ~1e-6 in fp32. Once packed, the dense copy of the weight is released.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ log = logging.getLogger(__name__)
 
 # batch-size hint for the oneDNN reorder: measured to suit 1..128 tokens per step
 _PACK_HINT = 32
-# the most tokens per call for which ``auto`` picks the panel kernel over oneDNN in fp32
-# (the crossover measured with ``stagemesh bench gemm``: docs/benchmarks.md)
-PANEL_MAX_M = 8
 
 KERNELS = ("auto", "panel", "onednn", "dense")
 WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,28 +87,26 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class CpuLinearWeight:
-    """One [out, in] fp32 weight packed per a CpuWeightPlan: panels (``panels``, for up to
-    ``panel_max_m`` tokens, or every count when there is no oneDNN copy) and/or oneDNN's layout
-    (``onednn``). Where the native kernel is unavailable, half-precision storage is emulated:
-    the weight is rounded to the half dtype and kept in fp32 for oneDNN (the same products)."""
+    """One [out, in] fp32 weight packed per a CpuWeightPlan, in exactly one layout: panels
+    (``panels``) or oneDNN's (``onednn``). Where the native kernel is unavailable, half-precision
+    storage is emulated: the weight is rounded to the half dtype and kept in fp32 for oneDNN
+    (the same products, not the memory saving)."""
 
     def __init__(self, weight: torch.Tensor, plan: CpuWeightPlan) -> None:
         self.out_features = weight.shape[0]
         self.panels: torch.Tensor | None = None
         self.onednn: torch.Tensor | None = None
-        self.panel_max_m = PANEL_MAX_M if plan.kernel == "auto" and plan.weight_dtype is None else 1 << 30
         self.stats = PackStats()
-        native = panel_gemm.native_available()
-        if plan.kernel in ("auto", "panel") and native:
+        if plan.kernel in ("auto", "panel") and panel_gemm.native_available():
             self.panels, self.stats = panel_gemm.pack_panels(weight, plan.weight_dtype or torch.float32)
-        if plan.kernel == "onednn" or (plan.kernel == "auto" and plan.weight_dtype is None) or not native:
-            if plan.weight_dtype is not None and not native:
-                weight, self.stats = panel_gemm.round_weight(weight, plan.weight_dtype)
-                weight = weight.float()
-            self.onednn = pack_linear_weight(weight)
+            return
+        if plan.weight_dtype is not None:
+            weight, self.stats = panel_gemm.round_weight(weight, plan.weight_dtype)
+            weight = weight.float()
+        self.onednn = pack_linear_weight(weight)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.panels is not None and (self.onednn is None or x.shape[0] <= self.panel_max_m):
+        if self.panels is not None:
             return panel_gemm.panel_gemm(x, self.panels, self.out_features, bias)
         assert self.onednn is not None
         return packed_linear(x, self.onednn, bias)

@@ -6,7 +6,8 @@ each batch first prefills ``--prompt-len`` tokens per sequence, then the configu
 turns, one decode step each per round (``--steps`` rounds), so drift on a shared machine hits
 them alike. A step is ``ModelRunner.run``: every layer, the KV writes, attention and the LM
 head's logits for the batch (no sampling, scheduler or RPC). The table gives each
-configuration's median ms per step and the tokens per second that makes.
+configuration's median wall-clock ms per step, the tokens per second that makes, and the
+median CPU ms of the process per step (all threads; not inflated by waits for a core).
 
     stagemesh bench decode --model DIR [--batch 1,8] [--prompt-len 128] [--steps 32] [--threads 0]
 """
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _decode(runners: dict[str, ModelRunner], batch: int, prompt_len: int, steps: int, first_id: int
-            ) -> dict[str, float]:
+            ) -> dict[str, dict[str, float]]:
     from stagekit.types.step import SeqSlice, StepHeader, StepInputs
 
     seq_ids = list(range(first_id, first_id + batch))
@@ -53,18 +54,22 @@ def _decode(runners: dict[str, ModelRunner], batch: int, prompt_len: int, steps:
     prefill = StepHeader(0, [SeqSlice(s, 0, prompt_len, True, tables[s]) for s in seq_ids])
     for r in runners.values():
         r.run(StepInputs(prefill, input_ids=prompt))
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     for step in range(steps):
         header = StepHeader(step + 1, [SeqSlice(s, prompt_len + step, 1) for s in seq_ids])
         ids = [7 + step] * batch
         for name, r in runners.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             r.run(StepInputs(header, input_ids=ids))
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
     done = StepHeader(steps + 1, [], freed_seq_ids=seq_ids)
     for r in runners.values():
         r.run(StepInputs(done))
-    return {name: statistics.median(t[2:] or t) for name, t in times.items()}  # first steps warm oneDNN up
+    # the first steps warm oneDNN's primitives up
+    return {name: {"wall_ms": statistics.median(wall[name][2:] or wall[name]),
+                   "cpu_ms": statistics.median(cpu[name][2:] or cpu[name])} for name in runners}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; allowed: {', '.join(CONFIGS)}")
     batches = [int(b) for b in args.batch.split(",") if b]
-    result: dict[int, dict[str, float]] = {}
+    result: dict[int, dict[str, dict[str, float]]] = {}
     cfg = load_model_config(args.model)
     blocks = max(batches) * -(-(args.prompt_len + args.steps) // BLOCK)
     kv_bytes = blocks * PagedKVCache.bytes_per_block(cfg.num_layers, max(1, cfg.num_kv_heads), cfg.head_dim,
@@ -101,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "ms_per_step": result}))
         return 0
-    print(f"median ms per decode step (tok/s), {torch.get_num_threads()} threads, prompt {args.prompt_len}")
-    print(f"{'batch':>5} " + " ".join(f"{n:>18}" for n in names))
+    print(f"median ms per decode step: wall (tok/s) [CPU ms, all threads], {torch.get_num_threads()} threads, "
+          f"prompt {args.prompt_len}")
+    print(f"{'batch':>5} " + " ".join(f"{n:>28}" for n in names))
     for b, row in result.items():
-        print(f"{b:>5} " + " ".join(f"{row[n]:>8.2f} ({b * 1e3 / row[n]:>6.1f})" for n in names))
+        print(f"{b:>5} " + " ".join(f"{row[n]['wall_ms']:>8.2f} ({b * 1e3 / row[n]['wall_ms']:>6.1f}) "
+                                    f"[{row[n]['cpu_ms']:>8.2f}]" for n in names))
     return 0
 

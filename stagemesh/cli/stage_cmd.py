@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transport", default=None,
                    help="data plane between stages: ucx or grpc (default: ucx where ucxx imports, else grpc)")
     p.add_argument("--linear-kernel", default="auto", choices=["auto", "panel", "onednn", "dense"],
-                   help="CPU fp32 linear layers: auto = the native panel GEMM for small token counts (decode, "
-                        "small prefill chunks) and oneDNN's packed matmul above; panel / onednn = that kernel "
-                        "at every count (weights packed once after loading); dense = plain F.linear")
+                   help="CPU fp32 linear layers, weights packed once after loading: panel = the native panel "
+                        "GEMM (fastest at decode sizes); onednn = oneDNN's packed matmul; auto = panel, or onednn "
+                        "where no C compiler is found; dense = plain F.linear (default: auto)")
     p.add_argument("--weight-dtype", default=None, choices=["float16", "bfloat16"],
                    help="CPU: store the linear weights in this dtype (half the bytes a decode step reads), "
                         "activations and accumulation in fp32; a bfloat16 checkpoint stays exact as bfloat16, "

@@ -1,7 +1,7 @@
-"""Which kernel a packed CPU linear weight runs (cpu_packed.py): ``auto`` takes the panel GEMM
-up to PANEL_MAX_M tokens and oneDNN above, ``panel``/``onednn`` one kernel at every count,
-half-precision storage the panels; and without a C compiler the same plans still serve, on
-oneDNN, with the half-precision weights' values."""
+"""Which kernel a packed CPU linear weight runs (cpu_packed.py): ``auto`` and ``panel`` the panel
+GEMM at every token count, ``onednn`` oneDNN's, one layout per weight; half-precision storage
+the panels; and without a C compiler the same plans still serve, on oneDNN, with the
+half-precision weights' values."""
 
 from __future__ import annotations
 
@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stagekit.kernels.panel_gemm import native_available, pack_panels, panel_gemm
-from stagekit.layers.cpu_packed import (
-    PANEL_MAX_M,
-    CpuLinearWeight,
-    CpuWeightPlan,
-    pack_linear_weight,
-    packed_linear,
-)
+from stagekit.layers.cpu_packed import CpuLinearWeight, CpuWeightPlan
 
 needs_native = pytest.mark.skipif(not native_available(), reason="no C compiler: the kernel is not built")
 
@@ -32,16 +26,16 @@ def _weights() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_native
-def test_auto_takes_panels_up_to_the_crossover_then_onednn() -> None:
+def test_auto_takes_the_panel_kernel_at_every_count() -> None:
     w, b = _weights()
     lin = CpuLinearWeight(w, CpuWeightPlan("auto"))
-    panels, onednn = pack_panels(w)[0], pack_linear_weight(w)
-    for m in (1, PANEL_MAX_M, PANEL_MAX_M + 1, 40):
+    assert lin.onednn is None and lin.panels is not None  # one copy of the weight
+    panels = pack_panels(w)[0]
+    for m in (1, 8, 40, 130):
         x = torch.randn(m, 48)
         y = lin(x, b)
         torch.testing.assert_close(y, F.linear(x, w, b))
-        expect = panel_gemm(x, panels, 70, b) if m <= PANEL_MAX_M else packed_linear(x, onednn, b)
-        assert torch.equal(y, expect), m
+        assert torch.equal(y, panel_gemm(x, panels, 70, b)), m
 
 
 @needs_native
