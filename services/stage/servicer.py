@@ -38,6 +38,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             prefix_cache_blocks=n.runtime.kv_cache.num_blocks if n.runtime.spec.prefix_caching else 0,
             kv_block_size=n.runtime.kv_cache.block_size,
             moe_parallel=n.runtime.spec.moe_parallel if cfg.num_experts else "",
+            weight_dtype=n.runtime.spec.weight_dtype,
             expert_load=[stage_pb2.ExpertLoad(layer=e.layer, tokens=e.tokens) for e in n.runtime.expert_load()],
         )
         dp = n.runtime.dp

@@ -195,6 +195,18 @@ static void run_range(const float *x, long ldx, const void *w, int dt, const flo
     }
 }
 
+/* Tokens in blocks of MAX_M_BLOCK: a block's rows of x (48 x K fp32, 144 KiB at K = 768) stay
+ * in L2 while every panel of the thread's range passes over them once. */
+#define MAX_M_BLOCK 48
+
+static void run_blocks(const float *x, long ldx, const void *w, int dt, const float *bias, float *y, long ldy, int M,
+                       int N, int K, int pa, int pb) {
+    for (int m0 = 0; m0 < M; m0 += MAX_M_BLOCK) {
+        const int mb = M - m0 < MAX_M_BLOCK ? M - m0 : MAX_M_BLOCK;
+        run_range(x + (long)m0 * ldx, ldx, w, dt, bias, y + (long)m0 * ldy, ldy, mb, N, K, pa, pb);
+    }
+}
+
 /* The share of thread ith of nth: panels [P*ith/nth, P*(ith+1)/nth), all tokens. Callable from
  * inside an OpenMP region (each thread passes its own ith); no allocation, no synchronisation.
  * x: [M, ldx] fp32 rows; w: the packed panels of dtype dt (0 fp32, 1 fp16, 2 bf16); bias: [N] or
@@ -205,9 +217,11 @@ void panel_gemm_part(const float *x, long ldx, const void *w, int dt, const floa
     const int pa = (int)((long)P * ith / nth), pb = (int)((long)P * (ith + 1) / nth);
     if (pa >= pb || M <= 0) return;
     const unsigned int old = enter_ftz();
-    run_range(x, ldx, w, dt, bias, y, ldy, M, N, K, pa, pb);
+    run_blocks(x, ldx, w, dt, bias, y, ldy, M, N, K, pa, pb);
     leave_ftz(old);
 }
+
+#define SMALL_WORK (1L << 17) /* multiply-adds */
 
 /* The whole product on num_threads threads of the OpenMP runtime (torch's). Returns 0, or -1
  * for a dtype or shape it does not take. */
@@ -217,6 +231,9 @@ int panel_gemm(const float *x, long ldx, const void *w, int dt, const float *bia
     const int P = (N + 15) / 16;
     int nth = num_threads < 1 ? 1 : num_threads;
     if (nth > P) nth = P;
+    /* waking a team costs more than it saves on a few microseconds of work (the split never
+     * changes a result, so this is free to choose) */
+    if ((long)M * P * 16 * K < SMALL_WORK) nth = 1;
     if (nth == 1) {
         panel_gemm_part(x, ldx, w, dt, bias, y, ldy, M, N, K, 0, 1);
         return 0;

@@ -90,14 +90,17 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
 
 def panel_gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for W packed by ``pack_panels``: x [M, K] fp32 (rows contiguous), bias
-    [n] fp32 or None -> [M, n] fp32, written into ``out`` when given (a [M, n] fp32 tensor with
-    contiguous rows). Raises RuntimeError where the native kernel is unavailable."""
+    """``x @ W.T + bias`` for W packed by ``pack_panels``: x [M, K] fp32 (copied first unless its
+    rows are contiguous), bias [n] fp32 or None -> [M, n] fp32, written into ``out`` when given
+    (a [M, n] fp32 tensor with contiguous rows). Raises RuntimeError where the native kernel is
+    unavailable."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the panel GEMM kernel is not available here (no C compiler, or native kernels off)")
     m, k = x.shape
-    if (x.dtype != torch.float32 or x.stride(1) != 1 or not panels.is_contiguous() or panels.shape[1] != k
+    if x.stride(1) != 1 or (m > 1 and x.stride(0) < k):
+        x = x.contiguous()
+    if (x.dtype != torch.float32 or not panels.is_contiguous() or panels.shape[1] != k
             or panels.shape[2] != PANEL or not 0 < n <= panels.shape[0] * PANEL):
         raise ValueError(f"panel_gemm: x {tuple(x.shape)} {x.dtype} does not fit panels {tuple(panels.shape)}")
     if out is None:
@@ -111,7 +114,7 @@ def panel_gemm(x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor
     if m == 0:
         return out
     with _lock:
-        rc = lib.panel_gemm(x.data_ptr(), x.stride(0), panels.data_ptr(), DTYPE_CODES[panels.dtype],
+        rc = lib.panel_gemm(x.data_ptr(), x.stride(0) if m > 1 else k, panels.data_ptr(), DTYPE_CODES[panels.dtype],
                             None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), m, n, k,
                             torch.get_num_threads())
     if rc != 0:

@@ -111,8 +111,7 @@ class CpuLinearWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.panels is not None and (self.onednn is None or x.shape[0] <= self.panel_max_m):
-            return panel_gemm.panel_gemm(x if x.stride(1) == 1 else x.contiguous(), self.panels,
-                                         self.out_features, bias)
+            return panel_gemm.panel_gemm(x, self.panels, self.out_features, bias)
         assert self.onednn is not None
         return packed_linear(x, self.onednn, bias)
 

@@ -5,8 +5,9 @@ The weights are random with the shapes of the ``small`` demo Llama (12 layers: q
 gate_up, down; and the LM head; ~100M parameters, 400 MB in fp32), each projection a separate
 tensor so every pass streams the whole set from memory as a decode step does. For each M the
 kernels run in turns (one pass each per round, ``--rounds`` rounds) so drift on a shared
-machine hits them alike; the table gives each kernel's median ms per pass and the last column
-the crossover verdict (which fp32 kernel is faster at that M).
+machine hits them alike; the table gives each kernel's median wall-clock ms per pass, the median CPU ms of the
+process in it (which a busy machine's waits for a core do not inflate), and which fp32
+kernel was faster at that M.
 
     stagemesh bench gemm [--m 1,2,4,8,16,32,64] [--rounds 15] [--threads 0] [--json]
 """
@@ -53,37 +54,49 @@ def _kernels(shapes: list[tuple[int, int]]) -> dict[str, Callable[[dict[int, tor
     return kernels
 
 
-def measure(ms: list[int], rounds: int, layers: int) -> dict[int, dict[str, float]]:
+def measure(ms: list[int], rounds: int, layers: int, report: Callable[[int, dict], None] | None = None
+            ) -> dict[int, dict[str, dict[str, float]]]:
+    """Per M and kernel: the median wall-clock ms of a pass and the median CPU ms the process
+    spent in it (all threads; on a shared machine the time a thread waited for a core shows in
+    the first only)."""
     kernels = _kernels(LAYER_SHAPES * layers + [HEAD_SHAPE])
-    out: dict[int, dict[str, float]] = {}
+    out: dict[int, dict[str, dict[str, float]]] = {}
     for m in ms:
         xs = {k: torch.randn(m, k) for k in {k for _, k in LAYER_SHAPES + [HEAD_SHAPE]}}
-        times: dict[str, list[float]] = {name: [] for name in kernels}
+        wall: dict[str, list[float]] = {name: [] for name in kernels}
+        cpu: dict[str, list[float]] = {name: [] for name in kernels}
         for f in kernels.values():  # warm-up: oneDNN builds its primitive for this M
             f(xs)
         for _ in range(rounds):
             for name, f in kernels.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 f(xs)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        out[m] = {name: statistics.median(t) for name, t in times.items()}
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+        out[m] = {name: {"wall_ms": statistics.median(wall[name]), "cpu_ms": statistics.median(cpu[name])}
+                  for name in kernels}
+        if report is not None:
+            report(m, out[m])
     return out
+
+
+def _row(m: int, row: dict[str, dict[str, float]]) -> None:
+    verdict = ""
+    if "onednn_f32" in row and "panel_f32" in row:
+        verdict = "panel" if row["panel_f32"]["wall_ms"] <= row["onednn_f32"]["wall_ms"] else "onednn"
+    print(f"{m:>4} " + " ".join(f"{r['wall_ms']:>8.2f} ({r['cpu_ms']:>7.2f})" for r in row.values())
+          + f"  {verdict}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     ms = [int(s) for s in args.m.split(",") if s]
-    result = measure(ms, max(1, args.rounds), max(1, args.layers))
+    if not args.json:
+        print(f"median ms per pass over the weight set: wall (CPU), {torch.get_num_threads()} threads")
+        print(f"{'M':>4} " + " ".join(f"{n:>19}" for n in ("onednn_f32", "panel_f32", "panel_f16", "panel_bf16"))
+              + "  faster fp32 (wall)", flush=True)
+    result = measure(ms, max(1, args.rounds), max(1, args.layers), None if args.json else _row)
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "ms_per_pass": result}))
-        return 0
-    names = list(next(iter(result.values())))
-    print(f"median ms per pass over the weight set, {torch.get_num_threads()} threads")
-    print(f"{'M':>4} " + " ".join(f"{n:>11}" for n in names) + "  faster fp32")
-    for m, row in result.items():
-        verdict = ""
-        if "onednn_f32" in row and "panel_f32" in row:
-            verdict = "panel" if row["panel_f32"] <= row["onednn_f32"] else "onednn"
-        print(f"{m:>4} " + " ".join(f"{row[n]:>11.2f}" for n in names) + f"  {verdict}")
     return 0

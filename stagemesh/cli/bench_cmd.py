@@ -11,7 +11,7 @@ from stagemesh.cli.sizes import parse_bytes
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (stagemesh bench transport|serve|prefix|kv|gateway|soak|collectives"
-                                     "|handoff|gemm|layer --help)")
+                                     "|handoff|gemm|decode|layer --help)")
     which = p.add_subparsers(dest="bench", required=True)
     t = which.add_parser("transport", help="data plane: UCX profiles vs gRPC vs ucx_perftest and memcpy",
                          description="Bandwidth and round trip of the data-plane transports between two "
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     kv_transfer.add_arguments(k)
     k.set_defaults(func=kv_transfer.run)
-    from stagemesh.bench import collectives, gateway, gemm, layer, memory_soak, step_handoff
+    from stagemesh.bench import collectives, decode_step, gateway, gemm, layer, memory_soak, step_handoff
 
     # benchmarks whose module holds its own arguments, run and description (its docstring's first paragraph)
     for name, module, help_text in (
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("soak", memory_soak, "resident memory of the stage processes over many requests"),
         ("collectives", collectives, "all-reduce/all-gather/all-to-all on one host: shared memory vs gloo"),
         ("handoff", step_handoff, "a decode step's metadata from TP rank 0 to a worker: pipe vs shared memory"),
+        ("decode", decode_step, "decode steps of a model per linear kernel: oneDNN vs panel fp32/fp16/bf16"),
         ("gemm", gemm, "a decode step's linear kernels: oneDNN vs the panel GEMM (fp32, fp16, bf16) per token count"),
         ("layer", layer, "a CPU decode step: the fused decoder layer (one native call per layer) vs the unfused"),
     ):

@@ -53,6 +53,7 @@ def test_fp16_weights_match_transformers_on_rounded_weights(tp: int, hf_checkpoi
     run = serve_prompts(MeshSpec(model=path, layer_splits=[(0, 5)], tp=tp, threads=1, gateway=False,
                                  extra_stage_args=["--weight-dtype", "float16"]), ref, tmp_path)
     assert_matches_reference(run, ref)
+    assert run.infos[0].weight_dtype == "float16"
     log = (tmp_path / "stage-r0-s0.log").read_text()
     assert "linear weights stored as float16" in log and "0 values beyond its range" in log, log[-2000:]
 
@@ -67,4 +68,4 @@ def test_bf16_checkpoint_served_with_bf16_weights(hf_checkpoints: dict, tmp_path
     run = serve_prompts(MeshSpec(model=str(bf16), layer_splits=[(0, 3), (3, 5)], tp=1, threads=1, gateway=False,
                                  extra_stage_args=["--weight-dtype", "bfloat16"]), ref, tmp_path / "logs")
     assert_matches_reference(run, ref)
-    assert {info.dtype for info in run.infos} == {"float32"}  # activations in fp32
+    assert {(info.dtype, info.weight_dtype) for info in run.infos} == {("float32", "bfloat16")}

@@ -53,6 +53,15 @@ def test_unsupported_architecture(demo: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "unsupported architecture" in r.stderr and "GPT2LMHeadModel" in r.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weight-dtype", "float16", "--dtype", "bfloat16"], "--weight-dtype float16 computes in float32"),
+    (["--weight-dtype", "bfloat16", "--linear-kernel", "onednn"], "needs the panel kernel"),
+])
+def test_weight_dtype_combinations_refused(demo: Path, args: list[str], message: str) -> None:
+    r = _stage("--model", str(demo), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
 def test_layer_range_outside_model(demo: Path) -> None:
     r = _stage("--model", str(demo), "--layers", "2:9")
     assert r.returncode == 2 and "outside the model's 4 layers" in r.stderr

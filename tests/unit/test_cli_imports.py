@@ -15,7 +15,8 @@ for name in {BLOCKED!r}:
     sys.modules[name] = None   # `import name` now raises ImportError
 from stagemesh.cli.main import build_parser
 parser = build_parser()
-for argv in (["bench", "gateway", "--help"], ["bench", "soak", "--help"], ["up", "--help"], ["stage", "--help"]):
+for argv in (["bench", "gateway", "--help"], ["bench", "soak", "--help"], ["bench", "decode", "--help"],
+             ["up", "--help"], ["stage", "--help"]):
     try:
         parser.parse_args(argv)
     except SystemExit as e:

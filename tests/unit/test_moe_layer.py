@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from stagekit.layers.cpu_packed import CpuWeightPlan
 from stagekit.parallel.expert_placement import contiguous_placement, placement_map
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.ports import free_port
@@ -43,14 +44,20 @@ def test_equals_transformers_block_bf16(family: str) -> None:
         assert torch.equal(ours(x), block(x[None])[0])
 
 
-def test_zero_tokens_and_packed_weights() -> None:
+@pytest.mark.parametrize("weight_dtype", [None, torch.float16], ids=["fp32", "fp16-weights"])
+def test_zero_tokens_and_packed_weights(weight_dtype: torch.dtype | None) -> None:
+    """Packed experts (panels for the few tokens each gets, or half-precision panels) equal
+    the dense layer holding the same (rounded) weights."""
     block = hf_block("qwen2_moe", torch.float32)
     ours = fused_like("qwen2_moe", block, torch.float32)
     x = torch.randn(9, HIDDEN, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert ours(x[:0]).shape == (0, HIDDEN)
+        if weight_dtype is not None:
+            for w in (ours.experts.w13_weight, ours.experts.w2_weight):
+                w.copy_(w.to(weight_dtype).float())
         dense = ours(x)
-        assert ours.experts.pack_weights()
+        assert ours.experts.pack_weights(CpuWeightPlan("auto", weight_dtype)) is not None
         torch.testing.assert_close(ours(x), dense, rtol=1e-5, atol=1e-5)
 
 

@@ -21,7 +21,7 @@ from stagekit.kernels.panel_gemm import PackStats, native_available, pack_panels
 pytestmark = pytest.mark.skipif(not native_available(), reason="no C compiler: the kernel is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MS = [*range(1, 17), 31, 32, 33, 63, 64]
+MS = [*range(1, 17), 31, 32, 33, 63, 64, 100]
 NK = [(1, 1), (15, 3), (17, 7), (33, 8), (257, 576), (48, 768)]
 
 
@@ -103,6 +103,10 @@ def test_strided_rows_and_padding_never_written() -> None:
     assert y.data_ptr() == y_big.data_ptr()
     _check(y_big[:, :17], x, w, b)
     assert bool((y_big[:, 17:] == 12345.0).all())  # the padded panel rows 17..31 were not stored
+    # column-strided and broadcast rows are copied first
+    _check(panel_gemm(x.T.contiguous().T, pack_panels(w)[0], 17), x, w, None)
+    xb = x[:1].expand(4, 19)
+    _check(panel_gemm(xb, pack_panels(w)[0], 17), xb, w, None)
 
 
 def test_callers_denormal_mode_is_kept() -> None:
