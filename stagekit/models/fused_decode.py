@@ -28,9 +28,7 @@ log = logging.getLogger(__name__)
 ENV = "STAGEMESH_FUSED_LAYER"
 
 _announced: list[bool] = []
-_scratch: dict[tuple[int, ...], fl.Scratch] = {}
-# the step the last call prepared: every layer of a step shares its DecodeStep
-_last: tuple[ForwardBatch | None, dict[tuple[int, ...], fl.DecodeStep]] = (None, {})
+_scratch: dict[tuple[int, ...], fl.Scratch] = {}  # reused by every step's layers of that shape
 
 
 def enabled() -> bool:
@@ -104,7 +102,7 @@ class _StepState:
         return step
 
 
-_last: _StepState | None = None  # the step the last call prepared
+_last: _StepState | None = None  # the step the last call prepared: every layer of a step shares it
 
 
 def run(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
