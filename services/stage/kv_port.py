@@ -159,6 +159,8 @@ class KvPort:
             raise InvalidRequest(f"{len(blocks)} blocks to send into {len(dest_blocks)} destination blocks")
         started = time.perf_counter()
         self.blocks.io.check_blocks(blocks)
+        if len(set(dest_blocks)) != len(dest_blocks):
+            raise InvalidRequest("a KV transfer names a destination block more than once")
         try:
             sent, path = await self._push_to(blocks, destination, dest_blocks)
         except Exception as e:

@@ -55,9 +55,14 @@ class BlockIO:
         self.start_layer, self.end_layer = start_layer, end_layer
 
     def check_blocks(self, blocks: list[int]) -> None:
+        """Blocks of a transfer: inside the pool and each named once (so never more than the pool
+        holds: a transfer of 100,000 copies of block 0 would read gigabytes)."""
         bad = [b for b in blocks if not 0 <= b < self.kv.num_blocks]
         if bad:
             raise InvalidRequest(f"block {bad[0]} is outside this stage's pool of {self.kv.num_blocks}")
+        if len(set(blocks)) != len(blocks):
+            raise InvalidRequest(f"a KV transfer names a block more than once ({len(blocks)} blocks, "
+                                 f"{len(set(blocks))} distinct)")
 
     def shape(self, num_blocks: int, tp: int | None = None) -> tuple[int, ...]:
         """The transferred KV's shape as a stage of ``tp`` ranks (default: this one's) holding
@@ -120,6 +125,7 @@ class BlockIO:
                                  f"({self.kv.dtype}, {want})")
         if any(not 0 <= b < self.kv.num_blocks for b in blocks):
             raise InvalidRequest(f"destination blocks outside this stage's pool of {self.kv.num_blocks}")
+        self.check_blocks(blocks)
         return Incoming(blocks, dtype, want, src_tp)
 
     def read(self, blocks: list[int]) -> torch.Tensor:

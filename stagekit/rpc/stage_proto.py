@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stagekit.errors import InvalidRequest
@@ -44,6 +46,13 @@ def tensor_from_proto(p: common_pb2.Tensor) -> torch.Tensor:
         raise InvalidRequest(f"unsupported tensor dtype {p.dtype}")
     dtype = _FROM_PROTO[p.dtype]
     shape = tuple(p.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequest(f"tensor shape {list(shape)[:8]} has a negative dimension")
+    # the bytes must be exactly the shape's: a frame from a peer is checked, never trusted (nor is
+    # a shape without data allocated)
+    if math.prod(shape) * dtype.itemsize != len(p.data):
+        raise InvalidRequest(f"a {dtype} tensor of shape {list(shape)[:8]} takes "
+                             f"{math.prod(shape) * dtype.itemsize} bytes, not the {len(p.data)} sent")
     if not p.data:
         return torch.empty(shape, dtype=dtype)
     buf = bytearray(p.data)  # writable copy: the fallback path copies anyway

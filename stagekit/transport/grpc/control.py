@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from stagekit.errors import InvalidRequest
 from stagekit.rpc.pb import common_pb2, stage_pb2
 
 HELLO, BYE = "hello", "bye"
@@ -47,10 +48,15 @@ class InboundStreams:
         self._known: set[asyncio.Task] = set()
         self._closed = False
 
-    def seen(self, stream: asyncio.Task | None, closing: bool = False) -> None:
-        """A message arrived on ``stream`` (the handler task that received it)."""
+    def seen(self, stream: asyncio.Task | None, closing: bool = False, hello: bool = False) -> None:
+        """A message arrived on ``stream`` (the handler task that received it). A stream starts with
+        the upstream stage's ``hello`` (its first frame, `connect`): another first frame is refused,
+        so that a stray PushFrames call can neither become the newest stream nor, by ending, mark the
+        real upstream's link lost."""
         if stream is None:
             return
+        if stream not in self._known and not hello:
+            raise InvalidRequest("a data-plane stream (PushFrames) must start with the upstream stage's hello")
         if stream not in self._known:
             self._known.add(stream)
             self._current = stream

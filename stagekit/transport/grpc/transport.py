@@ -65,7 +65,7 @@ class GrpcTransport(Transport):
         if kind == HELLO:
             self.inbound_lost = ""
         if kind is not None:
-            self._streams.seen(stream, closing=kind == BYE)
+            self._streams.seen(stream, closing=kind == BYE, hello=kind == HELLO)
             return
         self._streams.seen(stream)
         f = stage_proto.frame_from_proto(frame)
