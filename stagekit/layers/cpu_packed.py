@@ -6,7 +6,7 @@ memory-bandwidth floor; a weight packed once is not (docs/benchmarks.md, "Measur
 design choices"). ``CpuWeightPlan`` says which packing a stage uses (``--linear-kernel``,
 ``--weight-dtype``): ``onednn`` oneDNN's packed matmul; ``panel`` and ``auto`` the panel kernel
 at every token count, or oneDNN where the kernel cannot be built. One layout per weight: at
-prefill sizes oneDNN was only ~5-10% faster than the panel kernel ("CPU linear kernels" in
+prefill sizes oneDNN was only 5-8% faster than the panel kernel ("CPU linear kernels" in
 docs/benchmarks.md), less than a second copy of every weight is worth. Results equal F.linear
 to ~1e-6 in fp32. Once packed, the dense copy of the weight is released.
 """
