@@ -36,9 +36,9 @@ def format_profile(report: dict) -> str:
         f"(torch sum, {report['threads']} threads); steps averaged: " + ", ".join(str(r["decode_steps"]) for r in rows),
     ]
     for s in report.get("streams", []):
-        lines.append(f"batch-1 token stream, {s['mesh']}: direct Stage.Generate ITL p50 {s['direct_itl_ms']:.2f} ms, "
-                     f"through the gateway {s['gateway_itl_ms']:.2f} ms (gateway adds {s['gateway_adds_ms']:+.2f} ms "
-                     f"per token)")
+        lines.append(f"batch-1 stream, {s['mesh']}, ms per token after the first: direct Stage.Generate "
+                     f"{s['direct_itl_ms']:.2f}, through the gateway {s['gateway_itl_ms']:.2f} (gateway adds "
+                     f"{s['gateway_adds_ms']:+.2f})")
     streams = {s["mesh"]: s for s in report.get("streams", [])}
     if {"pp1", "pp2"} <= streams.keys():
         extra = streams["pp2"]["direct_itl_ms"] - streams["pp1"]["direct_itl_ms"]

@@ -240,7 +240,8 @@ def _print_table(report: dict) -> None:
     out.write(f"model {report['model']}  pp={report['pp']}  {meshes}\n  "
               f"prompt {report['prompt_len']} -> {report['output_len']} tokens  "
               f"median of {report['rounds']} round(s)\n")
-    ratio = next((k for r in report["runs"] for k in r if k.startswith("ratio_vs_") and k != "ratio_vs_hf"), "")
+    ratio = next((k for r in report["runs"] for k in r
+                  if k.startswith("ratio_vs_") and k not in ("ratio_vs_hf", "ratio_vs_llama_cpp")), "")
     out.write(f"{'mesh':>12} {'batch':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>9}"
               f" {'ITL p90':>9} {ratio.removeprefix('ratio_'):>10} {'HF tok/s':>9} {'vs HF':>6}  rounds tok/s\n")
     for r in report["runs"]:
