@@ -14,12 +14,14 @@ The torch-level block code is ``stagekit/kv/block_io.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from stagekit.engine.stage_runtime import StageRuntime
 from stagekit.engine.tp_executor import TPExecutor
+from stagekit.errors import DeadlineExceeded
 from stagekit.kv.block_io import BlockIO, Incoming
 from stagekit.rpc import stage_proto
 from stagekit.rpc.pb import stage_pb2
@@ -55,12 +57,13 @@ class KvBlocks:
         rank's share; a GPU pool) instead of sending views of the pool."""
         return self.tp_size != 1 or self.io.kv.kv.is_cuda
 
-    def announce(self, dest_blocks: list[int]) -> stage_pb2.KvBlocksChunk:
-        """What a sender says before the data: where it goes and what it is."""
+    def announce(self, dest_blocks: list[int], land_by_ms: int = 0) -> stage_pb2.KvBlocksChunk:
+        """What a sender says before the data: where it goes, what it is, and until when the
+        receiver may write it (the reservation's land-by time)."""
         io = self.io
         return stage_pb2.KvBlocksChunk(blocks=dest_blocks, start_layer=io.start_layer, end_layer=io.end_layer,
                                        tp_size=self.tp_size, dtype=stage_proto.dtype_to_proto(io.kv.dtype),
-                                       shape=list(io.shape(len(dest_blocks))))
+                                       shape=list(io.shape(len(dest_blocks))), land_by_unix_ms=land_by_ms)
 
     def check(self, head: stage_pb2.KvBlocksChunk) -> Incoming:
         """What the sender announced, if it fits this stage's pool; else InvalidRequest."""
@@ -80,14 +83,28 @@ class KvBlocks:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool if self.tp_size != 1 else None, self.read, blocks)
 
-    async def write(self, blocks: list[int], data: torch.Tensor, src_tp: int | None = None) -> None:
+    async def write(self, blocks: list[int], data: torch.Tensor, src_tp: int | None = None,
+                    land_by_ms: int = 0) -> None:
         """Write ``data`` (``BlockIO.shape`` for ``src_tp`` ranks, by default this stage's)
         into ``blocks`` on every rank; KV from a stage of another TP size is re-split for this
-        one's ranks first (a copy, off the event loop)."""
+        one's ranks first (a copy, off the event loop). Past ``land_by_ms`` (the reservation's
+        land-by time, Unix ms; 0: no bound) nothing is written: DeadlineExceeded, checked on
+        the thread that writes, just before it does (the blocks may serve another request by then)."""
         loop = asyncio.get_running_loop()
         if src_tp is not None and src_tp != self.tp_size:
             data = await loop.run_in_executor(None, self.io.for_this_tp, data, src_tp)
-        if self.tp_size != 1:
-            await loop.run_in_executor(self._pool, self._executor.write_kv, blocks, data)
-            return
-        await loop.run_in_executor(None, self.io.write, blocks, data)
+        write = self._executor.write_kv if self.tp_size != 1 else self.io.write
+
+        def write_in_time() -> None:
+            check_land_by(land_by_ms)
+            write(blocks, data)
+
+        await loop.run_in_executor(self._pool if self.tp_size != 1 else None, write_in_time)
+
+
+def check_land_by(land_by_ms: int) -> None:
+    """DeadlineExceeded once ``land_by_ms`` (Unix ms; 0: no bound) has passed: the reservation
+    the KV was meant for has lapsed, its blocks may be another request's."""
+    if land_by_ms and time.time() * 1000 >= land_by_ms:
+        late = time.time() - land_by_ms / 1000
+        raise DeadlineExceeded(f"the KV arrived {late:.1f}s after its reservation's lease ended: not written")

@@ -109,9 +109,10 @@ class KvPort:
             sent, paths = 0, set()
             try:
                 if src:
-                    sends = [self.send_blocks(src, destination[0], list(reply.blocks))]
+                    sends = [self.send_blocks(src, destination[0], list(reply.blocks), reply.land_by_unix_ms)]
                     sends += [self.channels.call(addr, "SendKvBlocks", stage_pb2.SendKvBlocksRequest(
-                        blocks=src, destination=dest, destination_blocks=list(reply.blocks)))
+                        blocks=src, destination=dest, destination_blocks=list(reply.blocks),
+                        land_by_unix_ms=reply.land_by_unix_ms))
                         for addr, dest in zip(pipeline[1:], destination[1:], strict=True)]
                     results = await asyncio.gather(*sends)
                     sent = results[0][0] + sum(r.bytes_sent for r in results[1:])
@@ -141,8 +142,9 @@ class KvPort:
         """Blocks for an import into this replica (its head), beyond those cached already; the
         reservation lapses after ``lease_ms`` (0: the default) unless committed."""
         ttl_s = lease_ms / 1000 if lease_ms > 0 else None
-        import_id, present, blocks = self._head().reserve_kv_import(hashes, block_size, ttl_s)
-        return stage_pb2.ReserveKvBlocksResponse(import_id=import_id, num_present=present, blocks=blocks)
+        import_id, present, blocks, land_by = self._head().reserve_kv_import(hashes, block_size, ttl_s)
+        return stage_pb2.ReserveKvBlocksResponse(import_id=import_id, num_present=present, blocks=blocks,
+                                                 land_by_unix_ms=int(land_by * 1000))
 
     def commit(self, import_id: str, ok: bool) -> None:
         self._head().commit_kv_import(import_id, ok)
@@ -151,10 +153,12 @@ class KvPort:
         """Land blocks pushed over gRPC into this stage's pool; returns the bytes received."""
         return await kv_push_grpc.receive(self.blocks, chunks)
 
-    async def send_blocks(self, blocks: list[int], destination: str, dest_blocks: list[int]) -> tuple[int, str]:
+    async def send_blocks(self, blocks: list[int], destination: str, dest_blocks: list[int],
+                          land_by_ms: int = 0) -> tuple[int, str]:
         """Push this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at ``destination``:
-        over UCX when both stages run the UCX data plane, else over gRPC. Returns the bytes sent
-        and the path taken ("ucx" / "grpc")."""
+        over UCX when both stages run the UCX data plane, else over gRPC; the receiver writes
+        them only before ``land_by_ms`` (Unix ms; 0: no bound). Returns the bytes sent and the
+        path taken ("ucx" / "grpc")."""
         if len(blocks) != len(dest_blocks):
             raise InvalidRequest(f"{len(blocks)} blocks to send into {len(dest_blocks)} destination blocks")
         started = time.perf_counter()
@@ -162,7 +166,7 @@ class KvPort:
         if len(set(dest_blocks)) != len(dest_blocks):
             raise InvalidRequest("a KV transfer names a destination block more than once")
         try:
-            sent, path = await self._push_to(blocks, destination, dest_blocks)
+            sent, path = await self._push_to(blocks, destination, dest_blocks, land_by_ms)
         except Exception as e:
             log.warning("sending %d KV blocks to %s failed: %s", len(blocks), destination, e)
             raise
@@ -171,13 +175,14 @@ class KvPort:
                  destination, path, took, sent / took / 1e9)
         return sent, path
 
-    async def _push_to(self, blocks: list[int], destination: str, dest_blocks: list[int]) -> tuple[int, str]:
+    async def _push_to(self, blocks: list[int], destination: str, dest_blocks: list[int],
+                       land_by_ms: int) -> tuple[int, str]:
         """Push on the path the destination's data plane allows; a remembered plane that fails is
         asked for again once (the stage may have been replaced since), else its error stands."""
         plane = self._planes.get(destination)
         if plane is not None:
             try:
-                return await self._push(blocks, destination, plane, dest_blocks)
+                return await self._push(blocks, destination, plane, dest_blocks, land_by_ms)
             except StageUnavailable as e:
                 self._planes.pop(destination, None)
                 try:
@@ -187,7 +192,7 @@ class KvPort:
         else:
             plane = await self._plane_of(destination)
         try:
-            return await self._push(blocks, destination, plane, dest_blocks)
+            return await self._push(blocks, destination, plane, dest_blocks, land_by_ms)
         except StageUnavailable:
             self._planes.pop(destination, None)
             raise
@@ -199,12 +204,14 @@ class KvPort:
         return plane
 
     async def _push(self, blocks: list[int], destination: str, plane: tuple[str, bytes],
-                    dest_blocks: list[int]) -> tuple[int, str]:
+                    dest_blocks: list[int], land_by_ms: int) -> tuple[int, str]:
         if self._ucx is not None and plane[0] == "ucx" and plane[1]:
             from services.stage import kv_push_ucx
 
-            return await kv_push_ucx.push(self._ucx, self.blocks, blocks, destination, plane[1], dest_blocks), "ucx"
-        return await kv_push_grpc.push(self.blocks, self.channels, blocks, destination, dest_blocks), "grpc"
+            return await kv_push_ucx.push(self._ucx, self.blocks, blocks, destination, plane[1], dest_blocks,
+                                          land_by_ms), "ucx"
+        return await kv_push_grpc.push(self.blocks, self.channels, blocks, destination, dest_blocks,
+                                       land_by_ms), "grpc"
 
 
 def _ucx_transport(transport: Transport) -> UcxTransport | None:

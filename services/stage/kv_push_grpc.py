@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from services.stage.kv_blocks import KvBlocks
+from services.stage.kv_blocks import KvBlocks, check_land_by
 from services.stage.stage_channels import StageChannels
 from stagekit.errors import InvalidRequest, StageUnavailable
 from stagekit.rpc.pb import stage_pb2, stage_pb2_grpc
@@ -25,14 +25,15 @@ def _chunk_bytes() -> int:
 
 
 async def push(kv: KvBlocks, channels: StageChannels, blocks: list[int], destination: str,
-               dest_blocks: list[int]) -> int:
+               dest_blocks: list[int], land_by_ms: int = 0) -> int:
     """Stream this stage's KV of ``blocks`` into ``dest_blocks`` of the stage at
-    ``destination`` (on a channel of ``channels``); returns the bytes sent."""
+    ``destination`` (on a channel of ``channels``), to be written there before ``land_by_ms``
+    (Unix ms; 0: no bound); returns the bytes sent."""
     data = await kv.read_async(blocks)  # BlockIO.shape
     raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().view("uint8").reshape(-1)
 
     async def chunks() -> AsyncIterator[stage_pb2.KvBlocksChunk]:
-        yield kv.announce(dest_blocks)
+        yield kv.announce(dest_blocks, land_by_ms)
         step = _chunk_bytes()
         for i in range(0, raw.size, step):
             yield stage_pb2.KvBlocksChunk(data=raw[i:i + step].tobytes())
@@ -48,13 +49,15 @@ async def push(kv: KvBlocks, channels: StageChannels, blocks: list[int], destina
 
 
 async def receive(kv: KvBlocks, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) -> int:
-    """Write pushed blocks into this stage's pool; returns the bytes received."""
+    """Write pushed blocks into this stage's pool (only before the announced land-by time);
+    returns the bytes received."""
     it = chunks.__aiter__()
     try:
         head = await it.__anext__()
     except StopAsyncIteration:
         raise InvalidRequest("an empty KV push") from None
     incoming = kv.check(head)
+    check_land_by(head.land_by_unix_ms)
     buf = torch.empty(incoming.nbytes, dtype=torch.uint8)
     got = 0
     async for c in it:
@@ -65,5 +68,6 @@ async def receive(kv: KvBlocks, chunks: AsyncIterator[stage_pb2.KvBlocksChunk]) 
         got += n
     if got != buf.numel():
         raise InvalidRequest(f"KV push ended after {got} of {buf.numel()} bytes")
-    await kv.write(incoming.blocks, buf.view(incoming.dtype).view(incoming.shape), incoming.src_tp)
+    await kv.write(incoming.blocks, buf.view(incoming.dtype).view(incoming.shape), incoming.src_tp,
+                   head.land_by_unix_ms)
     return got

@@ -135,7 +135,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def SendKvBlocks(self, request: stage_pb2.SendKvBlocksRequest,
                            context: grpc.aio.ServicerContext) -> stage_pb2.SendKvBlocksResponse:
         sent, path = await self.kv.send_blocks(list(request.blocks), request.destination,
-                                               list(request.destination_blocks))
+                                               list(request.destination_blocks), request.land_by_unix_ms)
         return stage_pb2.SendKvBlocksResponse(bytes_sent=sent, transport=path)
 
     async def PushKvBlocks(self, request_iterator: AsyncIterator[stage_pb2.KvBlocksChunk],

@@ -139,19 +139,23 @@ class Engine:
         self.scheduler.blocks.release(blocks)
 
     def reserve_kv_import(self, hashes: list[int], block_size: int,
-                          ttl_s: float | None = None) -> tuple[str, int, list[int]]:
+                          ttl_s: float | None = None) -> tuple[str, int, list[int], float]:
         """Blocks for KV arriving from another replica under ``hashes`` beyond the leading ones
-        cached here already: (import id, how many are present, the reserved blocks). Unless
-        committed, the reservation is released after ``ttl_s`` (None: the default), by a timer:
-        an exporter that died must not leave the blocks referenced until the next import."""
+        cached here already: (import id, how many are present, the reserved blocks, the time
+        (``time.time()``) by which the stages must have written them). Unless committed, the
+        reservation lapses after ``ttl_s`` (None: the default) and its blocks are freed a grace
+        later, by a timer: an exporter that died must not leave them referenced until the next
+        import, nor a stalled one write into them once they serve another request."""
         sch = self.scheduler
         reply = self.kv_imports.reserve(sch.blocks, hashes, block_size, headroom=sch.watermark_blocks, ttl_s=ttl_s)
         ttl = self.kv_imports.ttl_s if ttl_s is None else ttl_s
-        asyncio.get_running_loop().call_later(ttl + 0.05, self.kv_imports.expire, sch.blocks)
+        asyncio.get_running_loop().call_later(ttl + self.kv_imports.grace_s + 0.05, self.kv_imports.expire,
+                                              sch.blocks)
         return reply
 
     def commit_kv_import(self, import_id: str, ok: bool) -> None:
-        """Name the reserved blocks by their hashes (``ok``: every stage holds them), or release them."""
+        """Name the reserved blocks by their hashes (``ok``: every stage holds them), or give them
+        up (quarantined until their land-by time has passed, then freed by the reservation's timer)."""
         self.kv_imports.commit(self.scheduler.blocks, import_id, ok)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -47,8 +47,8 @@ def joint_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int, int]
 
 class BlockIO:
     """One rank's pool of a stage holding layers ``[start_layer, end_layer)`` at ``tp_size``.
-    Invariant: ``parts`` and ``landing`` hand out views of the pool itself (no copy), in the
-    order of the transferred tensor, so bytes sent from the one land in the other."""
+    Invariant: ``parts`` hands out views of the pool itself (no copy), in the order of the
+    transferred tensor (``read``'s layout), so a receiver lands them in one staging tensor."""
 
     def __init__(self, kv: PagedKVCache, num_kv_heads: int, tp_size: int, start_layer: int, end_layer: int) -> None:
         self.kv, self.num_kv_heads, self.tp_size = kv, num_kv_heads, tp_size
@@ -81,31 +81,6 @@ class BlockIO:
         pool = self.kv.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
         spans = joint_runs(blocks, dest_blocks)
         return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for _, b, _, n in spans]
-
-    def landing(self, blocks: list[int], part_bytes: tuple[int, ...], src_tp: int = 1) -> list[torch.Tensor] | None:
-        """Where each announced part lands in the pool, as views of it, when the parts are
-        what ``parts`` sends for ``blocks`` here: a TP1 sender (``src_tp``) to this TP1 stage,
-        per layer, K then V, the same runs of blocks, each run consecutive among ``blocks``.
-        None when they are not (or the pool is on a GPU): the caller then receives into a
-        staging tensor and writes that."""
-        pool = self.kv.kv   # [layers, 2, num_blocks, kv_heads, block_size, head_dim]
-        groups = pool.shape[0] * 2
-        per_block = pool[0, 0, 0].numel() * pool.element_size()
-        if pool.is_cuda or self.tp_size != 1 or src_tp != 1 or not part_bytes or len(part_bytes) % groups:
-            return None
-        seg_bytes = part_bytes[:len(part_bytes) // groups]
-        if part_bytes != seg_bytes * groups or any(n <= 0 or n % per_block for n in seg_bytes):
-            return None
-        segs, at = [], 0
-        for n in (x // per_block for x in seg_bytes):
-            run = blocks[at:at + n]
-            if len(run) != n or run != list(range(run[0], run[0] + n)):
-                return None
-            segs.append((run[0], n))
-            at += n
-        if at != len(blocks):
-            return None
-        return [pool[layer, kv, b:b + n] for layer in range(pool.shape[0]) for kv in range(2) for b, n in segs]
 
     def accept(self, blocks: list[int], dtype: torch.dtype, shape: tuple[int, ...], src_tp: int,
                start_layer: int, end_layer: int) -> Incoming:

@@ -4,11 +4,14 @@ touched) and serves each transfer in a task of its own.
 
 Serving one: open an endpoint back to the sender (with error handling if it asked, and a
 pidfd watch when it runs on this host), hand the header and the parts' sizes to the
-handler; the handler checks them and calls ``receive(destinations)``, which posts the
-receives of the payload's parts straight into the destination tensors (the payload's bytes
-laid across them in order; no part may straddle two), sends the OK verdict and waits for
-the bytes within the data timeout. An error the handler raises before that is the
-verdict, after it the done status; either way the sender raises it again.
+handler; the handler checks them and calls ``receive(destinations, deadline)``, which posts
+the receives of the payload's parts straight into the destination tensors (the payload's
+bytes laid across them in order; no part may straddle two), sends the OK verdict and waits
+for the bytes within the data timeout (and before ``deadline``, a ``time.time()``, if any).
+A receive UCX has matched cannot be withdrawn: after a failed transfer the destinations may
+still be written (they are kept alive), so they must not be memory that is reused.
+An error the handler raises before that is the verdict, after it the done status; either
+way the sender raises it again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -31,7 +35,7 @@ from stagekit.transport.ucx.settings import UcxSettings
 
 log = logging.getLogger(__name__)
 
-Receive = Callable[[list[torch.Tensor]], Awaitable[None]]
+Receive = Callable[[list[torch.Tensor], float | None], Awaitable[None]]
 BulkHandler = Callable[[bytes, tuple[int, ...], Receive], Awaitable[None]]
 _CLOSE_AFTER_S = 5.0   # the sender closes first; ours goes once our last message surely arrived
 
@@ -86,7 +90,7 @@ class BulkInbox:
         posted: list = []         # every request posted on ep
         answered = [False]
 
-        async def receive(dests: list[torch.Tensor]) -> None:
+        async def receive(dests: list[torch.Tensor], deadline: float | None = None) -> None:
             flats = [_bytes_of(d) for d in dests]   # each destination's bytes
             total = sum(f.size for f in flats)
             if sum(hello.part_bytes) != total:
@@ -100,6 +104,8 @@ class BulkInbox:
             posted.extend(reqs)
             answered[0] = True
             timeout = bulk.data_timeout(s, total)
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - time.time()))
             await bulk.wait_transfer(rt, reqs, timeout, lost, f"bulk transfer {tid:x}", "complete data")
 
         error: BaseException | None = None
