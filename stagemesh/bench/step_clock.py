@@ -25,6 +25,7 @@ from torch import nn
 # category -> what it holds; the table prints them in this order
 CATEGORIES: dict[str, str] = {
     "matmul": "matmuls: QKV, O, gate/up, down",
+    "fused_layer": "fused decoder layers: one native call each (STAGEMESH_FUSED_LAYER=0 splits it up)",
     "lm_head": "matmul: LM head",
     "attention": "attention: KV write + paged decode",
     "norm": "RMSNorm (+ residual add)",
@@ -43,8 +44,8 @@ CATEGORIES: dict[str, str] = {
     "event_loop": "event loop: streaming, wake-ups",
 }
 # the categories that run on the compute thread (the rest run on the event loop)
-COMPUTE = ("matmul", "lm_head", "attention", "norm", "rope", "act", "embed", "tp_comm", "moe", "layer_glue",
-           "step_setup", "sampling", "runtime")
+COMPUTE = ("matmul", "fused_layer", "lm_head", "attention", "norm", "rope", "act", "embed", "tp_comm", "moe",
+           "layer_glue", "step_setup", "sampling", "runtime")
 
 
 @dataclass

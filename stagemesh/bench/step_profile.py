@@ -228,6 +228,9 @@ def attach(clock: StepClock, engine: object, modules: bool) -> None:
     if runner.groups.tp.world_size > 1:
         for name in ("all_reduce", "all_gather"):
             clock.wrap(runner.groups.tp, name, "tp_comm")
+    from stagekit.models import fused_decode
+
+    clock.wrap(fused_decode, "run", "fused_layer")   # llama.py calls it through the module: a decode step's layers
     model = runner.model
     for m in model.modules():
         category = module_category(m)
@@ -264,8 +267,8 @@ def weight_bytes(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         if module_category(m) == "matmul" or m is getattr(model, "lm_head", None):
-            w = getattr(m, "packed_weight", None)
-            w = w if w is not None else m.weight
+            cpu = getattr(m, "cpu_weight", None)   # CPU-packed: panels or oneDNN's layout
+            w = m.weight if cpu is None else (cpu.panels if cpu.panels is not None else cpu.onednn)
             total += w.numel() * w.element_size()
     return total
 
@@ -284,7 +287,9 @@ def summarize(batch: int, plain: list[StepRecord], timed: list[StepRecord], nbyt
     cats = {c: 1000 * sum(r.seconds.get(c, 0.0) for r in timed) / len(timed) for c in CATEGORIES}
     profiled = 1000 * statistics.mean(r.wall for r in timed)
     step = 1000 * statistics.mean(r.wall for r in plain)
-    matmul_ms = cats["matmul"] + cats["lm_head"]
+    # a fused layer's matmuls cannot be timed apart from its glue and attention: with it on, this is
+    # the weights' streaming rate over the time of the calls that stream them (a lower bound)
+    matmul_ms = cats["matmul"] + cats["lm_head"] + cats["fused_layer"]
     return {
         "batch": batch, "decode_steps": len(timed),
         "step_ms": round(step, 3), "step_ms_median": round(1000 * statistics.median(r.wall for r in plain), 3),

@@ -6,6 +6,7 @@ clear errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,14 +26,16 @@ def tiny_projection_bytes(cfg: dict) -> int:
     return 4 * (cfg["num_hidden_layers"] * per_layer + cfg["vocab_size"] * h)
 
 
-def run_profile(*extra: str) -> dict:
-    out = subprocess.run([*PROFILE, *extra], capture_output=True, text=True, timeout=600)
+def run_profile(*extra: str, fused: bool = True) -> dict:
+    env = {**os.environ, "STAGEMESH_FUSED_LAYER": "1" if fused else "0"}
+    out = subprocess.run([*PROFILE, *extra], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_profile_categories_add_up_to_the_step() -> None:
-    report = run_profile("--batch", "1,2", "--mesh", "pp1")
+    # the fused decode layer off: every layer's pieces are timed apart
+    report = run_profile("--batch", "1,2", "--mesh", "pp1", fused=False)
     with open(f"{report['model']}/config.json") as f:
         cfg = json.load(f)
     assert report["weight_bytes"] == tiny_projection_bytes(cfg)
@@ -52,16 +55,29 @@ def test_profile_categories_add_up_to_the_step() -> None:
             assert cats[c]["ms"] > 0, c
         assert cats["tp_comm"]["ms"] == 0 and cats["moe"]["ms"] == 0
         assert row["step_ms"] > 0 and row["decode_tok_s"] > 0 and row["matmul_gb_s"] > 0
+    assert cats["fused_layer"]["ms"] < cats["norm"]["ms"]  # only the switch's look, which says no
     (stream,) = report["streams"]
     assert stream["mesh"] == "pp1" and stream["direct_itl_ms"] > 0 and stream["gateway_itl_ms"] > 0
     assert stream["gateway_adds_ms"] == pytest.approx(stream["gateway_itl_ms"] - stream["direct_itl_ms"], abs=2e-3)
+
+
+def test_profile_times_the_fused_layer_as_one_category() -> None:
+    """With the fused decode layer on (the default), a decode step's layers are one native call
+    each: timed as `fused_layer`, nothing left in the per-op categories of the layers."""
+    report = run_profile("--batch", "1", "--mesh", "none")
+    (row,) = report["batches"]
+    cats = row["categories"]
+    assert cats["fused_layer"]["ms"] > 0 and cats["lm_head"]["ms"] > 0
+    # the final norm runs outside the layers, so `norm` keeps a little
+    assert cats["matmul"]["ms"] == 0 and cats["attention"]["ms"] == 0 and cats["rope"]["ms"] == 0
+    assert row["matmul_gb_s"] > 0
 
 
 @pytest.mark.slow
 def test_profile_of_a_tp2_stage_times_its_collectives() -> None:
     report = run_profile("--batch", "1", "--mesh", "none", "--tp", "2", "--threads", "1")
     cats = report["batches"][0]["categories"]
-    assert cats["tp_comm"]["ms"] > 0 and cats["matmul"]["ms"] > 0
+    assert cats["tp_comm"]["ms"] > 0 and cats["matmul"]["ms"] + cats["fused_layer"]["ms"] > 0
 
 
 @pytest.mark.parametrize("args, message", [

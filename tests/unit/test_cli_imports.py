@@ -16,7 +16,7 @@ for name in {BLOCKED!r}:
 from stagemesh.cli.main import build_parser
 parser = build_parser()
 for argv in (["bench", "gateway", "--help"], ["bench", "soak", "--help"], ["bench", "decode", "--help"],
-             ["up", "--help"], ["stage", "--help"]):
+             ["bench", "chaos", "--help"], ["up", "--help"], ["stage", "--help"]):
     try:
         parser.parse_args(argv)
     except SystemExit as e:
