@@ -87,19 +87,28 @@ def _check_tokens(mesh: Mesh, ref: Reference) -> None:
 
 
 def _stream_fails_in_time(mesh: Mesh, stop_member, survivor: int = 0) -> None:
-    """A long stream on replica ``survivor`` while ``stop_member()`` hits the other: the stream
-    ends with an error within the collective timeout (plus the time to notice), never hangs."""
+    """Long streams one after another on replica ``survivor`` while ``stop_member()`` hits the
+    other: the stream running then ends with an error within the collective timeout (plus the
+    time to notice), never hangs. (Back to back, so one runs whatever the kernels' speed.)"""
+
+    def streams() -> tuple[grpc.RpcError, int]:
+        for n in range(10_000):
+            try:
+                generate(mesh.replicas[survivor][0], PROMPTS[1], f"long-{n}", temperature=0.0, max_tokens=200,
+                         ignore_eos=True)
+            except grpc.RpcError as e:
+                return e, n
+        raise AssertionError("10,000 streams and no error")
+
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(generate, mesh.replicas[survivor][0], PROMPTS[1], "long", temperature=0.0, max_tokens=200,
-                          ignore_eos=True)
+        fut = pool.submit(streams)
         time.sleep(1.0)
-        assert not fut.done(), "the stream should still run when the member goes"
+        assert not fut.done(), "the streams should still run when the member goes"
         hit = time.monotonic()
         stop_member()
-        with pytest.raises(grpc.RpcError) as err:
-            fut.result(timeout=TIMEOUT_S + 30)
+        error, _ = fut.result(timeout=TIMEOUT_S + 30)
         assert time.monotonic() - hit < TIMEOUT_S + 15
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "DP group" in err.value.details()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "DP group" in error.details()
     info = stage_info(mesh.replicas[survivor][0])
     assert info.dp_state == "forming" and "failed" in info.dp_detail
     metrics = _stage_metrics(mesh, survivor)

@@ -51,6 +51,13 @@ def _model(hq: int, hk: int, bias: bool, wdt: torch.dtype | None, start: int = 0
     return model
 
 
+def _kv_cache(hk: int) -> PagedKVCache:
+    """A pool of zeros: the blocks no step writes must compare equal (torch.empty may hold NaNs)."""
+    kv = PagedKVCache(2, hk, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+    kv.kv.zero_()
+    return kv
+
+
 def _prefill(model: StageModel, kv: PagedKVCache) -> list[SeqSlice]:
     """Prefill every prompt (unfused: prefill steps never take the fused path); blocks scattered."""
     blocks = list(range(kv.num_blocks))[::-1]
@@ -78,7 +85,7 @@ def _decode(model: StageModel, kv: PagedKVCache, seqs: list[SeqSlice], fused: bo
                                                       (4, 4, True, torch.bfloat16)])
 def test_fused_equals_unfused_over_decode_steps(hq: int, hk: int, bias: bool, wdt: torch.dtype | None) -> None:
     model = _model(hq, hk, bias, wdt)
-    kv = PagedKVCache(2, hk, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+    kv = _kv_cache(hk)
     seqs = _prefill(model, kv)
     for step in range(3):
         before = kv.kv.clone()
@@ -93,7 +100,7 @@ def test_fused_equals_unfused_over_decode_steps(hq: int, hk: int, bias: bool, wd
 
 def test_one_and_two_threads_are_bitwise_equal_and_a_later_stage_fuses_too() -> None:
     model = _model(4, 2, True, None, start=1, end=3)  # a middle stage: hidden and residual come in
-    kv = PagedKVCache(2, 2, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+    kv = _kv_cache(2)
     seqs = [SeqSlice(i, 0, n, new_blocks=tuple(range(2 * i, 2 * i + 2))) for i, n in enumerate((5, 9, 1))]
     kv.apply(seqs, [], [])
     g = torch.Generator().manual_seed(3)
@@ -116,7 +123,7 @@ def test_one_and_two_threads_are_bitwise_equal_and_a_later_stage_fuses_too() -> 
 def test_attention_and_mlp_halves_equal_the_whole_layer() -> None:
     """The TP form (two calls, the caller all-reduces between them) computes what one call does."""
     model = _model(4, 2, False, torch.float16)
-    kv = PagedKVCache(2, 2, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+    kv = _kv_cache(2)
     seqs = _prefill(model, kv)
     layer = model.model.layers["1"]
     _decode(model, kv, seqs, True, 0)  # builds the layer's plan
@@ -139,7 +146,7 @@ def test_attention_and_mlp_halves_equal_the_whole_layer() -> None:
 def test_layers_and_steps_it_does_not_fit_keep_their_path() -> None:
     """Per-head q/k norms (Qwen3), oneDNN weights and prefill steps run the modules."""
     for model in (_model(4, 2, False, None, qk_norm=True), _model(4, 2, False, None, kernel="onednn")):
-        kv = PagedKVCache(2, 2, 16, torch.float32, torch.device("cpu"), 16, BLOCK)
+        kv = _kv_cache(2)
         seqs = _prefill(model, kv)
         assert not fused_decode._last.on  # a prefill step
         _decode(model, kv, seqs, True, 0)
