@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 
+import torch.distributed as dist
+
 from stagekit.config.model_config import load_model_config
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.communicator_choice import communicator_for
@@ -20,10 +22,11 @@ MOE_PARALLEL = ("tp", "ep")
 MOE_DISPATCH = ("local", "all_to_all")
 
 
-def join_stage_world(rank: int, tp_size: int, init_method: str, timeout_s: float = 120.0,
+def join_stage_world(rank: int, tp_size: int, store: dist.Store | None, timeout_s: float = 120.0,
                      collectives: str = "auto", moe_parallel: str = "tp",
                      moe_dispatch: str = "local") -> tuple[ParallelWorld, ParallelGroups]:
-    """Join the stage's world as TP rank ``rank`` and make its groups: one TP group of the
+    """Join the stage's world as TP rank ``rank`` (the ranks meet at ``store``, served by
+    rank 0: parallel_world.serve_loopback_store; None for one rank) and make its groups: one TP group of the
     whole world, its tensors moved as ``collectives`` says (communicator_choice); with
     ``moe_parallel == "ep"`` also an EP group over the same ranks, a second group with its
     own communicator (its all-reduces and all-to-alls never share buffers or sequence
@@ -33,7 +36,7 @@ def join_stage_world(rank: int, tp_size: int, init_method: str, timeout_s: float
     if moe_parallel not in MOE_PARALLEL or moe_dispatch not in MOE_DISPATCH:
         raise ValueError(f"moe_parallel {moe_parallel!r} / moe_dispatch {moe_dispatch!r}: "
                          f"one of {MOE_PARALLEL} / {MOE_DISPATCH}")
-    world = ParallelWorld(rank, tp_size, init_method, timeout_s)
+    world = ParallelWorld(rank, tp_size, None, timeout_s, store=store)
     try:
         comm = communicator_for(collectives, world.device)
         tp = world.new_group(range(tp_size), comm)

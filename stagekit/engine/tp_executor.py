@@ -29,8 +29,8 @@ from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, ToWo
 from stagekit.engine.tp_worker import worker_main
 from stagekit.errors import StageUnavailable
 from stagekit.parallel.dp_rendezvous import DpRendezvous
+from stagekit.parallel.parallel_world import serve_loopback_store
 from stagekit.parallel.shm_broadcaster import ShmBroadcaster
-from stagekit.ports import free_port
 from stagekit.types.step import IntermediateTensors, StepInputs
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,14 @@ class TPExecutor:
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []
         self._ring = ShmBroadcaster.create(spec.tp_size - 1) if spec.tp_size > 1 else None
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        # the world's rendezvous, bound before any worker dials it (a DP group meets elsewhere)
+        self._store = serve_loopback_store(spec.tp_size) if spec.tp_size > 1 and spec.dp_size <= 1 else None
+        store_port = 0 if self._store is None else self._store.port
         ctx = mp.get_context("spawn")
         for rank in range(1, spec.tp_size):
             parent, child = ctx.Pipe()
             ring = None if self._ring is None else self._ring.name
-            p = ctx.Process(target=worker_main, args=(spec, rank, init_method, child, ring), daemon=True,
+            p = ctx.Process(target=worker_main, args=(spec, rank, store_port, child, ring), daemon=True,
                             name=f"stagemesh-tp{rank}")
             p.start()
             child.close()
@@ -66,7 +68,7 @@ class TPExecutor:
             if rendezvous is not None:
                 self.world, self.groups, self.epoch, self.world_id = join_group_world(spec, rendezvous, cancel)
             else:
-                self.world, self.groups = join_stage_world(0, spec.tp_size, init_method, collectives=spec.collectives,
+                self.world, self.groups = join_stage_world(0, spec.tp_size, self._store, collectives=spec.collectives,
                                                            moe_parallel=spec.moe_parallel,
                                                            moe_dispatch=spec.moe_dispatch)
             self.runner = ModelRunner(spec, self.groups)

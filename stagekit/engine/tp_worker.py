@@ -20,11 +20,14 @@ from stagekit.engine.startup_heap import freeze_startup_heap
 from stagekit.engine.tp_messages import ReadKv, RunStep, Stop, TensorsMeta, WorkerFailed, WorkerReady, WriteKv
 from stagekit.parallel.dp_rendezvous import DpRendezvous
 from stagekit.parallel.group import GroupCoordinator
+from stagekit.parallel.parallel_world import dial_loopback_store
 from stagekit.parallel.shm_broadcaster import ShmBroadcastReader
 from stagekit.types.step import IntermediateTensors
 
 
-def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection, ring: str | None = None) -> None:
+def worker_main(spec: StageSpec, rank: int, store_port: int, conn: Connection, ring: str | None = None) -> None:
+    """TP rank ``rank`` of the stage ``spec``: joins the stage's world at rank 0's store on
+    ``store_port`` (or its DP group's), then serves the steps rank 0 sends."""
     try:
         if spec.dp_size > 1:   # a DP group's world: this rank knocks at the group's rendezvous itself
             # kept open for the process's life: the world's store is the rendezvous's connection
@@ -32,7 +35,8 @@ def worker_main(spec: StageSpec, rank: int, init_method: str, conn: Connection, 
                                       timeout_s=spec.collective_timeout_s)
             world, groups, _, _ = join_group_world(spec, rendezvous)
         else:
-            world, groups = join_stage_world(rank, spec.tp_size, init_method, collectives=spec.collectives,
+            store = dial_loopback_store(store_port, spec.tp_size)
+            world, groups = join_stage_world(rank, spec.tp_size, store, collectives=spec.collectives,
                                              moe_parallel=spec.moe_parallel, moe_dispatch=spec.moe_dispatch)
     except Exception as e:  # reported to rank 0, which fails the stage's start-up with it
         conn.send(WorkerFailed(f"{type(e).__name__}: {e}"))

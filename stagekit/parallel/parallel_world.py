@@ -19,6 +19,20 @@ from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.torch_communicator import TorchCommunicator
 
 
+def serve_loopback_store(world_size: int, timeout_s: float = 120.0) -> dist.TCPStore:
+    """The rendezvous store rank 0 of a one-host world serves on a loopback port the OS
+    picks as it binds (``store.port``): there is no window between choosing a port and
+    binding it in which another process can take it, as there is with a port probed
+    free beforehand. The other ranks reach it with ``dial_loopback_store``."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, True, datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def dial_loopback_store(port: int, world_size: int, timeout_s: float = 120.0) -> dist.TCPStore:
+    """A client of the store ``serve_loopback_store`` serves on ``port``."""
+    return dist.TCPStore("127.0.0.1", port, world_size, False, datetime.timedelta(seconds=timeout_s))
+
+
 class ParallelWorld:
     """This process's rank in a world of ``world_size`` ranks that meet at ``init_method``.
 

@@ -6,6 +6,8 @@ picks the communicator (auto: shared memory for CPU ranks)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,7 +18,7 @@ from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.parallel.shm_group_communicator import ShmGroupCommunicator
 from stagekit.parallel.torch_communicator import TorchCommunicator
-from stagekit.ports import free_port
+from tests.helpers.rendezvous import rendezvous_url
 
 WORLD = 3
 
@@ -55,10 +57,10 @@ def _rank(rank: int, init_method: str, out: dict) -> None:
         out[rank] = [t.clone() for t in b]
 
 
-def test_shared_memory_group_equals_gloo_group() -> None:
+def test_shared_memory_group_equals_gloo_group(tmp_path: Path) -> None:
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(f"tcp://127.0.0.1:{free_port()}", out), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(rendezvous_url(tmp_path), out), nprocs=WORLD, join=True)
         results = [out[r] for r in range(WORLD)]
     for i in (0, 1, 2, 3, 4):  # all_reduce, all_gather and broadcast: identical bytes on every rank
         assert all(torch.equal(results[0][i], results[r][i]) for r in range(WORLD)), i

@@ -6,6 +6,8 @@ with experts that do not divide evenly (5 over 2)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,8 +15,8 @@ import torch.multiprocessing as mp
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.parallel.shm_group_communicator import ShmGroupCommunicator
 from stagekit.parallel.torch_communicator import TorchCommunicator
-from stagekit.ports import free_port
 from tests.helpers.moe_blocks import FAMILIES, HIDDEN, fused_like, hf_block
+from tests.helpers.rendezvous import rendezvous_url
 
 pytest.importorskip("transformers")
 
@@ -58,5 +60,5 @@ def _rank(rank: int, init_method: str, communicator: str) -> None:
 
 
 @pytest.mark.parametrize("communicator", list(COMMUNICATORS))
-def test_all_to_all_with_different_tokens_equals_single_rank(communicator: str) -> None:
-    mp.spawn(_rank, args=(f"tcp://127.0.0.1:{free_port()}", communicator), nprocs=2, join=True)
+def test_all_to_all_with_different_tokens_equals_single_rank(communicator: str, tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(rendezvous_url(tmp_path), communicator), nprocs=2, join=True)

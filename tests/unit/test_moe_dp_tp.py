@@ -7,6 +7,8 @@ and uneven chunks; over torch.distributed gloo and over the shared-memory commun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,8 +18,8 @@ from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.parallel_world import ParallelWorld
 from stagekit.parallel.shm_group_communicator import ShmGroupCommunicator
 from stagekit.parallel.torch_communicator import TorchCommunicator
-from stagekit.ports import free_port
 from tests.helpers.moe_blocks import FAMILIES, HIDDEN, INTER, SHARED, fused_like, hf_block
+from tests.helpers.rendezvous import rendezvous_url
 
 pytest.importorskip("transformers")
 
@@ -62,8 +64,8 @@ def _rank(rank: int, init_method: str, communicator: str) -> None:
 
 
 @pytest.mark.parametrize("communicator", list(COMMUNICATORS))
-def test_tp_replicas_over_one_ep_group_equal_single_rank(communicator: str) -> None:
-    mp.spawn(_rank, args=(f"tcp://127.0.0.1:{free_port()}", communicator), nprocs=4, join=True)
+def test_tp_replicas_over_one_ep_group_equal_single_rank(communicator: str, tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(rendezvous_url(tmp_path), communicator), nprocs=4, join=True)
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])

@@ -5,6 +5,8 @@ single-rank layer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -12,8 +14,8 @@ import torch.multiprocessing as mp
 from stagekit.layers.cpu_packed import CpuWeightPlan
 from stagekit.parallel.expert_placement import contiguous_placement, placement_map
 from stagekit.parallel.parallel_world import ParallelWorld
-from stagekit.ports import free_port
 from tests.helpers.moe_blocks import FAMILIES, HIDDEN, INTER, E, fused_like, hf_block
+from tests.helpers.rendezvous import rendezvous_url
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,5 +97,5 @@ def _sharded(rank: int, init_method: str) -> None:
     world.close()
 
 
-def test_tp2_and_ep2_equal_single_rank() -> None:
-    mp.spawn(_sharded, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=2, join=True)
+def test_tp2_and_ep2_equal_single_rank(tmp_path: Path) -> None:
+    mp.spawn(_sharded, args=(rendezvous_url(tmp_path),), nprocs=2, join=True)

@@ -3,6 +3,8 @@ shard loaded through the layer's own weight loader, against the unsharded math."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from stagekit.layers.linear import (
 )
 from stagekit.layers.weight_source import TensorSource
 from stagekit.parallel.parallel_world import ParallelWorld
-from stagekit.ports import free_port
+from tests.helpers.rendezvous import rendezvous_url
 
 TP = 2
 
@@ -90,5 +92,5 @@ def _checks(rank: int, init_method: str) -> None:
     world.close()
 
 
-def test_sharded_layers_equal_dense() -> None:
-    mp.spawn(_checks, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=TP, join=True)
+def test_sharded_layers_equal_dense(tmp_path: Path) -> None:
+    mp.spawn(_checks, args=(rendezvous_url(tmp_path),), nprocs=TP, join=True)

@@ -5,6 +5,8 @@ every process closes the world and exits 0 (gloo groups left alive at exit can a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +14,7 @@ import torch.multiprocessing as mp
 
 from stagekit.parallel.group import GroupCoordinator
 from stagekit.parallel.parallel_world import ParallelWorld
-from stagekit.ports import free_port
+from tests.helpers.rendezvous import rendezvous_url
 
 WORLD = 3
 
@@ -70,8 +72,8 @@ def _rank(rank: int, init_method: str) -> None:
     world.close()  # idempotent
 
 
-def test_groups_over_subsets_of_a_world() -> None:
-    mp.spawn(_rank, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=WORLD, join=True)
+def test_groups_over_subsets_of_a_world(tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(rendezvous_url(tmp_path),), nprocs=WORLD, join=True)
 
 
 def test_one_rank_world_stays_out_of_torch_distributed() -> None:

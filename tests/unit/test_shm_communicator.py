@@ -25,7 +25,7 @@ from stagekit.errors import StageUnavailable
 from stagekit.kernels import shm_collectives
 from stagekit.parallel import shm_segment
 from stagekit.parallel.shm_communicator import ShmCommunicator
-from stagekit.ports import free_port
+from tests.helpers.rendezvous import rendezvous_url
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1,), (7,), (4097,), (1, 4096), (32, 4096))
@@ -37,9 +37,9 @@ def _exchange(obj: object) -> list:
     return out
 
 
-def _join(rank: int, world: int, port: int, **kw: object) -> tuple[ShmCommunicator, ShmCommunicator]:
+def _join(rank: int, world: int, url: str, **kw: object) -> tuple[ShmCommunicator, ShmCommunicator]:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
     native = ShmCommunicator.create(_exchange, rank, world, slot_bytes=64 << 10, **kw)
     fallback = ShmCommunicator.create(_exchange, rank, world, slot_bytes=16 << 10, use_native=False, **kw)
     assert native.native == shm_collectives.native_available() and not fallback.native
@@ -64,8 +64,8 @@ def _same_on_every_rank(t: torch.Tensor) -> None:
     assert all(h == everyone[0] for h in everyone)
 
 
-def _parity(rank: int, world: int, port: int) -> None:
-    comms = _join(rank, world, port, timeout_s=60.0)
+def _parity(rank: int, world: int, url: str) -> None:
+    comms = _join(rank, world, url, timeout_s=60.0)
     for case, (dtype, shape) in enumerate((d, s) for d in DTYPES for s in SHAPES):
         xs = [_input(case, r, shape, dtype) for r in range(world)]
         gloo = xs[rank].clone()
@@ -107,12 +107,12 @@ def _parity(rank: int, world: int, port: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_results_equal_gloo_and_fixed_order(world: int) -> None:
-    mp.spawn(_parity, args=(world, free_port()), nprocs=world, join=True)
+def test_results_equal_gloo_and_fixed_order(world: int, tmp_path) -> None:
+    mp.spawn(_parity, args=(world, rendezvous_url(tmp_path)), nprocs=world, join=True)
 
 
-def _stress(rank: int, world: int, port: int) -> None:
-    comms = _join(rank, world, port, timeout_s=60.0)
+def _stress(rank: int, world: int, url: str) -> None:
+    comms = _join(rank, world, url, timeout_s=60.0)
     rng = random.Random(5)  # the same sequence of operations on every rank
     deadline = time.monotonic() + 3.0
     for it in range(400):
@@ -138,12 +138,12 @@ def _stress(rank: int, world: int, port: int) -> None:
     dist.destroy_process_group()
 
 
-def test_stress_interleaved_random_sizes() -> None:
-    mp.spawn(_stress, args=(3, free_port()), nprocs=3, join=True)
+def test_stress_interleaved_random_sizes(tmp_path) -> None:
+    mp.spawn(_stress, args=(3, rendezvous_url(tmp_path)), nprocs=3, join=True)
 
 
-def _victim_or_survivor(rank: int, port: int, report: str) -> None:
-    native, fallback = _join(rank, 2, port, timeout_s=20.0)
+def _victim_or_survivor(rank: int, url: str, report: str) -> None:
+    native, fallback = _join(rank, 2, url, timeout_s=20.0)
     lone = ShmCommunicator.create(_exchange, rank, 2, timeout_s=0.5)
     if rank == 1:  # killed while it waits inside a many-step all-reduce for rank 0
         time.sleep(1.2)
@@ -171,8 +171,8 @@ def _victim_or_survivor(rank: int, port: int, report: str) -> None:
 def test_killed_rank_is_an_error_and_leaves_no_segment(tmp_path) -> None:
     ctx = mp.get_context("spawn")
     report = tmp_path / "report.json"
-    port = free_port()
-    procs = [ctx.Process(target=_victim_or_survivor, args=(r, port, str(report))) for r in range(2)]
+    url = rendezvous_url(tmp_path)
+    procs = [ctx.Process(target=_victim_or_survivor, args=(r, url, str(report))) for r in range(2)]
     for p in procs:
         p.start()
     try:

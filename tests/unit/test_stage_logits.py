@@ -7,6 +7,8 @@ processes; log-probabilities hide a constant shift of the logits, this does not.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,9 +17,9 @@ from stagekit.engine.model_runner import ModelRunner
 from stagekit.engine.stage_spec import StageSpec
 from stagekit.parallel.parallel_groups import ParallelGroups
 from stagekit.parallel.parallel_world import ParallelWorld
-from stagekit.ports import free_port
 from stagekit.types.step import SeqSlice, StepHeader, StepInputs
 from tests.helpers.checkpoints import MOE_ARCHS, PROMPTS
+from tests.helpers.rendezvous import rendezvous_url
 
 SPLITS = [[(0, 5)], [(0, 3), (3, 5)], [(0, 1), (1, 4), (4, 5)]]  # PP1, PP2, PP3 uneven
 BLOCK = 16
@@ -56,7 +58,8 @@ def _rank(rank: int, path: str, splits: list, tp: int, init_method: str, ref: to
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", *MOE_ARCHS])
-def test_last_position_logits_match_transformers(arch: str, tp: int, request: pytest.FixtureRequest) -> None:
+def test_last_position_logits_match_transformers(arch: str, tp: int, request: pytest.FixtureRequest,
+                                                 tmp_path: Path) -> None:
     checkpoints = request.getfixturevalue("moe_checkpoints" if arch in MOE_ARCHS else "hf_checkpoints")
     path = checkpoints[arch].path
     ref = _hf_logits(path)
@@ -68,4 +71,4 @@ def test_last_position_logits_match_transformers(arch: str, tp: int, request: py
             diff = (logits - ref).abs().max().item()
             assert diff < 1e-4, f"splits {splits}: max |logit diff| {diff}"
         else:
-            mp.spawn(_rank, args=(path, splits, tp, f"tcp://127.0.0.1:{free_port()}", ref), nprocs=tp, join=True)
+            mp.spawn(_rank, args=(path, splits, tp, rendezvous_url(tmp_path), ref), nprocs=tp, join=True)
