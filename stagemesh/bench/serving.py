@@ -5,8 +5,8 @@ on the same checkpoint in the same invocation (``--baseline hf``).
 ``--transport ucx,grpc`` starts one mesh per data plane (all up at once, same layout), and
 ``--layouts tp1x2,tp2x1`` one mesh per TP layout (TP size x torch threads per rank, with an
 optional ``-gloo`` / ``-shm`` for the TP collectives and ``-ep`` for experts placed whole; a
-``dpN-`` prefix starts N replicas, and a ``-dpa`` suffix makes them one data-parallel-attention
-group);
+``dpN-`` prefix starts N replicas, a ``-dpa`` suffix makes them one data-parallel-attention
+group, and ``-f16`` / ``-bf16`` stores the linear weights in half precision);
 either way the meshes are measured in alternating rounds (``--rounds``, ABBA order), so
 that the load other processes put on the machine falls on all alike; figures are medians
 over rounds, ratios against the last mesh.
@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated TP layouts instead of --tp/--threads, e.g. tp2x1,tp1x2 (TP size x threads "
                         "per rank; a -gloo or -shm suffix picks the TP collectives, -ep places a MoE model's "
                         "experts whole over the TP ranks; a dpN- prefix runs N replicas, and -dpa makes them one "
-                        "data-parallel-attention group, e.g. dp2-tp1x1-dpa): one mesh each, alternating rounds")
+                        "data-parallel-attention group, e.g. dp2-tp1x1-dpa; -f16 / -bf16 stores the linear weights "
+                        "in half precision, --weight-dtype): one mesh each, alternating rounds")
     p.add_argument("--rounds", type=int, default=1, help="rounds over the meshes; figures are medians (default 1)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -184,6 +185,10 @@ def batch1_step(model: str, num_layers: int, vocab_size: int, args: argparse.Nam
             "step_gb_s": round(step_gb_s, 2), "step_vs_bandwidth": round(step_gb_s / bw, 3)}
 
 
+# a --layouts suffix -> the stages' --weight-dtype (none: the checkpoint's own)
+_WEIGHT_DTYPES = {None: "", "f16": "float16", "bf16": "bfloat16"}
+
+
 def _variants(args: argparse.Namespace) -> dict[str, dict]:
     """The meshes to compare, by label: one per --layouts entry, else one per --transport plane."""
     from stagekit.errors import ConfigError
@@ -193,21 +198,22 @@ def _variants(args: argparse.Namespace) -> dict[str, dict]:
             raise ConfigError("--layouts compares TP layouts on one data plane: give --transport one plane")
         out = {}
         for v in (s for s in args.layouts.split(",") if s):
-            m = re.fullmatch(r"(?:dp(\d+)-)?tp(\d+)x(\d+)(?:-(shm|gloo))?(-ep)?(-dpa)?", v)
+            m = re.fullmatch(r"(?:dp(\d+)-)?tp(\d+)x(\d+)(?:-(shm|gloo))?(-ep)?(-dpa)?(?:-(f16|bf16))?", v)
             if m is None:
-                raise ConfigError(f"--layouts entry {v!r}: expected [dpN-]tpNxT[-shm|-gloo][-ep][-dpa] (replicas, TP "
-                                  "size x threads), e.g. tp2x1, tp2x1-gloo, dp2-tp1x1-dpa")
+                raise ConfigError(f"--layouts entry {v!r}: expected [dpN-]tpNxT[-shm|-gloo][-ep][-dpa][-f16|-bf16] "
+                                  "(replicas, TP size x threads), e.g. tp2x1, tp2x1-gloo, dp2-tp1x1-dpa, tp1x2-f16")
             out[v] = {"tp": int(m[2]), "threads": int(m[3]), "collectives": m[4] or "auto",
                       "transport": args.transport or "", "moe_parallel": "ep" if m[5] else "",
-                      "dp": int(m[1] or 1), "dp_attention": bool(m[6])}
+                      "dp": int(m[1] or 1), "dp_attention": bool(m[6]), "weight_dtype": _WEIGHT_DTYPES[m[7]]}
         return out
     return {t: {"tp": args.tp, "threads": args.threads, "collectives": "auto", "transport": t, "moe_parallel": "",
-                "dp": 1, "dp_attention": False}
+                "dp": 1, "dp_attention": False, "weight_dtype": ""}
             for t in ([t for t in args.transport.split(",") if t] or [""])}
 
 
 def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, label: str, *, tp: int, threads: int,
-                collectives: str, transport: str, moe_parallel: str, dp: int, dp_attention: bool) -> Mesh:
+                collectives: str, transport: str, moe_parallel: str, dp: int, dp_attention: bool,
+                weight_dtype: str) -> Mesh:
     from stagekit.ports import free_port
     from stagemesh.launcher import MeshSpec, split_layers, start_mesh
 
@@ -216,7 +222,8 @@ def _start_mesh(args: argparse.Namespace, model: str, num_layers: int, label: st
                     dp=dp, dp_attention=dp_attention,
                     extra_gateway_args=["--routing", "least_loaded"] if dp > 1 else [],
                     extra_stage_args=["--collectives", collectives,
-                                      *(["--moe-parallel", moe_parallel] if moe_parallel else [])])
+                                      *(["--moe-parallel", moe_parallel] if moe_parallel else []),
+                                      *(["--weight-dtype", weight_dtype] if weight_dtype else [])])
     return start_mesh(spec, f"stagemesh-bench-{label.replace(':', '-') or 'default'}-")
 
 

@@ -37,23 +37,23 @@ def test_bench_serve_compares_tp_layouts(tmp_path: Path) -> None:
     fake.chmod(0o755)
     gguf = tmp_path / "demo.gguf"
     gguf.write_bytes(b"GGUF")
-    out = subprocess.run([*BENCH, "--layouts", "tp2x1-gloo,tp1x1", "--json", "--llama-cpp-bench", str(fake),
+    out = subprocess.run([*BENCH, "--layouts", "tp2x1-gloo,tp1x1-f16", "--json", "--llama-cpp-bench", str(fake),
                           "--gguf", str(gguf)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["meshes"] == {
         "tp2x1-gloo": {"tp": 2, "threads": 1, "collectives": "gloo", "transport": "", "moe_parallel": "", "dp": 1,
-                       "dp_attention": False},
-        "tp1x1": {"tp": 1, "threads": 1, "collectives": "auto", "transport": "", "moe_parallel": "", "dp": 1,
-                  "dp_attention": False},
+                       "dp_attention": False, "weight_dtype": ""},
+        "tp1x1-f16": {"tp": 1, "threads": 1, "collectives": "auto", "transport": "", "moe_parallel": "", "dp": 1,
+                      "dp_attention": False, "weight_dtype": "float16"},
     }
     rows = {(r["mesh"], r["batch"]): r for r in report["runs"]}
-    assert set(rows) == {(m, b) for m in ("tp2x1-gloo", "tp1x1") for b in (1, 2)}
+    assert set(rows) == {(m, b) for m in ("tp2x1-gloo", "tp1x1-f16") for b in (1, 2)}
     for (mesh, batch), r in rows.items():
         assert r["output_tok_s"] > 0
         if mesh == "tp2x1-gloo":
-            ref = rows[("tp1x1", batch)]["output_tok_s"]
-            assert r["ratio_vs_tp1x1"] == round(r["output_tok_s"] / ref, 3)
+            ref = rows[("tp1x1-f16", batch)]["output_tok_s"]
+            assert r["ratio_vs_tp1x1-f16"] == round(r["output_tok_s"] / ref, 3)
         # 4 output tokens per request over the table's 0.5 s total, 0.4 s for 4 decode steps
         assert r["llama_cpp_output_tok_s"] == 4 * batch / 0.5 and r["llama_cpp_decode_step_ms"] == 100.0
         assert r["ratio_vs_llama_cpp"] == round(r["output_tok_s"] / r["llama_cpp_output_tok_s"], 3)
