@@ -13,7 +13,6 @@ all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -25,14 +24,14 @@ from stagekit.layers.mlp import GatedMLP
 
 log = logging.getLogger(__name__)
 
-ENV = "STAGEMESH_FUSED_LAYER"
+ENV = fl.ENV
 
 _announced: list[bool] = []
 _scratch: dict[tuple[int, ...], fl.Scratch] = {}  # reused by every step's layers of that shape
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return fl.enabled()
 
 
 class _Plan:
