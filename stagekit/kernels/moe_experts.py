@@ -20,6 +20,7 @@ from stagekit.kernels.panel_gemm import DTYPE_CODES, PANEL
 from stagekit.kernels.panel_gemm import _lock as native_lock
 
 _p = ctypes.c_void_p
+SCRATCH_BYTES = 64 << 20  # the most row buffers one call may need (pairs_per_call)
 
 
 class _Args(ctypes.Structure):
@@ -65,6 +66,12 @@ class ExpertPanels:
         self.w2 = (_p * len(w2))(*[p.data_ptr() for p in w2])
 
 
+def pairs_per_call(panels: ExpertPanels) -> int:
+    """How many pairs one call may compute: its buffers hold [pairs, 2H + 3I] fp32 for all of
+    them at once (a long prefill of a large model would otherwise keep gigabytes around)."""
+    return max(1, SCRATCH_BYTES // (4 * (2 * panels.hidden + 3 * panels.intermediate)))
+
+
 class _Scratch:
     """One fp32 arena for the kernel's row buffers and one int64 arena for ``pos``, grown to the
     largest call seen (never shrunk); used only under the lock."""
@@ -90,13 +97,15 @@ _scratch = _Scratch()
 
 
 def run(panels: ExpertPanels, x: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
-        weights: torch.Tensor | None, rows_per_token: int, combine: int) -> torch.Tensor:
+        weights: torch.Tensor | None, rows_per_token: int, combine: int, out: torch.Tensor | None = None
+        ) -> torch.Tensor:
     """The routed output of N pairs: pair i is token ``i // rows_per_token`` of x [T, H] fp32
     through the local expert whose sorted range ``bounds`` [E + 1] puts it in (``order`` [N]:
     the stable sort of the pairs by local slot), times ``weights[i]`` [N] fp32 when given, zero
     where its expert is held elsewhere. Returns [N // combine, H] fp32: row t the sum of pairs
-    t*combine .. t*combine + combine - 1, added in that order. Raises RuntimeError where the
-    kernel is unavailable, ValueError for arguments it does not take."""
+    t*combine .. t*combine + combine - 1, added in that order, written into ``out`` when given
+    (contiguous). Raises RuntimeError where the kernel is unavailable, ValueError for arguments
+    it does not take."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the MoE experts kernel is not available here (no C compiler, or native kernels off)")
@@ -109,7 +118,10 @@ def run(panels: ExpertPanels, x: torch.Tensor, order: torch.Tensor, bounds: torc
     if bounds.numel() != e + 1 or n % combine:
         raise ValueError(f"moe experts: {bounds.numel()} bounds for {e} experts, or {n} pairs not in groups "
                          f"of {combine}")
-    out = torch.empty(n // combine, h, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(n // combine, h, dtype=torch.float32)
+    elif out.shape != (n // combine, h) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"moe experts: out must be contiguous fp32 [{n // combine}, {h}]")
     if n == 0:
         return out
     x = x.contiguous()

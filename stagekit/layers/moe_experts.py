@@ -121,8 +121,7 @@ class ExpertWeights(nn.Module):
         topk_weights = topk_weights.gather(-1, perm)
         if self._native(x, topk_weights):
             # the kernel weights the pairs and adds each token's k of them in the same order
-            order, bounds = self._sort(topk_ids.flatten())
-            return native.run(self._panels, x, order, bounds, topk_weights.flatten(), rows_per_token=k, combine=k)
+            return self._run_native(x, topk_ids.flatten(), topk_weights.flatten(), k, combine=k)
         routed = self.grouped(x, topk_ids.flatten(), topk_weights.flatten(), rows_per_token=k)  # row t*k + j
         return sum_choices(routed.view(t, k, x.shape[-1]))
 
@@ -131,9 +130,9 @@ class ExpertWeights(nn.Module):
         """Row i of the result is row ``i // rows_per_token`` of ``x`` through expert
         ``expert_ids[i]`` (times ``weights[i]`` when given), in x's dtype; zero where that
         expert is held elsewhere. x: [N, H]; expert_ids (global ids), weights: [N * rows_per_token]."""
-        order, bounds_t = self._sort(expert_ids)
         if self._native(x, weights):
-            return native.run(self._panels, x, order, bounds_t, weights, rows_per_token, combine=1)
+            return self._run_native(x, expert_ids, weights, rows_per_token, combine=1)
+        order, bounds_t = self._sort(expert_ids)
         bounds = bounds_t.tolist()  # slot s: [bounds[s], bounds[s+1])
         out = torch.zeros(expert_ids.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
         src = order // rows_per_token
@@ -147,6 +146,22 @@ class ExpertWeights(nn.Module):
                 # rounds to x's dtype, as transformers' eager experts do
                 y = y * weights[order[start:end], None]
             out[order[start:end]] = y.to(x.dtype)
+        return out
+
+    def _run_native(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor | None,
+                    rows_per_token: int, combine: int) -> torch.Tensor:
+        """The native call over x's tokens in chunks whose pairs fit its scratch bound (a row's
+        result does not depend on the other rows, so chunking changes no bits)."""
+        assert self._panels is not None
+        if expert_ids.shape[0] != x.shape[0] * rows_per_token:
+            raise ValueError(f"{expert_ids.shape[0]} expert ids for {x.shape[0]} rows of {rows_per_token} pairs each")
+        out = torch.empty(expert_ids.shape[0] // combine, x.shape[-1], dtype=torch.float32)
+        step = max(1, native.pairs_per_call(self._panels) // rows_per_token)  # tokens per call
+        for lo in range(0, x.shape[0], step):
+            a, b = lo * rows_per_token, min(lo + step, x.shape[0]) * rows_per_token
+            order, bounds = self._sort(expert_ids[a:b])
+            native.run(self._panels, x[lo:lo + step], order, bounds, None if weights is None else weights[a:b],
+                       rows_per_token, combine, out=out[a // combine:b // combine])
         return out
 
     def _sort(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@ give bitwise-equal results."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from stagekit.parallel.group import GroupCoordinator
 if not native.native_available():
     pytest.skip("no C compiler: the native MoE experts kernel is not built here", allow_module_level=True)
 
+run = native.run
 HIDDEN, INTER, E = 40, 24, 5  # 40: the down projection's last panel is padded
 ALL, SUBSET = list(range(E)), [0, 2, 3]  # expert 0 never gets a token (routing below)
 NAMES = ("w1", "w3", "w2")
@@ -44,7 +47,7 @@ def routing(num_tokens: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return x, weights.contiguous(), ids
 
 
-def python_path(monkeypatch: pytest.MonkeyPatch, fn, *args) -> torch.Tensor:  # noqa: ANN001
+def python_path(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., torch.Tensor], *args: object) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setenv(fused_layer.ENV, "0")
         m.setattr(native, "run", lambda *a, **kw: pytest.fail("the native call ran with STAGEMESH_FUSED_LAYER=0"))
@@ -100,6 +103,23 @@ def test_thread_count_does_not_change_bits() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def test_calls_split_to_bound_the_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prefill runs as several calls, each within the scratch bound: same bits (also
+    ``grouped`` with weights and several pairs per row, checked against the Python path)."""
+    mod = experts(SUBSET, None)
+    x, weights, ids = routing(33, 2, seed=9)
+    pairs = (x, ids.flatten(), weights.flatten(), 2)
+    with torch.no_grad():
+        whole, rows = mod(x, weights, ids), mod.grouped(*pairs)
+        torch.testing.assert_close(rows, python_path(monkeypatch, mod.grouped, *pairs), rtol=1e-5, atol=1e-5)
+        per_pair = 4 * (2 * HIDDEN + 3 * INTER)
+        monkeypatch.setattr(native, "SCRATCH_BYTES", 5 * per_pair)  # 5 pairs a call: 2 tokens, or 5 rows
+        calls = []
+        monkeypatch.setattr(native, "run", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+        assert torch.equal(mod(x, weights, ids), whole) and len(calls) == 17
+        assert torch.equal(mod.grouped(*pairs), rows)
 
 
 def test_bad_routing_is_refused() -> None:
