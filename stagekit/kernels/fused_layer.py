@@ -20,7 +20,8 @@ from stagekit.kernels import cpu_build
 from stagekit.kernels.panel_gemm import DTYPE_CODES, PANEL
 from stagekit.kernels.panel_gemm import _lock as native_lock
 
-ENV = "STAGEMESH_FUSED_LAYER"  # "0": the layers keep their usual modules (models/fused_decode.py)
+# "0" turns the fused native calls off: decoder layers (models/fused_decode.py) and MoE experts (moe_experts.py)
+ENV = "STAGEMESH_FUSED_LAYER"
 ATTENTION, MLP, BOTH = 1, 2, 3
 # paged_decode.c's fixed bounds
 MAX_GROUP, MAX_BLOCK, MAX_DIM = 64, 256, 1024

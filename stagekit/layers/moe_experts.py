@@ -15,6 +15,8 @@ into their slot through the parameters' own loaders.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,8 @@ from stagekit.layers.cpu_packed import CpuLinearWeight, CpuWeightPlan, packing_s
 from stagekit.layers.linear import divide
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
+
+log = logging.getLogger(__name__)
 
 # shard ids of an expert's three projections, in checkpoint_names order
 PROJECTIONS = ("gate", "up", "down")
@@ -95,9 +99,12 @@ class ExpertWeights(nn.Module):
         self.w13_weight.data = torch.empty(0, dtype=self.w13_weight.dtype)
         self.w2_weight.data = torch.empty(0, dtype=self.w2_weight.dtype)
         if all(w.panels is not None for pair in self._packed for w in pair) and native.native_available():
-            self._panels = native.ExpertPanels([w13.panels for w13, _ in self._packed],
-                                               [w2.panels for _, w2 in self._packed],
-                                               self._packed[0][1].out_features, self.intermediate_per_partition)
+            try:
+                self._panels = native.ExpertPanels([w13.panels for w13, _ in self._packed],
+                                                   [w2.panels for _, w2 in self._packed],
+                                                   self._packed[0][1].out_features, self.intermediate_per_partition)
+            except ValueError as e:
+                log.info("MoE experts keep the per-expert path: %s", e)
         stats = PackStats()
         for w13, w2 in self._packed:
             stats = stats + w13.stats + w2.stats
