@@ -12,6 +12,7 @@ the GIL for the call. Without a C compiler ``native_available()`` is False.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -19,6 +20,8 @@ from stagekit.kernels import cpu_build
 from stagekit.kernels.panel_gemm import DTYPE_CODES, PANEL
 from stagekit.kernels.panel_gemm import _lock as native_lock
 
+# "0" turns the fused native calls off: decoder layers (models/fused_decode.py) and MoE experts (moe_experts.py)
+ENV = "STAGEMESH_FUSED_LAYER"
 ATTENTION, MLP, BOTH = 1, 2, 3
 # paged_decode.c's fixed bounds
 MAX_GROUP, MAX_BLOCK, MAX_DIM = 64, 256, 1024
@@ -50,6 +53,11 @@ def _lib() -> ctypes.CDLL | None:
 
 def native_available() -> bool:
     return _lib() is not None
+
+
+def enabled() -> bool:
+    """False where the user turned the fused native calls off (``STAGEMESH_FUSED_LAYER=0``)."""
+    return os.environ.get(ENV, "1") != "0"
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

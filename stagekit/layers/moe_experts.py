@@ -1,6 +1,8 @@
 """A MoE layer's routed experts on one rank: stacked weights, their loaders, and the
 grouped forward pass (tokens sorted by expert once, one gate/up and one down GEMM per
-active expert, a weighted sum over each token's choices).
+active expert, a weighted sum over each token's choices). With panel-packed weights and fp32
+activations on the CPU, everything after the sort is one native call per layer
+(kernels/moe_experts.c); otherwise, torch ops and one packed GEMM per projection.
 
 Storage: the local experts are stacked, ``w13_weight`` [E_local, 2*I/tp, H] (each expert's
 gate shard then its up shard, the layout transformers keeps in memory as
@@ -13,15 +15,20 @@ into their slot through the parameters' own loaders.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagekit.kernels import moe_experts as native
 from stagekit.kernels.panel_gemm import PackStats
 from stagekit.layers.cpu_packed import CpuLinearWeight, CpuWeightPlan, packing_supported
 from stagekit.layers.linear import divide
 from stagekit.layers.weight_source import WeightSource, copy_checked
 from stagekit.parallel.group import GroupCoordinator
+
+log = logging.getLogger(__name__)
 
 # shard ids of an expert's three projections, in checkpoint_names order
 PROJECTIONS = ("gate", "up", "down")
@@ -56,6 +63,7 @@ class ExpertWeights(nn.Module):
         self.register_buffer("slot_of", slot_of.to(device), persistent=False)
         self.register_buffer("slot_bounds", torch.arange(e + 1, device=device), persistent=False)
         self._packed: list[tuple[CpuLinearWeight, CpuLinearWeight]] | None = None
+        self._panels: native.ExpertPanels | None = None  # the native call's view of _packed
 
     def checkpoint_tensors(self, prefix: str) -> dict[str, tuple[str, tuple[int, str]]]:
         """Checkpoint tensor name -> (parameter name, shard id) for every local expert, with
@@ -90,6 +98,13 @@ class ExpertWeights(nn.Module):
                         for i in range(len(self.local_experts))]
         self.w13_weight.data = torch.empty(0, dtype=self.w13_weight.dtype)
         self.w2_weight.data = torch.empty(0, dtype=self.w2_weight.dtype)
+        if all(w.panels is not None for pair in self._packed for w in pair) and native.native_available():
+            try:
+                self._panels = native.ExpertPanels([w13.panels for w13, _ in self._packed],
+                                                   [w2.panels for _, w2 in self._packed],
+                                                   self._packed[0][1].out_features, self.intermediate_per_partition)
+            except ValueError as e:
+                log.info("MoE experts keep the per-expert path: %s", e)
         stats = PackStats()
         for w13, w2 in self._packed:
             stats = stats + w13.stats + w2.stats
@@ -111,6 +126,9 @@ class ExpertWeights(nn.Module):
         # the expert outputs in the order transformers' per-expert index_add_ loop does
         topk_ids, perm = topk_ids.sort(dim=-1)
         topk_weights = topk_weights.gather(-1, perm)
+        if self._native(x, topk_weights):
+            # the kernel weights the pairs and adds each token's k of them in the same order
+            return self._run_native(x, topk_ids.flatten(), topk_weights.flatten(), k, combine=k)
         routed = self.grouped(x, topk_ids.flatten(), topk_weights.flatten(), rows_per_token=k)  # row t*k + j
         return sum_choices(routed.view(t, k, x.shape[-1]))
 
@@ -119,10 +137,10 @@ class ExpertWeights(nn.Module):
         """Row i of the result is row ``i // rows_per_token`` of ``x`` through expert
         ``expert_ids[i]`` (times ``weights[i]`` when given), in x's dtype; zero where that
         expert is held elsewhere. x: [N, H]; expert_ids (global ids), weights: [N * rows_per_token]."""
-        slots = self.slot_of[expert_ids]
-        # one stable sort groups the rows by local expert, ascending
-        sorted_slots, order = torch.sort(slots, stable=True)
-        bounds = torch.searchsorted(sorted_slots, self.slot_bounds).tolist()  # slot s: [bounds[s], bounds[s+1])
+        if self._native(x, weights):
+            return self._run_native(x, expert_ids, weights, rows_per_token, combine=1)
+        order, bounds_t = self._sort(expert_ids)
+        bounds = bounds_t.tolist()  # slot s: [bounds[s], bounds[s+1])
         out = torch.zeros(expert_ids.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
         src = order // rows_per_token
         for slot in range(len(self.local_experts)):
@@ -136,6 +154,34 @@ class ExpertWeights(nn.Module):
                 y = y * weights[order[start:end], None]
             out[order[start:end]] = y.to(x.dtype)
         return out
+
+    def _run_native(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor | None,
+                    rows_per_token: int, combine: int) -> torch.Tensor:
+        """The native call over x's tokens in chunks whose pairs fit its scratch bound (a row's
+        result does not depend on the other rows, so chunking changes no bits)."""
+        assert self._panels is not None
+        if expert_ids.shape[0] != x.shape[0] * rows_per_token:
+            raise ValueError(f"{expert_ids.shape[0]} expert ids for {x.shape[0]} rows of {rows_per_token} pairs each")
+        out = torch.empty(expert_ids.shape[0] // combine, x.shape[-1], dtype=torch.float32)
+        step = max(1, native.pairs_per_call(self._panels) // rows_per_token)  # tokens per call
+        for lo in range(0, x.shape[0], step):
+            a, b = lo * rows_per_token, min(lo + step, x.shape[0]) * rows_per_token
+            order, bounds = self._sort(expert_ids[a:b])
+            native.run(self._panels, x[lo:lo + step], order, bounds, None if weights is None else weights[a:b],
+                       rows_per_token, combine, out=out[a // combine:b // combine])
+        return out
+
+    def _sort(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, bounds): one stable sort groups the pairs by local slot, ascending (pairs of
+        experts held elsewhere last); slot s's pairs are order[bounds[s]:bounds[s+1]]."""
+        sorted_slots, order = torch.sort(self.slot_of[expert_ids], stable=True)
+        return order, torch.searchsorted(sorted_slots, self.slot_bounds)
+
+    def _native(self, x: torch.Tensor, weights: torch.Tensor | None) -> bool:
+        """Whether the native call takes this forward: panels packed for it, fp32 activations
+        and weights on the CPU, and the fused native calls not turned off."""
+        return (self._panels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and (weights is None or weights.dtype == torch.float32) and native.enabled())
 
 
 def sum_choices(routed: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,13 @@ on the CPU, with the layer's four projections panel-packed (``--linear-kernel pa
 ``auto`` up to its panel crossover), fp32 activations and KV cache, no per-head q/k norm and
 a gated-SiLU MLP; it returns None otherwise and the layer runs its usual modules. With TP > 1
 the layer is two native calls, the attention half and the MLP half, with the group's
-all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off.
+all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off (and the MoE layers'
+native experts call with it, kernels/moe_experts.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -25,14 +25,14 @@ from stagekit.layers.mlp import GatedMLP
 
 log = logging.getLogger(__name__)
 
-ENV = "STAGEMESH_FUSED_LAYER"
+ENV = fl.ENV
 
 _announced: list[bool] = []
 _scratch: dict[tuple[int, ...], fl.Scratch] = {}  # reused by every step's layers of that shape
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return fl.enabled()
 
 
 class _Plan:
