@@ -4,7 +4,8 @@
 biases, RoPE caches) and keeps the tensors alive; ``DecodeStep`` holds what every layer of a
 step shares (positions, KV slots, block tables, the KV pool) and the scratch buffers, which
 belong to a ``Scratch`` reused from step to step (grown, never shrunk); ``DecodeStep.run`` runs
-one layer, or one half of it (ATTENTION, MLP: a tensor-parallel caller all-reduces in between). Calls hold
+one layer, or one half of it (ATTENTION, MLP: a tensor-parallel caller all-reduces in between; a
+layer whose MLP the kernel does not run, e.g. a MoE block, takes ATTENTION only). Calls hold
 panel_gemm's lock: two OpenMP teams on the same cores would fight each other. ctypes releases
 the GIL for the call. Without a C compiler ``native_available()`` is False.
 """
@@ -66,16 +67,25 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 class FusedLayerWeights:
     """One layer's weights as the kernel reads them: four panel sets of one dtype, fp32 norms,
-    biases and cos/sin caches, all contiguous (checked here). Invariant: the tensors it points
-    to are held by this object for its lifetime."""
+    biases and cos/sin caches, all contiguous (checked here). Without ``norm2``, ``gate_up`` and
+    ``down`` (all three None, ``intermediate`` 0) it holds the attention half only (``has_mlp``
+    False: a layer whose MLP the caller runs, e.g. a MoE block), and ``DecodeStep.run`` takes only
+    the ATTENTION phase with it. Invariant: the tensors it points to are held by this object for
+    its lifetime."""
 
     def __init__(self, *, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int,
-                 eps: float, scale: float, norm1: torch.Tensor, norm2: torch.Tensor, qkv: torch.Tensor,
-                 qkv_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None, gate_up: torch.Tensor,
-                 down: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+                 eps: float, scale: float, norm1: torch.Tensor, norm2: torch.Tensor | None, qkv: torch.Tensor,
+                 qkv_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None,
+                 gate_up: torch.Tensor | None, down: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor) -> None:
         h, hq, hk, d, i = hidden, num_heads, num_kv_heads, head_dim, intermediate
-        shapes = {"qkv": (qkv, (hq + 2 * hk) * d, h), "o": (o, h, hq * d), "gate_up": (gate_up, 2 * i, h),
-                  "down": (down, h, i)}
+        mlp = (norm2, gate_up, down)
+        if any(t is None for t in mlp) and (any(t is not None for t in mlp) or i != 0):
+            raise ValueError("fused layer: norm2, gate_up and down come together (or none, with intermediate 0)")
+        self.has_mlp = gate_up is not None
+        shapes = {"qkv": (qkv, (hq + 2 * hk) * d, h), "o": (o, h, hq * d)}
+        if gate_up is not None and down is not None:
+            shapes.update({"gate_up": (gate_up, 2 * i, h), "down": (down, h, i)})
         for name, (panels, n, k) in shapes.items():
             if (panels.dtype != qkv.dtype or panels.dtype not in DTYPE_CODES or not panels.is_contiguous()
                     or tuple(panels.shape) != (-(-n // PANEL), k, PANEL)):
@@ -83,7 +93,7 @@ class FusedLayerWeights:
                                  f"[{n}, {k}] in {qkv.dtype}")
         if hk <= 0 or hq % hk or hq // hk > MAX_GROUP or d > MAX_DIM or d % 2:
             raise ValueError(f"fused layer: {hq} query heads over {hk} KV heads of dim {d} are not supported")
-        f32 = [norm1, norm2, cos, sin] + [b for b in (qkv_bias, o_bias) if b is not None]
+        f32 = [norm1, cos, sin] + [t for t in (norm2, qkv_bias, o_bias) if t is not None]
         if any(t.dtype != torch.float32 or not t.is_contiguous() for t in f32) or cos.shape[1] != d:
             raise ValueError("fused layer: norms, biases and cos/sin must be contiguous fp32")
         self._keep = (norm1, norm2, qkv, qkv_bias, o, o_bias, gate_up, down, cos, sin)
@@ -166,6 +176,8 @@ class DecodeStep:
         as fused_layer.c describes. ``weights`` must fit the step (``fits``)."""
         if not self.fits(weights):
             raise ValueError(f"fused layer: weights of shape {weights.dims} do not fit this step")
+        if phases != ATTENTION and not weights.has_mlp:
+            raise ValueError("fused layer: these weights hold the attention half only")
         b, h = self.b, weights.hidden
         for t in (hidden, residual):
             if t is not None and (t.shape != (b, h) or t.dtype != torch.float32 or not t.is_contiguous()):

@@ -3,10 +3,13 @@
 call per projection.
 
 ``run`` is the layer-level switch. It takes a step only when every sequence adds one token,
-on the CPU, with the layer's four projections panel-packed (``--linear-kernel panel``, or
-``auto`` up to its panel crossover), fp32 activations and KV cache, no per-head q/k norm and
-a gated-SiLU MLP; it returns None otherwise and the layer runs its usual modules. With TP > 1
-the layer is two native calls, the attention half and the MLP half, with the group's
+on the CPU, with the layer's attention projections panel-packed (``--linear-kernel panel``, or
+``auto`` up to its panel crossover), fp32 activations and KV cache and no per-head q/k norm;
+it returns None otherwise and the layer runs its usual modules. ``_build`` decides once per
+layer how much of it the kernel runs: the whole layer where the MLP is a gated-SiLU GatedMLP
+with panel-packed weights too, else (a MoE block, or an MLP that fails those checks) the
+attention half only, after which the layer's own post-attention norm and MLP module run here.
+With TP > 1 the attention half and the MLP half are separate native calls with the group's
 all-reduces between them. ``STAGEMESH_FUSED_LAYER=0`` turns it off (and the MoE layers'
 native experts call with it, kernels/moe_experts.py).
 """
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 
 ENV = fl.ENV
 
-_announced: list[bool] = []
+_announced: set[str] = set()
 _scratch: dict[tuple[int, ...], fl.Scratch] = {}  # reused by every step's layers of that shape
 
 
@@ -38,46 +41,63 @@ def enabled() -> bool:
 class _Plan:
     """A layer's fused form, for the packed weights it was built from (``key``, the QKV
     projection's CpuLinearWeight); ``weights`` is None where the layer does not fit the kernel.
-    ``max_rows``: the most tokens per step for which its projections use panels at all (beyond,
-    the usual path keeps oneDNN)."""
+    ``mlp`` is None where the kernel runs the whole layer, else the module that runs after the
+    kernel's attention half (``weights.has_mlp`` is False then). ``max_rows``: the most tokens
+    per step for which its projections use panels at all (beyond, the usual path keeps oneDNN)."""
 
-    def __init__(self, layer: nn.Module, weights: fl.FusedLayerWeights | None = None, max_rows: int = 0) -> None:
+    def __init__(self, layer: nn.Module, weights: fl.FusedLayerWeights | None = None, max_rows: int = 0,
+                 mlp: nn.Module | None = None) -> None:
         attn = layer.self_attn
         self.qkv = attn.qkv_proj
         self.key = self.qkv.cpu_weight
-        self.weights, self.max_rows = weights, max_rows
+        self.weights, self.max_rows, self.mlp = weights, max_rows, mlp
+        self.post_norm = layer.post_attention_layernorm
         self.group, self.kv_layer, self.o_bias = self.qkv.group, attn.attn.layer_idx, attn.o_proj.bias
 
 
+def _packed(*projs: nn.Module) -> bool:
+    return all(p.cpu_weight is not None and p.cpu_weight.panels is not None for p in projs)
+
+
+def _mlp_fuses(layer: nn.Module, mlp: nn.Module) -> bool:
+    """Whether the kernel's MLP half computes this MLP: gated SiLU, no biases, its own
+    all-reduce, the same eps in both norms, panel-packed weights."""
+    return (isinstance(mlp, GatedMLP) and isinstance(mlp.act_fn, SiluAndMul) and mlp.down_proj.reduce_results
+            and mlp.gate_up_proj.bias is None and mlp.down_proj.bias is None
+            and layer.input_layernorm.eps == layer.post_attention_layernorm.eps
+            and _packed(mlp.gate_up_proj, mlp.down_proj))
+
+
 def _build(layer: nn.Module) -> _Plan:
+    """The one place that decides: the whole layer fused, its attention half fused, or neither."""
     attn = layer.self_attn
+    if attn.q_norm is not None or not fl.native_available() or not _packed(attn.qkv_proj, attn.o_proj):
+        return _Plan(layer)
     mlp = getattr(layer, layer.mlp_name)
-    if (not isinstance(mlp, GatedMLP) or not isinstance(mlp.act_fn, SiluAndMul) or not mlp.down_proj.reduce_results
-            or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None or attn.q_norm is not None
-            or layer.input_layernorm.eps != layer.post_attention_layernorm.eps or not fl.native_available()):
-        return _Plan(layer)
-    projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    whole = _mlp_fuses(layer, mlp)
+    projs = (attn.qkv_proj, attn.o_proj) + ((mlp.gate_up_proj, mlp.down_proj) if whole else ())
     packed = [p.cpu_weight for p in projs]
-    if any(c is None or c.panels is None for c in packed):
-        return _Plan(layer)
     tp = attn.qkv_proj.group.world_size
     rot = attn.rotary_emb
     try:
         weights = fl.FusedLayerWeights(
             hidden=layer.input_layernorm.weight.numel(), num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
-            head_dim=attn.head_dim, intermediate=mlp.down_proj.input_size_per_partition,
+            head_dim=attn.head_dim, intermediate=mlp.down_proj.input_size_per_partition if whole else 0,
             eps=layer.input_layernorm.eps, scale=attn.attn.scale, norm1=layer.input_layernorm.weight.data,
-            norm2=layer.post_attention_layernorm.weight.data, qkv=packed[0].panels,
+            norm2=layer.post_attention_layernorm.weight.data if whole else None, qkv=packed[0].panels,
             qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data, o=packed[1].panels,
-            o_bias=None if attn.o_proj.bias is None or tp > 1 else attn.o_proj.bias.data, gate_up=packed[2].panels,
-            down=packed[3].panels, cos=rot.cos, sin=rot.sin)
+            o_bias=None if attn.o_proj.bias is None or tp > 1 else attn.o_proj.bias.data,
+            gate_up=packed[2].panels if whole else None, down=packed[3].panels if whole else None,
+            cos=rot.cos, sin=rot.sin)
     except ValueError as e:
         log.info("decoder layer keeps the unfused decode path: %s", e)
         return _Plan(layer)
-    if not _announced:
-        _announced.append(True)
-        log.info("decode steps run the fused decoder layer (one native call per layer; %s=0 turns it off)", ENV)
-    return _Plan(layer, weights, min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed))
+    what = "decoder layer (one native call per layer)" if whole else "attention half of layers whose MLP it cannot run"
+    if what not in _announced:
+        _announced.add(what)
+        log.info("decode steps run the fused %s; %s=0 turns it off", what, ENV)
+    max_rows = min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed)
+    return _Plan(layer, weights, max_rows, None if whole else mlp)
 
 
 class _StepState:
@@ -127,11 +147,15 @@ def run(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
         return None
     hidden = hidden.contiguous()
     residual = None if residual is None else residual.contiguous()
-    if plan.group.world_size == 1:
+    if plan.mlp is None and plan.group.world_size == 1:
         return step.run(weights, plan.kv_layer, hidden, residual)
     o, residual = step.run(weights, plan.kv_layer, hidden, residual, fl.ATTENTION)
-    o = plan.group.all_reduce(o)
-    if plan.o_bias is not None:
-        o = o + plan.o_bias
+    if plan.group.world_size > 1:  # the kernel left out the o bias: it is added once, after the sum
+        o = plan.group.all_reduce(o)
+        if plan.o_bias is not None:
+            o = o + plan.o_bias
+    if plan.mlp is not None:  # e.g. a MoE block: the layer's own modules, as LlamaDecoderLayer.forward runs them
+        hidden, residual = plan.post_norm(o, residual)
+        return plan.mlp(hidden), residual
     out, residual = step.run(weights, plan.kv_layer, o, residual, fl.MLP)
     return plan.group.all_reduce(out), residual
