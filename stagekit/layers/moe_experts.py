@@ -110,6 +110,10 @@ class ExpertWeights(nn.Module):
             stats = stats + w13.stats + w2.stats
         return stats
 
+    def packed_weights(self) -> list[tuple[CpuLinearWeight, CpuLinearWeight]] | None:
+        """Each local expert's packed (w13, w2), or None before packing (or where nothing was packed)."""
+        return self._packed
+
     def _expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         # x: [n, H] -> [n, H] (this rank's partial over its hidden-unit shard)
         if self._packed is not None and x.dtype == torch.float32:

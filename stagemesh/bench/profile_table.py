@@ -34,7 +34,10 @@ def format_profile(report: dict) -> str:
             f"{r['matmul_gb_s']:>10.1f}{100 * r['matmul_vs_bandwidth']:>6.0f}%" for r in rows),
         f"weights {report['weight_bytes'] / 1e6:.1f} MB per step; read bandwidth {report['read_bandwidth_gb_s']} GB/s "
         f"(torch sum, {report['threads']} threads); steps averaged: " + ", ".join(str(r["decode_steps"]) for r in rows),
-    ]
+        ]
+    if report.get("expert_bytes"):
+        lines.append(f"MoE experts {report['expert_bytes'] / 1e6:.1f} MB in all, not in the weights above (timed under "
+                     "MoE routing/experts; a step streams the experts its tokens pick)")
     for s in report.get("streams", []):
         lines.append(f"batch-1 stream, {s['mesh']}, ms per token after the first: direct Stage.Generate "
                      f"{s['direct_itl_ms']:.2f}, through the gateway {s['gateway_itl_ms']:.2f} (gateway adds "

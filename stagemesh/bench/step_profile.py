@@ -104,6 +104,7 @@ def profile_steps(model: str, num_layers: int, vocab_size: int, *, tp: int, thre
     head = HeadUnderTest(model, num_layers, tp, threads, kv_bytes)
     try:
         out["weight_bytes"] = weight_bytes(head.model)
+        out["expert_bytes"] = expert_bytes(head.model)
         asyncio.run(_measure(head, vocab_size, batches, prompt_len, output_len, seed, trace, rounds, out))
     finally:
         head.close()
@@ -270,6 +271,21 @@ def weight_bytes(model: nn.Module) -> int:
             cpu = getattr(m, "cpu_weight", None)   # CPU-packed: panels or oneDNN's layout
             w = m.weight if cpu is None else (cpu.panels if cpu.panels is not None else cpu.onednn)
             total += w.numel() * w.element_size()
+    return total
+
+
+def expert_bytes(model: nn.Module) -> int:
+    """Bytes of the MoE experts' weights (packed or dense), all experts of the stage: not in
+    ``weight_bytes``, since a step streams only those of the experts its tokens pick."""
+    from stagekit.layers.moe_experts import ExpertWeights
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, ExpertWeights):
+            packed = m.packed_weights()
+            tensors = [w.panels if w.panels is not None else w.onednn for pair in packed for w in pair] if packed \
+                else [m.w13_weight, m.w2_weight]
+            total += sum(t.numel() * t.element_size() for t in tensors)
     return total
 
 

@@ -39,6 +39,7 @@ def test_profile_categories_add_up_to_the_step() -> None:
     with open(f"{report['model']}/config.json") as f:
         cfg = json.load(f)
     assert report["weight_bytes"] == tiny_projection_bytes(cfg)
+    assert report["expert_bytes"] == 0  # a dense model
     assert report["read_bandwidth_gb_s"] > 0
     assert [r["batch"] for r in report["batches"]] == [1, 2]
     for row in report["batches"]:

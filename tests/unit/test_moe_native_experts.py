@@ -128,3 +128,13 @@ def test_bad_routing_is_refused() -> None:
     order = torch.tensor([0, 0, 1])  # not a permutation
     with pytest.raises(ValueError, match="routing"):
         native.run(mod._panels, x, order, torch.tensor([0, 0, 1, 2, 3, 3]), None, 1, 1)
+
+
+def test_profile_counts_the_packed_expert_bytes() -> None:
+    from stagemesh.bench.step_profile import expert_bytes
+
+    # panels: 16-row blocks, rows past the weight's zero-padded; fp16 halves the bytes
+    w13_rows, w2_rows = -(-2 * INTER // 16) * 16, -(-HIDDEN // 16) * 16
+    per_expert = w13_rows * HIDDEN + w2_rows * INTER
+    for dtype, size in ((None, 4), (torch.float16, 2)):
+        assert expert_bytes(experts(SUBSET, dtype)) == len(SUBSET) * per_expert * size
