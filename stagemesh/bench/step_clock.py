@@ -25,7 +25,7 @@ from torch import nn
 # category -> what it holds; the table prints them in this order
 CATEGORIES: dict[str, str] = {
     "matmul": "matmuls: QKV, O, gate/up, down",
-    "fused_layer": "fused decoder layers: one native call each (STAGEMESH_FUSED_LAYER=0 splits it up)",
+    "fused_layer": "fused layers (MoE: attention half)",
     "lm_head": "matmul: LM head",
     "attention": "attention: KV write + paged decode",
     "norm": "RMSNorm (+ residual add)",
