@@ -3,8 +3,8 @@
 call per projection.
 
 ``run`` is the layer-level switch. It takes a step only when every sequence adds one token,
-on the CPU, with the layer's attention projections panel-packed (``--linear-kernel panel``, or
-``auto`` up to its panel crossover), fp32 activations and KV cache and no per-head q/k norm;
+on the CPU, with the layer's attention projections panel-packed (``--linear-kernel panel`` or
+``auto``), fp32 activations and KV cache and no per-head q/k norm;
 it returns None otherwise and the layer runs its usual modules. ``_build`` decides once per
 layer how much of it the kernel runs: the whole layer where the MLP is a gated-SiLU GatedMLP
 with panel-packed weights too, else (a MoE block, or an MLP that fails those checks) the
@@ -42,15 +42,14 @@ class _Plan:
     """A layer's fused form, for the packed weights it was built from (``key``, the QKV
     projection's CpuLinearWeight); ``weights`` is None where the layer does not fit the kernel.
     ``mlp`` is None where the kernel runs the whole layer, else the module that runs after the
-    kernel's attention half (``weights.has_mlp`` is False then). ``max_rows``: the most tokens
-    per step for which its projections use panels at all (beyond, the usual path keeps oneDNN)."""
+    kernel's attention half (``weights.has_mlp`` is False then)."""
 
-    def __init__(self, layer: nn.Module, weights: fl.FusedLayerWeights | None = None, max_rows: int = 0,
+    def __init__(self, layer: nn.Module, weights: fl.FusedLayerWeights | None = None,
                  mlp: nn.Module | None = None) -> None:
         attn = layer.self_attn
         self.qkv = attn.qkv_proj
         self.key = self.qkv.cpu_weight
-        self.weights, self.max_rows, self.mlp = weights, max_rows, mlp
+        self.weights, self.mlp = weights, mlp
         self.post_norm = layer.post_attention_layernorm
         self.group, self.kv_layer, self.o_bias = self.qkv.group, attn.attn.layer_idx, attn.o_proj.bias
 
@@ -96,8 +95,7 @@ def _build(layer: nn.Module) -> _Plan:
     if what not in _announced:
         _announced.add(what)
         log.info("decode steps run the fused %s; %s=0 turns it off", what, ENV)
-    max_rows = min(c.panel_max_m if c.onednn is not None else 1 << 30 for c in packed)
-    return _Plan(layer, weights, max_rows, None if whole else mlp)
+    return _Plan(layer, weights, None if whole else mlp)
 
 
 class _StepState:
@@ -140,7 +138,7 @@ def run(layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
         plan = _build(layer)
         layer.__dict__["_fused_plan"] = plan
     weights = plan.weights
-    if weights is None or hidden.shape[0] > plan.max_rows:
+    if weights is None:
         return None
     step = state.step(weights)
     if not step.fits(weights):
