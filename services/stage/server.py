@@ -35,7 +35,8 @@ STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
                 transport_name: str | None = None, metrics_port: int | None = None,
-                creds: MeshCredentials = PLAINTEXT) -> None:
+                creds: MeshCredentials = PLAINTEXT) -> int:
+    """Serves until SIGTERM/SIGINT (exit code 0) or until a TP worker dies (WORKER_LOST_EXIT)."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
     loop = asyncio.get_running_loop()
     dp = DpMember(spec) if spec.dp_size > 1 else None   # a DP group's host starts its rendezvous here
@@ -92,7 +93,10 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_watch_workers(runtime, stop))
     await stop.wait()
+    worker_lost = watch.done() and watch.result()
+    watch.cancel()
     log.info("stopping")
     await health_servicer.enter_graceful_shutdown()
     await kv.close()
@@ -100,6 +104,31 @@ async def serve(spec: StageSpec, host: str, port: int, ready_file: str | None = 
     await server.stop(grace=2)
     if stop_metrics is not None:
         stop_metrics()
+    return WORKER_LOST_EXIT if worker_lost else 0
+
+
+# the exit code of a stage that stops because one of its TP workers died: its supervisor
+# (stagemesh up, compose's or Kubernetes' restart policy) starts the whole stage again
+WORKER_LOST_EXIT = 3
+_WATCH_S = 0.5
+
+
+async def _watch_workers(runtime: StageRuntime, stop: asyncio.Event) -> bool:
+    """Stops the stage once a TP worker process has exited. Rank 0 alone cannot step (the
+    worker's weight shards and KV went with it), and a stage that kept serving would fail every
+    step while its health said SERVING; stopping lets the supervisor restart it and the gateway
+    re-wire and migrate its requests, as for a stage that died whole. True when it stopped it."""
+    while not stop.is_set():
+        await asyncio.sleep(_WATCH_S)
+        dead = runtime.executor.dead_workers()
+        if dead:
+            rank, pid, code = dead[0]
+            log.error("TP rank %d (pid %s) exited with code %s: this stage cannot run steps without it; "
+                      "stopping with exit code %d so that its supervisor restarts the stage", rank, pid, code,
+                      WORKER_LOST_EXIT)
+            stop.set()
+            return True
+    return False
 
 
 def _security(creds: MeshCredentials) -> str:
@@ -122,4 +151,6 @@ def run(spec: StageSpec, host: str, port: int, ready_file: str | None = None,
         creds: MeshCredentials = PLAINTEXT) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(spec, host, port, ready_file, transport_name, metrics_port, creds))
+    code = asyncio.run(serve(spec, host, port, ready_file, transport_name, metrics_port, creds))
+    if code:
+        raise SystemExit(code)

@@ -48,6 +48,7 @@ class TPExecutor:
         self.epoch = self.world_id = 0
         self._conns: list[Connection] = []
         self._procs: list[mp.Process] = []
+        self._stopping = False  # set by shutdown: workers that exit from then on were told to
         self._ring = ShmBroadcaster.create(spec.tp_size - 1) if spec.tp_size > 1 else None
         # the world's rendezvous, bound before any worker dials it (a DP group meets elsewhere)
         self._store = serve_loopback_store(spec.tp_size) if spec.tp_size > 1 and spec.dp_size <= 1 else None
@@ -117,6 +118,13 @@ class TPExecutor:
                 raise StageUnavailable(f"a TP rank of this stage died: {e}") from e
             raise
 
+    def dead_workers(self) -> list[tuple[int, int | None, int | None]]:
+        """(rank, pid, exit code) of each TP worker process that has exited: the stage cannot run
+        a step without it (its shards and its KV are gone with it)."""
+        if self._stopping:  # its workers are told to exit: not a loss
+            return []
+        return [(rank, p.pid, p.exitcode) for rank, p in enumerate(self._procs, start=1) if not p.is_alive()]
+
     def read_kv(self, blocks: list[int]) -> torch.Tensor:
         """Every rank's KV of ``blocks``, on the host in rank order:
         [tp, layers, 2, n, kv_heads per rank, block_size, head_dim]. Call on the thread that runs
@@ -147,6 +155,7 @@ class TPExecutor:
                 raise StageUnavailable(f"TP rank {rank} is gone: {e}") from e
 
     def shutdown(self) -> None:
+        self._stopping = True
         ring, self._ring = getattr(self, "_ring", None), None
         if ring is not None:
             with contextlib.suppress(StageUnavailable):  # a worker that is gone is killed below anyway

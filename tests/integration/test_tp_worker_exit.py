@@ -2,7 +2,8 @@
 default) and over pipes (``STAGEMESH_NATIVE_KERNELS=0``): the stage says which it uses, an
 idle stage's workers use almost no CPU after a request, and when rank 0 (the gRPC process)
 is killed its workers notice (the ring sees rank 0's process exit, the pipe closes), close
-their process groups and exit."""
+their process groups and exit; when a worker dies instead, rank 0 stops the stage with exit
+code 3 (its supervisor restarts it) rather than serving on, failing every step."""
 
 from __future__ import annotations
 
@@ -92,3 +93,19 @@ def test_workers_exit_when_rank0_is_killed(stage) -> None:
         time.sleep(0.2)
     left = [w for w in workers if _alive(w)]
     assert not left, f"TP workers {left} outlived their stage by 20 s"
+
+
+def test_rank0_stops_the_stage_when_a_worker_dies(tmp_path: Path) -> None:
+    demo = write_demo_model(tmp_path / "demo")
+    mesh = Mesh(MeshSpec(model=str(demo), layer_splits=[(0, 4)], tp=2, threads=1, gateway=False,
+                         transport="grpc"), tmp_path / "logs")
+    try:
+        mesh.start(timeout_s=180)
+        rank0 = next(p for name, p in mesh.procs if name.startswith("stage"))
+        worker = next(k for k in _children(rank0.pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes())
+        os.kill(worker, signal.SIGKILL)
+        assert rank0.wait(timeout=60) == 3
+        log = "\n".join(f.read_text() for f in (tmp_path / "logs").iterdir() if f.is_file())
+        assert f"TP rank 1 (pid {worker}) exited with code -9: this stage cannot run steps without it" in log
+    finally:
+        mesh.stop()
