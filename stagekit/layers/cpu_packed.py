@@ -105,6 +105,13 @@ class CpuLinearWeight:
             weight = weight.float()
         self.onednn = pack_linear_weight(weight)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed layout it holds (what a pass over the weight reads)."""
+        w = self.panels if self.panels is not None else self.onednn
+        assert w is not None
+        return w.numel() * w.element_size()
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.panels is not None:
             return panel_gemm.panel_gemm(x, self.panels, self.out_features, bias)

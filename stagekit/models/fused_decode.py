@@ -34,10 +34,6 @@ _announced: set[str] = set()
 _scratch: dict[tuple[int, ...], fl.Scratch] = {}  # reused by every step's layers of that shape
 
 
-def enabled() -> bool:
-    return fl.enabled()
-
-
 class _Plan:
     """A layer's fused form, for the packed weights it was built from (``key``, the QKV
     projection's CpuLinearWeight); ``weights`` is None where the layer does not fit the kernel.
@@ -105,7 +101,7 @@ class _StepState:
     def __init__(self, batch: ForwardBatch) -> None:
         kv = batch.kv_cache
         self.batch = batch
-        self.on = (enabled() and batch.decode_rows is None and not batch.prefills and batch.num_decodes > 0
+        self.on = (fl.enabled() and batch.decode_rows is None and not batch.prefills and batch.num_decodes > 0
                    and kv.dtype == torch.float32 and kv.device.type == "cpu" and fl.native_available())
         self.steps: dict[tuple[int, ...], fl.DecodeStep] = {}
 

@@ -269,8 +269,7 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if module_category(m) == "matmul" or m is getattr(model, "lm_head", None):
             cpu = getattr(m, "cpu_weight", None)   # CPU-packed: panels or oneDNN's layout
-            w = m.weight if cpu is None else (cpu.panels if cpu.panels is not None else cpu.onednn)
-            total += w.numel() * w.element_size()
+            total += m.weight.numel() * m.weight.element_size() if cpu is None else cpu.nbytes
     return total
 
 
@@ -283,9 +282,10 @@ def expert_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, ExpertWeights):
             packed = m.packed_weights()
-            tensors = [w.panels if w.panels is not None else w.onednn for pair in packed for w in pair] if packed \
-                else [m.w13_weight, m.w2_weight]
-            total += sum(t.numel() * t.element_size() for t in tensors)
+            if packed:
+                total += sum(w.nbytes for pair in packed for w in pair)
+            else:
+                total += sum(t.numel() * t.element_size() for t in (m.w13_weight, m.w2_weight))
     return total
 
 
